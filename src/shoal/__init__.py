@@ -1,0 +1,33 @@
+"""shoal: self-hosted sandboxes for untrusted code, with a Modal-compatible SDK.
+
+    import shoal as modal
+
+    app = modal.App.lookup("my-app", create_if_missing=True)
+    sb = modal.Sandbox.create(app=app)
+    print(sb.exec("python", "-c", "print(6 * 7)").stdout.read())
+    sb.terminate()
+
+The SDK is this package's top-level modules; it talks to the server (`shoal serve`) over HTTP and
+starts one if none runs. The server's parts live in the subpackages server/, runtime/, storage/,
+images/ and cli/, which the SDK never imports.
+"""
+
+from shoal import exception
+from shoal.app import App
+from shoal.container_process import ContainerProcess
+from shoal.image import Image
+from shoal.io_streams import StreamReader, StreamWriter
+from shoal.network_file_system import NetworkFileSystem
+from shoal.output import enable_output
+from shoal.sandbox import Sandbox
+from shoal.secret import Secret
+from shoal.stream_type import StreamType
+from shoal.volume import FileEntry, FileEntryType, Volume
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App", "ContainerProcess", "FileEntry", "FileEntryType", "Image", "NetworkFileSystem",
+    "Sandbox", "Secret", "StreamReader", "StreamType", "StreamWriter", "Volume", "enable_output",
+    "exception",
+]

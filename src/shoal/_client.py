@@ -1,0 +1,146 @@
+"""How the SDK reaches the server: one transport seam, and zero set-up.
+
+`SHOAL_SERVER` names the server (a socket path, `unix:PATH`, or `http://HOST:PORT` with
+`SHOAL_TOKEN`). Unset, the SDK uses the socket under SHOAL_HOME and, if nothing answers there,
+starts `shoal serve` in the background (detached, logging to SHOAL_HOME/logs/server.log) and waits
+for it. A lock file makes concurrent first calls start one server, not several.
+
+Tests and embedders can pass any httpx transport (for example `httpx.ASGITransport(app)`) through
+`Client(transport=...)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from shoal import config
+from shoal import exception as exc
+
+START_TIMEOUT = float(os.environ.get("SHOAL_START_TIMEOUT", "60"))
+_NO_SERVER = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
+class Client:
+    def __init__(self, base_url: str, transport: httpx.AsyncBaseTransport, token: str | None = None):
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.AsyncClient(
+            base_url=base_url, transport=transport, headers=headers,
+            timeout=httpx.Timeout(connect=10, read=None, write=None, pool=None))
+
+    async def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            resp = await self.http.request(method, path, **kwargs)
+        except _NO_SERVER as e:
+            raise exc.ConnectionError(f"lost the shoal server ({e}); see "
+                                      f"{config.paths().server_log}") from None
+        if resp.status_code >= 400:
+            raise _error_from(resp.status_code, resp.content)
+        return resp.json() if resp.content else None
+
+    @contextlib.asynccontextmanager
+    async def stream(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
+        try:
+            async with self.http.stream(method, path, **kwargs) as resp:
+                if resp.status_code >= 400:
+                    raise _error_from(resp.status_code, await resp.aread())
+                yield resp
+        except _NO_SERVER as e:
+            raise exc.ConnectionError(f"lost the shoal server ({e})") from None
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+def _error_from(status: int, body: bytes) -> BaseException:
+    import json
+
+    try:
+        err = json.loads(body)["error"]
+        return exc.from_wire(err["type"], err["message"])
+    except (ValueError, KeyError, TypeError):
+        if status == 401:
+            return exc.AuthError("the server refused the token (set SHOAL_TOKEN)")
+        return exc.RemoteError(f"HTTP {status}: {body[:200].decode(errors='replace')}")
+
+
+def _transport_for(server: str) -> tuple[str, httpx.AsyncBaseTransport]:
+    if server.startswith(("http://", "https://")):
+        return server, httpx.AsyncHTTPTransport(retries=0)
+    path = server.removeprefix("unix:")
+    return "http://shoal", httpx.AsyncHTTPTransport(uds=path)
+
+
+async def _healthy(client: Client) -> bool:
+    try:
+        resp = await client.http.get("/health", timeout=5)
+        return resp.status_code == 200
+    except (*_NO_SERVER, httpx.TimeoutException):
+        return False
+
+
+def _start_server(paths: config.Paths) -> subprocess.Popen:
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    log = open(paths.server_log, "ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "shoal", "serve"], stdin=subprocess.DEVNULL, stdout=log,
+        stderr=log, start_new_session=True, close_fds=True, env=dict(os.environ))
+
+
+async def _autostart(client: Client, paths: config.Paths) -> None:
+    paths.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock = open(paths.start_lock, "w")
+    try:
+        await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
+        if await _healthy(client):
+            return  # another client started it while we waited for the lock
+        proc = _start_server(paths)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if await _healthy(client):
+                return
+            if proc.poll() is not None:
+                tail = _log_tail(paths)
+                raise exc.ConnectionError(
+                    f"shoal serve exited with code {proc.returncode} while starting:\n{tail}")
+            await asyncio.sleep(0.05)
+        raise exc.ConnectionError(f"shoal serve did not answer within {START_TIMEOUT:.0f} s; "
+                                  f"see {paths.server_log}")
+    finally:
+        lock.close()
+
+
+def _log_tail(paths: config.Paths, lines: int = 15) -> str:
+    try:
+        return "\n".join(paths.server_log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+_clients: dict[int, Client] = {}  # one per SDK loop (there is one loop per process)
+
+
+async def get_client() -> Client:
+    key = id(asyncio.get_running_loop())
+    client = _clients.get(key)
+    if client is not None:
+        return client
+    server = os.environ.get("SHOAL_SERVER")
+    paths = config.paths()
+    base, transport = _transport_for(server or str(paths.socket))
+    client = Client(base, transport, os.environ.get("SHOAL_TOKEN"))
+    if not await _healthy(client):
+        if server:
+            raise exc.ConnectionError(f"no shoal server answers at SHOAL_SERVER={server}")
+        await _autostart(client, paths)
+    _clients[key] = client
+    return client

@@ -1,0 +1,62 @@
+"""Linux system calls that Python 3.11's `os` lacks, through ctypes. No policy here, only calls."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+SYS_openat2 = 437  # x86_64 and aarch64 share this number
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_IN_ROOT = 0x10
+MNT_DETACH = 2
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _check(ret: int, what: str, path: str | None = None) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}", path)
+    return ret
+
+
+def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = 0) -> int:
+    """openat2(2): with RESOLVE_IN_ROOT, `..` and absolute symlinks stop at `dirfd`."""
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    while True:
+        ret = _libc.syscall(SYS_openat2, dirfd, path.encode(), ctypes.byref(how),
+                            ctypes.sizeof(how))
+        if ret < 0 and ctypes.get_errno() == errno.EAGAIN:
+            continue  # the kernel asks for a retry when a rename raced the lookup
+        return _check(ret, "openat2", path)
+
+
+def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+    _check(_libc.mount(source.encode(), target.encode(), fstype.encode(), flags,
+                       data.encode() if data else None), "mount", target)
+
+
+def umount(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(target.encode(), flags), "umount", target)
+
+
+def set_child_subreaper() -> None:
+    _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl")
+
+
+def mounts_under(prefix: str) -> list[str]:
+    """Mount points at or below `prefix`, deepest first (the order to unmount them in)."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point == prefix or point.startswith(prefix.rstrip("/") + "/"):
+                found.append(point)
+    return sorted(found, key=len, reverse=True)

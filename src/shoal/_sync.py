@@ -1,0 +1,301 @@
+"""One async implementation, two faces: the blocking API is derived from the async one.
+
+Every SDK class is written once, async, with a leading underscore (`_Sandbox`). `synchronize_api`
+derives the public class (`Sandbox`) from it: each async method becomes a blocking method that also
+carries the async original as `.aio`, as in Modal:
+
+    sb = Sandbox.create()                  # blocking
+    sb = await Sandbox.create.aio()        # async
+
+All coroutines run on one event loop in a daemon thread owned by the SDK, whichever face called
+them, so the SDK's connections never cross event loops. The wrappers translate at the boundary:
+implementation objects going out become public objects, public objects coming in become
+implementation objects; async iterators and async context managers become their blocking kin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+_IMPL_TO_PUBLIC: dict[type, type] = {}
+
+
+class _Loop:
+    """The SDK's event loop thread, started on first use (and again after a fork)."""
+
+    def __init__(self) -> None:
+        self.mu = threading.Lock()  # guards loop, thread and pid
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
+        self.pid = 0
+
+    def get(self) -> asyncio.AbstractEventLoop:
+        import os
+
+        with self.mu:
+            if self.loop is None or self.pid != os.getpid() or not self.thread.is_alive():
+                self.loop = asyncio.new_event_loop()
+                self.thread = threading.Thread(target=self.loop.run_forever, name="shoal-sdk-loop",
+                                               daemon=True)
+                self.thread.start()
+                self.pid = os.getpid()
+            return self.loop
+
+
+_loop = _Loop()
+
+
+def get_loop() -> asyncio.AbstractEventLoop:
+    return _loop.get()
+
+
+def run_blocking(coro) -> Any:
+    loop = get_loop()
+    if threading.current_thread() is _loop.thread:
+        coro.close()
+        raise RuntimeError("a blocking shoal call was made from inside the SDK's event loop; "
+                           "use the .aio variant")
+    fut = asyncio.run_coroutine_threadsafe(coro, loop)
+    try:
+        return fut.result()
+    except BaseException:
+        fut.cancel()  # Ctrl-C in the caller cancels the work on the loop too
+        raise
+
+
+async def run_async(coro) -> Any:
+    loop = get_loop()
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        return await coro
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+
+
+# --- translation at the boundary -----------------------------------------------------------
+
+
+def to_impl(value: Any) -> Any:
+    impl = getattr(value, "_impl", None)
+    if impl is not None and type(value) in _IMPL_TO_PUBLIC.values():
+        return impl
+    if isinstance(value, dict):
+        return {k: to_impl(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_impl(v) for v in value)
+    return value
+
+
+def to_public(value: Any) -> Any:
+    public = _IMPL_TO_PUBLIC.get(type(value))
+    if public is not None:
+        return wrap(value)
+    if isinstance(value, list):
+        return [to_public(v) for v in value]
+    if isinstance(value, tuple) and type(value) is tuple:
+        return tuple(to_public(v) for v in value)
+    if isinstance(value, dict):
+        return {k: to_public(v) for k, v in value.items()}
+    return value
+
+
+def wrap(impl: Any) -> Any:
+    """The public object for an implementation object (one per implementation object)."""
+    existing = getattr(impl, "_public", None)
+    if existing is not None:
+        return existing
+    public = object.__new__(_IMPL_TO_PUBLIC[type(impl)])
+    object.__setattr__(public, "_impl", impl)
+    try:
+        object.__setattr__(impl, "_public", public)
+    except AttributeError:
+        pass
+    return public
+
+
+def _is_async_cm(value: Any) -> bool:
+    return hasattr(value, "__aenter__") and type(value) not in _IMPL_TO_PUBLIC
+
+
+def _blocking_iter(agen: AsyncIterator):
+    done = False
+    try:
+        while True:
+            try:
+                item = run_blocking(agen.__anext__())
+            except StopAsyncIteration:
+                done = True
+                return
+            yield to_public(item)
+    finally:
+        if not done and hasattr(agen, "aclose"):
+            run_blocking(agen.aclose())
+
+
+async def _async_iter(agen: AsyncIterator):
+    done = False
+    try:
+        while True:
+            try:
+                item = await run_async(agen.__anext__())
+            except StopAsyncIteration:
+                done = True
+                return
+            yield to_public(item)
+    finally:
+        if not done and hasattr(agen, "aclose"):
+            await run_async(agen.aclose())
+
+
+class _BlockingCM:
+    def __init__(self, acm: Any):
+        self._acm = acm
+
+    def __enter__(self):
+        return to_public(run_blocking(self._acm.__aenter__()))
+
+    def __exit__(self, *exc_info):
+        return run_blocking(self._acm.__aexit__(*exc_info))
+
+
+class _AsyncCM:
+    def __init__(self, acm: Any):
+        self._acm = acm
+
+    async def __aenter__(self):
+        return to_public(await run_async(self._acm.__aenter__()))
+
+    async def __aexit__(self, *exc_info):
+        return await run_async(self._acm.__aexit__(*exc_info))
+
+
+def _blocking_result(value: Any) -> Any:
+    if inspect.isasyncgen(value) or (hasattr(value, "__anext__") and
+                                     type(value) not in _IMPL_TO_PUBLIC):
+        return _blocking_iter(value)
+    if _is_async_cm(value):
+        return _BlockingCM(value)
+    return to_public(value)
+
+
+def _async_result(value: Any) -> Any:
+    if inspect.isasyncgen(value) or (hasattr(value, "__anext__") and
+                                     type(value) not in _IMPL_TO_PUBLIC):
+        return _async_iter(value)
+    if _is_async_cm(value):
+        return _AsyncCM(value)
+    return to_public(value)
+
+
+class FunctionWithAio:
+    """A blocking callable that carries its async twin as `.aio`."""
+
+    def __init__(self, fn: Callable, name: str, doc: str | None):
+        self._fn = fn
+        self.__name__ = name
+        self.__doc__ = doc
+        functools.update_wrapper(self, fn, assigned=("__module__", "__qualname__"), updated=())
+
+    def __call__(self, *args, **kwargs):
+        result = self._fn(*to_impl(args), **to_impl(kwargs))
+        if inspect.iscoroutine(result):
+            result = run_blocking(result)
+        return _blocking_result(result)
+
+    async def _aio_coro(self, args, kwargs):
+        result = await run_async(self._fn(*args, **kwargs))
+        return _async_result(result)
+
+    def aio(self, *args, **kwargs):
+        args, kwargs = to_impl(args), to_impl(kwargs)
+        if inspect.iscoroutinefunction(self._fn):
+            return self._aio_coro(args, kwargs)
+        return _async_result(self._fn(*args, **kwargs))
+
+    def __repr__(self) -> str:
+        return f"<shoal function {self.__qualname__}>"
+
+
+class _MethodDescriptor:
+    def __init__(self, attr: Any, name: str):
+        self.attr = attr
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        if isinstance(self.attr, (classmethod, staticmethod)):
+            impl_cls = objtype._impl_cls if objtype else type(obj._impl)
+            fn = self.attr.__get__(None, impl_cls)
+        elif obj is None:
+            return self
+        else:
+            fn = getattr(obj._impl, self.name)
+        return FunctionWithAio(fn, self.name, getattr(self.attr, "__doc__", None))
+
+
+def _wrap_property(prop: property) -> property:
+    def fget(self):
+        return _blocking_result(prop.fget(self._impl))
+
+    def fset(self, value):
+        prop.fset(self._impl, to_impl(value))
+
+    return property(fget, fset if prop.fset else None, doc=prop.__doc__)
+
+
+def synchronize_api(impl_cls: type, name: str | None = None) -> type:
+    """Derive the public class from the async implementation class `impl_cls`."""
+    public_name = name or impl_cls.__name__.lstrip("_")
+    ns: dict[str, Any] = {"__doc__": impl_cls.__doc__, "__module__": impl_cls.__module__,
+                          "_impl_cls": impl_cls, "__slots__": ("_impl", "__weakref__")}
+    for klass in reversed(impl_cls.__mro__[:-1]):
+        for attr_name, attr in vars(klass).items():
+            if attr_name.startswith("_"):
+                continue
+            if isinstance(attr, property):
+                ns[attr_name] = _wrap_property(attr)
+            elif callable(attr) or isinstance(attr, (classmethod, staticmethod)):
+                ns[attr_name] = _MethodDescriptor(attr, attr_name)
+            else:
+                ns[attr_name] = attr
+
+    if hasattr(impl_cls, "__aiter__"):
+        ns["__iter__"] = lambda self: _blocking_iter(self._impl.__aiter__())
+        ns["__aiter__"] = lambda self: _async_iter(self._impl.__aiter__())
+    if hasattr(impl_cls, "__aenter__"):
+        ns["__enter__"] = lambda self: (run_blocking(self._impl.__aenter__()), self)[1]
+        ns["__exit__"] = lambda self, *e: run_blocking(self._impl.__aexit__(*e))
+        ns["__aenter__"] = _aenter
+        ns["__aexit__"] = lambda self, *e: run_async(self._impl.__aexit__(*e))
+    ns["__repr__"] = lambda self: repr(self._impl)
+    ns["__eq__"] = lambda self, other: self._impl == to_impl(other)
+    ns["__hash__"] = lambda self: hash(self._impl)
+
+    if getattr(impl_cls, "_constructible", False):
+        def _init(self, *a, **k):
+            impl = impl_cls(*to_impl(a), **to_impl(k))
+            object.__setattr__(self, "_impl", impl)
+            impl._public = self
+
+        ns["__init__"] = _init
+    else:
+        def _no_init(self, *a, **k):
+            raise TypeError(f"{public_name} objects are not made directly: use "
+                            f"{public_name}.from_name(...), .create(...) or similar")
+
+        ns["__init__"] = _no_init
+    public = type(public_name, (), ns)
+    public.__qualname__ = public_name
+    _IMPL_TO_PUBLIC[impl_cls] = public
+    return public
+
+
+async def _aenter(self):
+    await run_async(self._impl.__aenter__())
+    return self

@@ -1,0 +1,115 @@
+"""The `shoal` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import click
+
+from shoal import config
+from shoal.exception import Error
+
+
+def _fail(message: str) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(1)
+
+
+class _Group(click.Group):
+    """Turns shoal's typed errors into a one-line message and exit code 1: no tracebacks for user
+    mistakes."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (Error, OSError) as e:
+            _fail(str(e) or type(e).__name__)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="shoal")
+def main() -> None:
+    """shoal: self-hosted sandboxes for untrusted code."""
+
+
+@main.command()
+@click.option("--tcp", metavar="HOST:PORT", help="Also listen on TCP (bearer token required).")
+@click.option("--token", envvar="SHOAL_TOKEN", help="Token for TCP clients (default: generated, "
+              "kept in $SHOAL_HOME/token).")
+@click.option("--log-level", default="info", show_default=True)
+def serve(tcp: str | None, token: str | None, log_level: str) -> None:
+    """Run the control plane in the foreground."""
+    from shoal.server.main import ServerAlreadyRunning, serve as run
+
+    try:
+        run(config.paths(), tcp, token, log_level)
+    except ServerAlreadyRunning as e:
+        _fail(str(e))
+
+
+@main.command()
+@click.option("--keep-sandboxes", is_flag=True,
+              help="Leave running sandboxes running (the next server adopts them).")
+def stop(keep_sandboxes: bool) -> None:
+    """Stop the server of this SHOAL_HOME, terminating its sandboxes first."""
+    paths = config.paths()
+    if not paths.server_pid.exists():
+        click.echo("no server is running")
+        return
+    pid = int(paths.server_pid.read_text())
+    if not keep_sandboxes and paths.socket.exists():
+        import httpx
+
+        try:
+            transport = httpx.HTTPTransport(uds=str(paths.socket))
+            with httpx.Client(transport=transport, base_url="http://shoal", timeout=60) as c:
+                n = c.post("/admin/terminate-all").json()["terminated"]
+                click.echo(f"terminated {n} sandbox(es)")
+        except httpx.HTTPError as e:
+            click.echo(f"could not reach the server to terminate sandboxes: {e}", err=True)
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        click.echo("no server is running (stale pid file)")
+        return
+    for _ in range(200):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            click.echo("server stopped")
+            return
+        time.sleep(0.05)
+    _fail(f"server {pid} did not stop within 10 s")
+
+
+@main.command()
+def status() -> None:
+    """Show whether a server is running for this SHOAL_HOME."""
+    paths = config.paths()
+    info = {"home": str(paths.home), "socket": str(paths.socket), "running": False}
+    if paths.server_pid.exists():
+        pid = int(paths.server_pid.read_text())
+        try:
+            os.kill(pid, 0)
+            info.update(running=True, pid=pid)
+        except ProcessLookupError:
+            pass
+    click.echo(json.dumps(info, indent=1))
+
+
+@main.group()
+def image() -> None:
+    """Images."""
+
+
+@image.command("build-default")
+def image_build_default() -> None:
+    """Build the default image (Debian bookworm + Python) into the image store, if missing."""
+    from shoal.images.base import ensure_base_image
+
+    path = ensure_base_image(config.paths().images, log=lambda line: click.echo(line, err=True))
+    click.echo(str(path))

@@ -1,0 +1,104 @@
+"""Errors raised by shoal. Names follow `modal.exception`, so `except modal.exception.NotFoundError`
+keeps working after `import shoal as modal`.
+
+The server reports an error as `{"error": {"type": NAME, "message": ...}}`; the SDK turns NAME back
+into the class of the same name here (or the built-in OSError subclass of that name), so a caller
+catches the same type whether the fault was found on its side or on the server's.
+"""
+
+from __future__ import annotations
+
+import builtins
+
+
+class Error(Exception):
+    """Base class for every shoal error."""
+
+
+class NotFoundError(Error):
+    """The named object (sandbox, volume, app, file, image) does not exist."""
+
+
+class InvalidError(Error):
+    """An argument is wrong; the message names it and says what would be right."""
+
+
+class AlreadyExistsError(Error):
+    """An object with that name already exists."""
+
+
+class ConflictError(InvalidError):
+    """The object is in a state that does not allow the operation (e.g. deleting a mounted volume)."""
+
+
+class ExecutionError(Error):
+    """Something went wrong running a command or building an image."""
+
+
+class RemoteError(Error):
+    """The server failed in a way it could not attribute to the call."""
+
+
+class InternalError(Error):
+    """A bug in shoal: please report it with the server log (`$SHOAL_HOME/logs/server.log`)."""
+
+
+class ConnectionError(Error):  # noqa: A001 - Modal's name
+    """The SDK could not reach or start the shoal server."""
+
+
+class AuthError(Error):
+    """The server refused the token (TCP mode)."""
+
+
+class TimeoutError(Error):  # noqa: A001 - Modal's name
+    """Base class for the timeouts below."""
+
+
+class SandboxTimeoutError(TimeoutError):
+    """The sandbox reached its `timeout` and was stopped."""
+
+
+class SandboxTerminatedError(Error):
+    """The sandbox was terminated (or finished) while the operation needed it running."""
+
+
+class ExecTimeoutError(TimeoutError):
+    """The exec'd command reached its `timeout`."""
+
+
+class VolumeUploadTimeoutError(TimeoutError):
+    """An upload to a volume did not finish in time."""
+
+
+class FilesystemExecutionError(Error):
+    """A sandbox file operation failed."""
+
+
+class DeprecationError(UserWarning):
+    """Kept for Modal compatibility."""
+
+
+def _all_error_types() -> dict[str, type[BaseException]]:
+    found: dict[str, type[BaseException]] = {}
+    for name, obj in globals().items():
+        if isinstance(obj, type) and issubclass(obj, Error):
+            found[name] = obj
+    # Modal raises these built-ins for file operations; they cross the wire by name too.
+    for builtin in (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+                    PermissionError, ValueError, TypeError):
+        found.setdefault(builtin.__name__, builtin)
+    return found
+
+
+def from_wire(type_name: str, message: str) -> BaseException:
+    """Rebuild the exception the server described; unknown names become RemoteError."""
+    cls = _all_error_types().get(type_name)
+    if cls is None:
+        return RemoteError(f"{type_name}: {message}")
+    return cls(message)
+
+
+__all__ = [n for n, o in dict(globals()).items()
+           if isinstance(o, type) and issubclass(o, (Error, UserWarning)) and not n.startswith("_")]
+del builtins

@@ -1,0 +1,120 @@
+"""runc, driven through its command line (the interface runc supports; it has no stable library API)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal as _signal
+from pathlib import Path
+
+from shoal.runtime.base import ContainerState, ExecIO, RuntimeError_
+from shoal.runtime.oci import ContainerSpec, build_config, process_env
+
+CGROUP_PARENT = "shoal"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+class RuncRuntime:
+    name = "runc"
+
+    def __init__(self, state_root: Path, binary: str = "runc"):
+        self.root = state_root
+        self.binary = binary
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _cmd(self, *args: str) -> list[str]:
+        return [self.binary, "--root", str(self.root), *args]
+
+    async def _run(self, *args: str, check: bool = True) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            *self._cmd(*args), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+        if check and proc.returncode != 0:
+            raise RuntimeError_(f"runc {args[0]}: {err.decode(errors='replace').strip()}")
+        return out.decode()
+
+    async def start(self, spec: ContainerSpec, bundle: Path, stdin: int, stdout: int,
+                    stderr: int) -> int:
+        bundle.mkdir(parents=True, exist_ok=True)
+        config = build_config(spec, f"/{CGROUP_PARENT}/{spec.id}")
+        (bundle / "config.json").write_text(json.dumps(config))
+        pid_file = bundle / "init.pid"
+        # --detach: runc exits once the container runs, and the container keeps the stdio it was
+        # given. Those must be files or pipes we do not wait on (a captured pipe hangs runc).
+        proc = await asyncio.create_subprocess_exec(
+            *self._cmd("run", "--detach", "--bundle", str(bundle), "--pid-file", str(pid_file),
+                       spec.id),
+            stdin=stdin, stdout=stdout, stderr=stderr)
+        rc = await proc.wait()
+        if rc != 0:
+            raise RuntimeError_(f"runc run exited with {rc}")
+        return int(pid_file.read_text())
+
+    async def exec(self, container_id: str, argv: list[str], env: dict[str, str], cwd: str | None,
+                   io: ExecIO, pid_file: Path) -> asyncio.subprocess.Process:
+        args = ["exec", "--pid-file", str(pid_file)]
+        for item in process_env(env):
+            args += ["--env", item]
+        if cwd:
+            args += ["--cwd", cwd]
+        args += [container_id, *argv]
+        return await asyncio.create_subprocess_exec(
+            *self._cmd(*args), stdin=io.stdin, stdout=io.stdout, stderr=io.stderr)
+
+    async def kill(self, container_id: str, signal: int = _signal.SIGKILL) -> None:
+        await self._run("kill", container_id, str(int(signal)), check=False)
+
+    async def delete(self, container_id: str) -> None:
+        await self._run("delete", "--force", container_id, check=False)
+        remove_cgroups(container_id)
+
+    async def state(self, container_id: str) -> ContainerState | None:
+        proc = await asyncio.create_subprocess_exec(
+            *self._cmd("state", container_id), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            return None
+        data = json.loads(out)
+        return ContainerState(data["id"], data["status"], int(data.get("pid") or 0))
+
+    async def list(self) -> list[ContainerState]:
+        out = await self._run("list", "--format", "json", check=False)
+        items = json.loads(out or "null") or []
+        return [ContainerState(i["id"], i["status"], int(i.get("pid") or 0)) for i in items]
+
+
+def remove_cgroups(container_id: str) -> None:
+    """Remove what runc may leave of a container's cgroups after a crash (runc delete removes them
+    in the normal case). Processes still inside are killed first: an empty cgroup is removable."""
+    if not CGROUP_ROOT.is_dir():
+        return
+    for controller in CGROUP_ROOT.iterdir():
+        leaf = controller / CGROUP_PARENT / container_id
+        if not leaf.is_dir():
+            continue
+        try:
+            for pid in (leaf / "cgroup.procs").read_text().split():
+                try:
+                    os.kill(int(pid), _signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        except OSError:
+            pass
+        try:
+            leaf.rmdir()
+        except OSError:
+            pass
+
+
+def remove_cgroup_parent() -> None:
+    """Remove the empty `shoal` parent cgroups, so an idle machine carries nothing of ours."""
+    if not CGROUP_ROOT.is_dir():
+        return
+    for controller in CGROUP_ROOT.iterdir():
+        try:
+            (controller / CGROUP_PARENT).rmdir()
+        except OSError:
+            pass  # absent, or still holds a sandbox of another server

@@ -1,0 +1,274 @@
+"""Sandboxes: isolated containers to run untrusted code in (Modal's `modal.Sandbox`)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+
+from shoal import output
+from shoal._client import get_client
+from shoal._sync import synchronize_api
+from shoal.app import _App
+from shoal.container_process import _ContainerProcess
+from shoal.exception import InvalidError, SandboxTerminatedError, SandboxTimeoutError
+from shoal.image import _Image
+from shoal.io_streams import _StreamReader, _StreamWriter
+from shoal.network_file_system import _NetworkFileSystem
+from shoal.secret import merge_env
+from shoal.stream_type import StreamType
+from shoal.volume import _Volume
+
+_UNSUPPORTED = ("gpu", "cloud", "region", "encrypted_ports", "unencrypted_ports", "h2_ports",
+                "cidr_allowlist", "proxy", "_experimental_scheduler_placement")
+
+
+def _check_args(args: Sequence, what: str) -> list[str]:
+    for a in args:
+        if not isinstance(a, str):
+            raise InvalidError(f"{what} arguments must be str, got {type(a).__name__} ({a!r})")
+    return list(args)
+
+
+def _mounts(mapping: dict, cls: type, what: str) -> list:
+    if not isinstance(mapping, dict):
+        raise InvalidError(f"{what} must be a dict of mount path to {cls.__name__.lstrip('_')}")
+    for path, obj in mapping.items():
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise InvalidError(f"{what}: mount path {path!r} must be an absolute path")
+        if path.rstrip("/") == "":
+            raise InvalidError(f"{what}: cannot mount at '/'")
+        if not isinstance(obj, cls):
+            raise InvalidError(f"{what}[{path!r}] must be a {cls.__name__.lstrip('_')}, "
+                               f"got {type(obj).__name__}")
+    return list(mapping.items())
+
+
+class _Sandbox:
+    """An isolated Linux container with its own root filesystem, limits and lifetime.
+
+        sb = shoal.Sandbox.create(app=app)
+        p = sb.exec("python", "-c", "print(1 + 1)")
+        print(p.stdout.read())     # "2\\n"
+        sb.terminate()
+    """
+
+    def __init__(self, sandbox_id: str):
+        self._sandbox_id = sandbox_id
+        self._returncode: int | None = None
+        self._end_reason: str | None = None
+        self._stdout = _StreamReader(f"/sandboxes/{sandbox_id}/output/stdout", resumable=True)
+        self._stderr = _StreamReader(f"/sandboxes/{sandbox_id}/output/stderr", resumable=True)
+        self._stdin = _StreamWriter(f"/sandboxes/{sandbox_id}/stdin")
+
+    @classmethod
+    async def create(
+        cls,
+        *args: str,
+        app: _App | None = None,
+        name: str | None = None,
+        tags: dict[str, str] | None = None,
+        image: _Image | None = None,
+        env: dict[str, str | None] | None = None,
+        secrets: Sequence = (),
+        volumes: dict | None = None,
+        network_file_systems: dict | None = None,
+        timeout: int = 300,
+        idle_timeout: int | None = None,
+        workdir: str | None = None,
+        cpu: float | tuple[float, float] | None = None,
+        memory: int | tuple[int, int] | None = None,
+        block_network: bool = False,
+        verbose: bool = False,
+        **unsupported,
+    ) -> "_Sandbox":
+        """Start a sandbox. With `args`, they run as its entrypoint and the sandbox ends when they
+        do; without, it stays up until `terminate()` or `timeout` seconds (default 300).
+
+        Raises InvalidError for a bad argument, NotFoundError for a missing volume, app or image,
+        AlreadyExistsError when `name` is taken by a running sandbox of the app.
+        """
+        bad = [k for k in unsupported if k in _UNSUPPORTED or not k.startswith("_")]
+        if bad:
+            raise InvalidError(f"Sandbox.create: {', '.join(sorted(bad))} not supported by shoal")
+        if idle_timeout is not None:
+            raise InvalidError("Sandbox.create: idle_timeout is not supported yet")
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+            raise InvalidError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if image is not None and not isinstance(image, _Image):
+            raise InvalidError(f"image must be a shoal.Image, got {type(image).__name__}")
+        if isinstance(cpu, tuple):
+            cpu = cpu[1]  # Modal's (request, limit): shoal enforces the limit
+        if isinstance(memory, tuple):
+            memory = memory[1]
+        vols = _mounts(volumes or {}, _Volume, "volumes")
+        nfss = _mounts(network_file_systems or {}, _NetworkFileSystem, "network_file_systems")
+        app = app if app is not None else _App("default")
+        if not isinstance(app, _App):
+            raise InvalidError(f"app must be a shoal.App, got {type(app).__name__}")
+
+        started = time.monotonic()
+        app_id = await app._resolve(create_if_missing=True)
+        objs = [o for _, o in vols + nfss]
+        await asyncio.gather(*(o._id() for o in objs))
+        body = {
+            "app_id": app_id,
+            "args": _check_args(args, "entrypoint"),
+            "name": name,
+            "tags": dict(tags or {}),
+            "image": (image or _Image.debian_slim())._wire(),
+            "env": merge_env(env, secrets),
+            "workdir": workdir,
+            "timeout": timeout,
+            "mounts": [o._mount_spec(p) for p, o in vols + nfss],
+            "resources": {"cpu": cpu, "memory": memory},
+            "block_network": True,
+        }
+        output.emit("creating sandbox" + (" (building the image if needed)" if image else ""))
+        client = await get_client()
+        r = await client.call("POST", "/sandboxes", json=body)
+        output.emit(f"sandbox {r['sandbox_id']} started in {time.monotonic() - started:.2f} s")
+        return cls(r["sandbox_id"])
+
+    @classmethod
+    async def from_id(cls, sandbox_id: str) -> "_Sandbox":
+        """A handle to an existing sandbox (running or finished). NotFoundError if unknown."""
+        client = await get_client()
+        r = await client.call("GET", f"/sandboxes/{sandbox_id}")
+        sb = cls(r["sandbox_id"])
+        sb._update(r)
+        return sb
+
+    @classmethod
+    async def list(cls, *, app_id: str | None = None,
+                   tags: dict[str, str] | None = None) -> AsyncIterator["_Sandbox"]:
+        """Running sandboxes, optionally of one app and with all of `tags`."""
+        import json
+
+        client = await get_client()
+        params = {}
+        if app_id:
+            params["app_id"] = app_id
+        if tags:
+            params["tags"] = json.dumps(tags)
+        for r in await client.call("GET", "/sandboxes", params=params):
+            sb = cls(r["sandbox_id"])
+            sb._update(r)
+            yield sb
+
+    def _update(self, info: dict) -> None:
+        if info["state"] != "running":
+            self._returncode = info["returncode"]
+            self._end_reason = info["end_reason"]
+
+    @property
+    def object_id(self) -> str:
+        return self._sandbox_id
+
+    @property
+    def returncode(self) -> int | None:
+        """None while running (as of the last `poll()`/`wait()`); then the exit code: the
+        entrypoint's, 137 after `terminate()`, 124 after the timeout."""
+        return self._returncode
+
+    @property
+    def stdout(self) -> _StreamReader:
+        return self._stdout
+
+    @property
+    def stderr(self) -> _StreamReader:
+        return self._stderr
+
+    @property
+    def stdin(self) -> _StreamWriter:
+        return self._stdin
+
+    async def exec(
+        self,
+        *args: str,
+        stdout: StreamType = StreamType.PIPE,
+        stderr: StreamType = StreamType.PIPE,
+        timeout: int | None = None,
+        workdir: str | None = None,
+        env: dict[str, str | None] | None = None,
+        secrets: Sequence = (),
+        text: bool = True,
+        bufsize: int = -1,
+        pty: bool = False,
+        pty_info=None,
+        _pty_info=None,
+    ) -> _ContainerProcess:
+        """Run a command in the sandbox; returns at once with a handle whose output streams while
+        the command runs.
+
+            p = sb.exec("bash", "-c", "echo hi; exit 3")
+            p.stdout.read()   # "hi\\n"
+            p.wait()          # 3
+
+        Raises SandboxTerminatedError if the sandbox has finished.
+        """
+        if not args:
+            raise InvalidError("exec needs a command, e.g. sb.exec('ls', '-l')")
+        if pty or pty_info or _pty_info:
+            raise InvalidError("exec(pty=True) is not supported yet")
+        if bufsize not in (-1, 1):
+            raise InvalidError("bufsize must be -1 (chunks) or 1 (lines)")
+        if not isinstance(stdout, StreamType) or stdout == StreamType.STDOUT:
+            raise InvalidError("stdout must be StreamType.PIPE or StreamType.DEVNULL")
+        if not isinstance(stderr, StreamType):
+            raise InvalidError("stderr must be a StreamType")
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise InvalidError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        body = {
+            "args": _check_args(args, "exec"),
+            "env": merge_env(env, secrets),
+            "workdir": workdir,
+            "timeout": timeout,
+            "stdout": stdout.wire(),
+            "stderr": stderr.wire(),
+        }
+        client = await get_client()
+        r = await client.call("POST", f"/sandboxes/{self._sandbox_id}/exec", json=body)
+        return _ContainerProcess(r["exec_id"], text=text)
+
+    async def _wait_once(self, timeout: float) -> bool:
+        client = await get_client()
+        r = await client.call("GET", f"/sandboxes/{self._sandbox_id}/wait",
+                              params={"timeout": timeout})
+        if r["done"]:
+            info = await client.call("GET", f"/sandboxes/{self._sandbox_id}")
+            self._update(info)
+        return r["done"]
+
+    async def wait(self, raise_on_termination: bool = True) -> None:
+        """Wait for the sandbox to finish. Raises SandboxTimeoutError if it reached its timeout,
+        and SandboxTerminatedError if it was terminated, unless `raise_on_termination=False`."""
+        while not await self._wait_once(60):
+            pass
+        if raise_on_termination:
+            if self._end_reason == "timeout":
+                raise SandboxTimeoutError(f"sandbox {self._sandbox_id} reached its timeout")
+            if self._end_reason in ("terminated", "server-restart"):
+                raise SandboxTerminatedError(f"sandbox {self._sandbox_id} was terminated")
+
+    async def poll(self) -> int | None:
+        """The return code if the sandbox has finished, else None (does not block)."""
+        await self._wait_once(0)
+        return self._returncode
+
+    async def terminate(self, *, wait: bool = False) -> int | None:
+        """Stop the sandbox (SIGKILL to all its processes). Its returncode becomes 137. Terminating
+        a finished sandbox does nothing."""
+        client = await get_client()
+        info = await client.call("POST", f"/sandboxes/{self._sandbox_id}/terminate")
+        self._update(info)
+        return self._returncode if wait else None
+
+    async def detach(self) -> None:
+        """Forget this handle; the sandbox keeps running (it was never tied to the client)."""
+
+    def __repr__(self) -> str:
+        return f"Sandbox({self._sandbox_id})"
+
+
+Sandbox = synchronize_api(_Sandbox)

@@ -1,0 +1,139 @@
+"""The HTTP application: wiring of services, error mapping, and background upkeep.
+
+Route modules (routes/*) call one service method each; services (sandboxes.py, volumes.py,
+images.py) hold the logic; storage/ and runtime/ do the I/O. Nothing here knows about sockets: see
+main.py for how it is served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from shoal import exception as exc
+from shoal.config import Paths
+from shoal.runtime.runc import RuncRuntime, remove_cgroup_parent
+from shoal.server.images import ImageService
+from shoal.server.routes import apps, sandboxes, volumes
+from shoal.server.sandboxes import SandboxService
+from shoal.server.volumes import VolumeService
+from shoal.storage.state import SqliteStore
+from shoal.storage.volumes import LocalVolumeStorage
+
+log = logging.getLogger("shoal.server")
+API_VERSION = "1"
+INIT_BINARY = os.environ.get("SHOAL_INIT", "/usr/bin/tini-static")
+
+STATUS = {
+    exc.NotFoundError: 404, FileNotFoundError: 404, exc.InvalidError: 400, ValueError: 400,
+    TypeError: 400, exc.AlreadyExistsError: 409, FileExistsError: 409, exc.ConflictError: 409,
+    IsADirectoryError: 400, NotADirectoryError: 400, PermissionError: 403,
+    exc.SandboxTerminatedError: 409, exc.ExecutionError: 500,
+}
+
+
+@dataclass
+class Services:
+    store: SqliteStore
+    volumes: VolumeService
+    sandboxes: SandboxService
+    images: ImageService
+
+    async def write_from_request(self, volume_id: str, path: str, request: Request) -> int:
+        with self.volumes.storage.open_writer(volume_id, path) as w:
+            async for chunk in request.stream():
+                w.write(chunk)
+            w.commit()
+        return w.written
+
+
+def build_services(paths: Paths) -> Services:
+    paths.home.mkdir(parents=True, exist_ok=True)
+    store = SqliteStore(paths.db)
+    storage = LocalVolumeStorage(paths.volumes)
+    storage.remove_leftovers()
+    vols = VolumeService(store, storage)
+    images = ImageService(paths.images)
+    sbx = SandboxService(store, RuncRuntime(paths.runc_root), vols, images, paths.sandboxes,
+                         INIT_BINARY)
+    return Services(store, vols, sbx, images)
+
+
+def _error(status: int, type_name: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"type": type_name, "message": message}}, status_code=status)
+
+
+def create_app(paths: Paths, upkeep_interval: float = 1.0) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        svc = build_services(paths)
+        app.state.svc = svc
+        await svc.sandboxes.reconcile()
+        svc.volumes.reap()
+        task = asyncio.ensure_future(_upkeep(svc, upkeep_interval))
+        log.info("shoal server ready (home %s)", paths.home)
+        try:
+            yield
+        finally:
+            task.cancel()
+            svc.sandboxes.detach_all()
+            if not svc.sandboxes.live:
+                remove_cgroup_parent()
+            svc.store.close()
+
+    app = FastAPI(title="shoal", version=API_VERSION, lifespan=lifespan,
+                  description="Control plane of shoal: sandboxes, volumes, network file systems.")
+    for router in (apps.router, sandboxes.router, volumes.router):
+        app.include_router(router)
+
+    @app.get("/health", tags=["server"])
+    def health() -> dict:
+        return {"ok": True, "version": API_VERSION, "pid": os.getpid()}
+
+    async def on_error(request: Request, err: Exception):
+        for cls in type(err).__mro__:
+            if cls in STATUS:
+                return _error(STATUS[cls], cls.__name__ if cls.__module__ == "builtins"
+                              else type(err).__name__, str(err))
+        if isinstance(err, exc.Error):
+            return _error(400, type(err).__name__, str(err))
+        if isinstance(err, OSError):
+            return _error(500, "ExecutionError", f"{err.strerror or err}")
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        return _error(500, "InternalError", f"{type(err).__name__}: {err}")
+
+    # Typed errors are answered by the exception middleware and not logged as crashes;
+    # `Exception` is the last resort, logged with its traceback.
+    for cls in (exc.Error, OSError, ValueError, TypeError, Exception):
+        app.add_exception_handler(cls, on_error)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, err: RequestValidationError):
+        parts = []
+        for e in err.errors():
+            where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+            parts.append(f"{where}: {e.get('msg')}")
+        return _error(400, "InvalidError", "; ".join(parts) or "invalid request")
+
+    return app
+
+
+async def _upkeep(svc: Services, interval: float) -> None:
+    ticks = 0
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            svc.volumes.reap()
+            ticks += 1
+            if ticks % 60 == 0:
+                svc.sandboxes.collect_logs()
+        except Exception:
+            log.exception("upkeep")

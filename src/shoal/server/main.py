@@ -1,0 +1,108 @@
+"""`shoal serve`: one server per SHOAL_HOME, on a Unix socket (mode 0600) and optionally on TCP
+with a bearer token."""
+
+from __future__ import annotations
+
+import fcntl
+import hmac
+import logging
+import os
+import secrets
+import socket
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from shoal import _linux
+from shoal.config import Paths
+from shoal.server.app import create_app
+
+log = logging.getLogger("shoal.server")
+
+
+class ServerAlreadyRunning(Exception):
+    pass
+
+
+class TokenAuth:
+    """ASGI middleware: TCP clients must send `Authorization: Bearer <token>`. The Unix socket is
+    protected by its file mode instead."""
+
+    def __init__(self, app, token: str):
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("client"):  # None on a Unix socket
+            got = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(got, self.expected):
+                body = b'{"error": {"type": "AuthError", "message": "missing or wrong token"}}'
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def _unix_socket(path: Path) -> socket.socket:
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    return sock
+
+
+def _tcp_socket(addr: str) -> socket.socket:
+    host, _, port = addr.rpartition(":")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host.strip("[]") or "127.0.0.1", int(port)))
+    return sock
+
+
+def serve(paths: Paths, tcp: str | None = None, token: str | None = None,
+          log_level: str = "info") -> None:
+    paths.home.mkdir(parents=True, exist_ok=True)
+    os.chmod(paths.home, 0o700)
+    paths.logs.mkdir(exist_ok=True)
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    lock = open(paths.server_lock, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = paths.server_pid.read_text().strip() if paths.server_pid.exists() else "?"
+        raise ServerAlreadyRunning(f"a shoal server (pid {pid}) already serves {paths.home}")
+    # Sandbox inits re-parent to us when runc exits, so we can reap them and read their status.
+    _linux.set_child_subreaper()
+    paths.server_pid.write_text(str(os.getpid()))
+
+    sockets = [_unix_socket(paths.socket)]
+    app = create_app(paths)
+    if tcp:
+        if not token:
+            token_file = paths.home / "token"
+            if token_file.exists():
+                token = token_file.read_text().strip()
+            else:
+                token = secrets.token_urlsafe(32)
+                fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                os.write(fd, token.encode())
+                os.close(fd)
+        sockets.append(_tcp_socket(tcp))
+        log.info("serving TCP on %s (token in %s or SHOAL_TOKEN)", tcp, paths.home / "token")
+        app = TokenAuth(app, token)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=5)
+    try:
+        uvicorn.Server(config).run(sockets=sockets)
+    finally:
+        paths.socket.unlink(missing_ok=True)
+        paths.server_pid.unlink(missing_ok=True)
+        lock.close()

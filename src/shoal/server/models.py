@@ -1,0 +1,113 @@
+"""The wire contract: request and response bodies of the HTTP API. The OpenAPI document is generated
+from these (and checked into docs/openapi.json by a test, so it cannot drift unnoticed)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class AppLookup(BaseModel):
+    name: str
+    create_if_missing: bool = False
+
+
+class AppInfo(BaseModel):
+    app_id: str
+    name: str
+    created_at: float
+
+
+class ImageSpec(BaseModel):
+    kind: str = "debian_slim"
+    python_version: str | None = None
+
+
+class MountSpec(BaseModel):
+    path: str = Field(description="absolute path inside the sandbox")
+    volume_id: str
+    read_only: bool = False
+
+
+class Resources(BaseModel):
+    cpu: float | None = Field(None, description="cores; a hard quota")
+    memory: int | None = Field(None, description="MiB; a process over it is OOM-killed")
+    pids: int | None = None
+
+
+class CreateSandbox(BaseModel):
+    app_id: str
+    args: list[str] = Field(default_factory=list, description="entrypoint; empty = stay up")
+    name: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    image: ImageSpec = Field(default_factory=ImageSpec)
+    env: dict[str, str] = Field(default_factory=dict)
+    workdir: str | None = None
+    timeout: float = 300
+    mounts: list[MountSpec] = Field(default_factory=list)
+    resources: Resources = Field(default_factory=Resources)
+    block_network: bool = True
+
+
+class SandboxInfo(BaseModel):
+    sandbox_id: str
+    app_id: str
+    name: str | None
+    tags: dict[str, str]
+    state: str
+    created_at: float
+    returncode: int | None
+    end_reason: str | None
+
+
+class WaitResult(BaseModel):
+    done: bool
+    returncode: int | None
+
+
+class ExecRequest(BaseModel):
+    args: list[str]
+    env: dict[str, str] = Field(default_factory=dict)
+    workdir: str | None = None
+    timeout: float | None = None
+    stdout: str = Field("pipe", description="pipe | devnull")
+    stderr: str = Field("pipe", description="pipe | devnull | stdout")
+
+
+class ExecInfo(BaseModel):
+    exec_id: str
+    sandbox_id: str
+
+
+class VolumeLookup(BaseModel):
+    name: str
+    create_if_missing: bool = False
+
+
+class VolumeCreate(BaseModel):
+    name: str
+    allow_existing: bool = False
+
+
+class VolumeInfo(BaseModel):
+    volume_id: str
+    kind: str
+    name: str | None
+    ephemeral: bool
+    created_at: float
+    lease_ttl: float | None = None
+
+
+class FileEntryModel(BaseModel):
+    path: str
+    type: int
+    mtime: int
+    size: int
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

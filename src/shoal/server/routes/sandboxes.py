@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+
+from shoal.exception import InvalidError
+from shoal.server.models import CreateSandbox, ExecInfo, ExecRequest, SandboxInfo, WaitResult
+from shoal.storage.state import SandboxRecord
+
+router = APIRouter(tags=["sandboxes"])
+MAX_WAIT = 60.0  # long-poll bound; clients loop
+
+
+def _svc(request: Request):
+    return request.app.state.svc.sandboxes
+
+
+def _info(rec: SandboxRecord) -> SandboxInfo:
+    return SandboxInfo(sandbox_id=rec.id, app_id=rec.app_id, name=rec.name, tags=rec.tags,
+                       state=rec.state, created_at=rec.created_at, returncode=rec.returncode,
+                       end_reason=rec.end_reason)
+
+
+def _stream(gen) -> StreamingResponse:
+    return StreamingResponse(gen, media_type="application/octet-stream")
+
+
+@router.post("/sandboxes", response_model=SandboxInfo)
+async def sandbox_create(body: CreateSandbox, request: Request) -> SandboxInfo:
+    return _info(await _svc(request).create(body))
+
+
+@router.get("/sandboxes", response_model=list[SandboxInfo])
+def sandbox_list(request: Request, app_id: str | None = None, tags: str | None = None,
+                 include_finished: bool = False) -> list[SandboxInfo]:
+    try:
+        want = json.loads(tags) if tags else {}
+    except ValueError:
+        raise InvalidError("tags must be a JSON object of strings") from None
+    recs = _svc(request).store.sandbox_list(app_id, None if include_finished else "running")
+    return [_info(r) for r in recs if all(r.tags.get(k) == v for k, v in want.items())]
+
+
+@router.get("/sandboxes/{sandbox_id}", response_model=SandboxInfo)
+def sandbox_get(sandbox_id: str, request: Request) -> SandboxInfo:
+    return _info(_svc(request).get(sandbox_id))
+
+
+@router.post("/sandboxes/{sandbox_id}/terminate", response_model=SandboxInfo)
+async def sandbox_terminate(sandbox_id: str, request: Request) -> SandboxInfo:
+    return _info(await _svc(request).terminate(sandbox_id))
+
+
+@router.get("/sandboxes/{sandbox_id}/wait", response_model=WaitResult)
+async def sandbox_wait(sandbox_id: str, request: Request,
+                       timeout: float = Query(MAX_WAIT, ge=0)) -> WaitResult:
+    rec = await _svc(request).wait(sandbox_id, min(timeout, MAX_WAIT))
+    return WaitResult(done=rec.state != "running", returncode=rec.returncode)
+
+
+@router.get("/sandboxes/{sandbox_id}/output/{stream}", response_class=StreamingResponse)
+def sandbox_output(sandbox_id: str, stream: str, request: Request, offset: int = Query(0, ge=0)):
+    return _stream(_svc(request).output(sandbox_id, stream, offset))
+
+
+@router.post("/sandboxes/{sandbox_id}/stdin")
+async def sandbox_stdin(sandbox_id: str, request: Request, eof: bool = False) -> dict:
+    await _svc(request).write_stdin(sandbox_id, await request.body(), eof)
+    return {}
+
+
+@router.post("/sandboxes/{sandbox_id}/exec", response_model=ExecInfo)
+async def sandbox_exec(sandbox_id: str, body: ExecRequest, request: Request) -> ExecInfo:
+    sess = await _svc(request).exec(sandbox_id, body)
+    return ExecInfo(exec_id=sess.id, sandbox_id=sandbox_id)
+
+
+@router.get("/execs/{exec_id}/output/{stream}", response_class=StreamingResponse)
+def exec_output(exec_id: str, stream: str, request: Request):
+    sess = _svc(request).get_exec(exec_id)
+    buf = {"stdout": sess.stdout, "stderr": sess.stderr}.get(stream, False)
+    if buf is False:
+        raise InvalidError(f"stream must be stdout or stderr, got {stream!r}")
+    if buf is None:
+        raise InvalidError(f"{stream} of this process was not captured (StreamType.DEVNULL or "
+                           "STDOUT)")
+    return _stream(buf.iterate())
+
+
+@router.post("/execs/{exec_id}/stdin")
+async def exec_stdin(exec_id: str, request: Request, eof: bool = False) -> dict:
+    await _svc(request).exec_stdin(exec_id, await request.body(), eof)
+    return {}
+
+
+@router.get("/execs/{exec_id}/wait", response_model=WaitResult)
+async def exec_wait(exec_id: str, request: Request,
+                    timeout: float = Query(MAX_WAIT, ge=0)) -> WaitResult:
+    rc = await _svc(request).exec_wait(exec_id, min(timeout, MAX_WAIT))
+    return WaitResult(done=rc is not None, returncode=rc)
+
+
+@router.post("/admin/terminate-all")
+async def terminate_all(request: Request) -> dict:
+    return {"terminated": await _svc(request).terminate_all()}

@@ -1,0 +1,48 @@
+"""Resolving a client's path inside a storage root, so that nothing a sandbox puts there — symlinks to
+`/etc/shadow`, `../../..`, a directory swapped for a link mid-request — can lead outside it.
+
+Two rules. Input is validated (`InvalidError` for NUL, `..`, over-long names) before it touches the
+disk. Then every lookup goes through openat2(RESOLVE_IN_ROOT) relative to a descriptor of the root:
+the kernel resolves `..` and absolute symlinks as if the root were `/`, so a link the sandbox made to
+`/etc/shadow` means `<volume>/etc/shadow`, exactly what the sandbox itself sees.
+"""
+
+from __future__ import annotations
+
+import os
+
+from shoal import _linux
+from shoal.exception import InvalidError
+
+RESOLVE = _linux.RESOLVE_IN_ROOT | _linux.RESOLVE_NO_MAGICLINKS | _linux.RESOLVE_NO_XDEV
+MAX_PATH = 4096
+
+
+def normalize(path: str, *, what: str = "path") -> str:
+    """Turn a client path into a clean relative path ("" is the root). `/a/b`, `a/b` and `a//b/` are
+    the same path; `..` anywhere is refused rather than interpreted."""
+    if not isinstance(path, str):
+        raise InvalidError(f"{what} must be a str, not {type(path).__name__}")
+    if "\x00" in path:
+        raise InvalidError(f"{what} {path!r} contains a NUL byte")
+    if len(path.encode()) > MAX_PATH:
+        raise InvalidError(f"{what} is longer than {MAX_PATH} bytes")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise InvalidError(f"{what} {path!r} contains '..'; give a path inside the volume")
+    for p in parts:
+        if len(p.encode()) > 255:
+            raise InvalidError(f"{what} {path!r} has a component longer than 255 bytes")
+    return "/".join(parts)
+
+
+def open_in_root(root_fd: int, rel: str, flags: int, mode: int = 0o644) -> int:
+    """Open `rel` (already normalized) under the root, resolving every link inside the root."""
+    if not flags & (os.O_CREAT | os.O_TMPFILE):
+        mode = 0  # openat2 refuses a mode it would not use
+    return _linux.openat2(root_fd, rel or ".", flags, mode, RESOLVE)
+
+
+def split(rel: str) -> tuple[str, str]:
+    parent, _, name = rel.rpartition("/")
+    return parent, name
