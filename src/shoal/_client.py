@@ -83,9 +83,12 @@ def _transport_for(server: str) -> tuple[str, httpx.AsyncBaseTransport]:
 async def _healthy(client: Client) -> bool:
     try:
         resp = await client.http.get("/health", timeout=5)
-        return resp.status_code == 200
     except (*_NO_SERVER, httpx.TimeoutException):
         return False
+    if resp.status_code == 401:
+        raise exc.AuthError("the shoal server refused the token: set SHOAL_TOKEN to the token "
+                            "the server was started with ($SHOAL_HOME/token on its machine)")
+    return resp.status_code == 200
 
 
 def _start_server(paths: config.Paths) -> subprocess.Popen:

@@ -38,7 +38,7 @@ def normalize(path: str, *, what: str = "path") -> str:
 
 def open_in_root(root_fd: int, rel: str, flags: int, mode: int = 0o644) -> int:
     """Open `rel` (already normalized) under the root, resolving every link inside the root."""
-    if not flags & (os.O_CREAT | os.O_TMPFILE):
+    if not (flags & os.O_CREAT or flags & os.O_TMPFILE == os.O_TMPFILE):
         mode = 0  # openat2 refuses a mode it would not use
     return _linux.openat2(root_fd, rel or ".", flags, mode, RESOLVE)
 

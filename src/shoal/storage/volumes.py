@@ -8,6 +8,7 @@ descriptor of the volume root, never with a plain open() of a joined host path.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -47,6 +48,23 @@ def _entry_type(mode: int) -> int:
     return FILE
 
 
+@contextlib.contextmanager
+def _clear_errors(path: str):
+    """Errors of a lookup under the volume root, said in terms of the caller's path."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file or directory: {path!r}") from None
+    except NotADirectoryError:
+        raise NotADirectoryError(f"a parent of {path!r} is not a directory") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InvalidError(f"{path!r}: too many levels of symbolic links") from None
+        if e.errno == errno.EXDEV:
+            raise InvalidError(f"{path!r} leads to another file system") from None
+        raise
+
+
 class VolumeStorage(Protocol):
     def create(self, volume_id: str) -> None: ...
     def destroy(self, volume_id: str) -> None: ...
@@ -55,17 +73,8 @@ class VolumeStorage(Protocol):
         rel = normalize(path)
         root = self._root_fd(volume_id)
         try:
-            return open_in_root(root, rel, os.O_RDONLY)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no such file or directory: {path!r}") from None
-        except NotADirectoryError:
-            raise NotADirectoryError(f"a parent of {path!r} is not a directory") from None
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise InvalidError(f"{path!r}: too many levels of symbolic links") from None
-            if e.errno == errno.EXDEV:
-                raise InvalidError(f"{path!r} leads to another file system") from None
-            raise
+            with _clear_errors(path):
+                return open_in_root(root, rel, os.O_RDONLY)
         finally:
             os.close(root)
 
@@ -106,17 +115,8 @@ class LocalVolumeStorage:
         rel = normalize(path)
         root = self._root_fd(volume_id)
         try:
-            return open_in_root(root, rel, os.O_RDONLY)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no such file or directory: {path!r}") from None
-        except NotADirectoryError:
-            raise NotADirectoryError(f"a parent of {path!r} is not a directory") from None
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise InvalidError(f"{path!r}: too many levels of symbolic links") from None
-            if e.errno == errno.EXDEV:
-                raise InvalidError(f"{path!r} leads to another file system") from None
-            raise
+            with _clear_errors(path):
+                return open_in_root(root, rel, os.O_RDONLY)
         finally:
             os.close(root)
 
@@ -173,7 +173,8 @@ class LocalVolumeStorage:
         parent, name = split(rel)
         root = self._root_fd(volume_id)
         try:
-            dirfd = self._makedirs(root, parent)
+            with _clear_errors(path):
+                dirfd = self._makedirs(root, parent)
         finally:
             os.close(root)
         return AtomicWriter(dirfd, name)

@@ -1,0 +1,149 @@
+"""Test harness: every session gets its own SHOAL_HOME and its own real server.
+
+The image store is shared with the set-up's (SHOAL_IMAGES), so a session does not rebuild the
+default image; everything else — database, socket, volumes, sandboxes, runc state — is the
+session's, and the session checks at the end that it left no container, mount or process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_IMAGES = Path(os.environ.get("SHOAL_IMAGES") or Path.home() / ".shoal" / "images")
+
+
+def pytest_configure(config):
+    # Before any SDK import reads the environment. A short path: Unix socket paths are limited.
+    home = Path(tempfile.mkdtemp(prefix="shoal-test-", dir="/tmp"))
+    os.environ["SHOAL_HOME"] = str(home)
+    os.environ["SHOAL_IMAGES"] = str(DEFAULT_IMAGES)
+    os.environ["SHOAL_LEASE_TTL"] = "3"
+    os.environ.pop("SHOAL_SERVER", None)
+    os.environ.pop("SHOAL_TOKEN", None)
+    config._shoal_home = home
+
+
+def shoal_cli(*args: str, env: dict | None = None, check: bool = True, **kw):
+    return subprocess.run([sys.executable, "-m", "shoal", *args], env=env or os.environ.copy(),
+                          check=check, capture_output=True, text=True, **kw)
+
+
+class ServerProcess:
+    """The session's `shoal serve`, which tests may kill and restart."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        from shoal import config
+
+        paths = config.paths()
+        paths.logs.mkdir(parents=True, exist_ok=True)
+        log = open(paths.server_log, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "shoal", "serve"], stdout=log,
+                                     stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, paths.server_log.read_text()[-3000:]
+            try:
+                with httpx.Client(transport=httpx.HTTPTransport(uds=str(paths.socket)),
+                                  base_url="http://shoal", timeout=2) as c:
+                    if c.get("/health").status_code == 200:
+                        return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=30)
+
+    def restart(self, sig: int = signal.SIGKILL) -> None:
+        self.kill(sig)
+        self.start()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            shoal_cli("stop", check=False, timeout=120)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(pytestconfig):
+    from shoal.images.base import ensure_base_image
+
+    ensure_base_image(DEFAULT_IMAGES, log=lambda line: None)
+    srv = ServerProcess(pytestconfig._shoal_home)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def app(server):
+    import shoal
+
+    return shoal.App.lookup("tests", create_if_missing=True)
+
+
+@pytest.fixture
+def sandbox(app):
+    import shoal
+
+    sb = shoal.Sandbox.create(app=app, timeout=120)
+    yield sb
+    sb.terminate()
+
+
+def leftovers(home: Path, server_may_run: bool = False) -> list[str]:
+    """Containers, mounts, cgroups and processes that a finished test session must not leave."""
+    found = []
+    runc_root = home / "runc"
+    if runc_root.exists():
+        out = subprocess.run(["runc", "--root", str(runc_root), "list", "-q"],
+                             capture_output=True, text=True).stdout.split()
+        found += [f"container {c}" for c in out]
+    with open("/proc/self/mountinfo") as f:
+        found += [f"mount {line.split()[4]}" for line in f if str(home) in line.split()[4]]
+    sandboxes = home / "sandboxes"
+    for sid in (os.listdir(sandboxes) if sandboxes.exists() else []):
+        found += [f"cgroup {c}" for c in Path("/sys/fs/cgroup").glob(f"*/shoal/{sid}")]
+    pid_file = home / "server.pid"
+    if pid_file.exists() and not server_may_run:
+        try:
+            os.kill(int(pid_file.read_text()), 0)
+            found.append(f"server process {pid_file.read_text()}")
+        except (ProcessLookupError, ValueError):
+            pass
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    home = getattr(session.config, "_shoal_home", None)
+    if home is None:
+        return
+    # The server fixture has stopped the server by now; anything left is a leak.
+    left = leftovers(home)
+    if left:
+        print("\nLEAKED after the test session:\n  " + "\n  ".join(left), file=sys.stderr)
+        session.exitstatus = 1
+    shutil.rmtree(home, ignore_errors=True)

@@ -1,0 +1,237 @@
+"""Sandboxes and exec, through the public SDK against the session's real server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+import shoal
+from shoal.exception import (InvalidError, NotFoundError, SandboxTerminatedError,
+                             SandboxTimeoutError)
+from shoal.stream_type import StreamType
+
+
+def test_exec_output_and_exit_code(sandbox):
+    p = sandbox.exec("bash", "-c", "echo out; echo err >&2; exit 3")
+    assert p.stdout.read() == "out\n"
+    assert p.stderr.read() == "err\n"
+    assert p.wait() == 3
+    assert p.returncode == 3
+
+
+def test_python_and_bash_are_in_the_default_image(sandbox):
+    p = sandbox.exec("python", "-c", "import sys; print(sys.version_info[:2])")
+    assert p.stdout.read().strip() == "(3, 11)"
+    assert p.wait() == 0
+
+
+def test_exec_bytes_mode(sandbox):
+    p = sandbox.exec("printf", "\\xff\\x00a", text=False)
+    assert p.stdout.read() == b"\xff\x00a"
+
+
+def test_stdin_roundtrip_of_megabytes(sandbox):
+    data = bytes(range(256)) * 4096 * 3  # 3 MiB
+    p = sandbox.exec("sha256sum")
+    p.stdin.write(data)
+    p.stdin.write_eof()
+    p.stdin.drain()
+    import hashlib
+
+    assert p.stdout.read().split()[0] == hashlib.sha256(data).hexdigest()
+    assert p.wait() == 0
+
+
+def test_output_streams_while_the_process_runs(sandbox):
+    p = sandbox.exec("bash", "-c", "echo first; sleep 3; echo second")
+    start = time.monotonic()
+    lines = iter(p.stdout)
+    assert next(lines) == "first\n"
+    assert time.monotonic() - start < 2.5, "the first line waited for the process to end"
+    assert next(lines) == "second\n"
+    assert p.wait() == 0
+
+
+def test_wait_without_reading_large_output_does_not_hang(sandbox):
+    # 40 MiB is more than a pipe holds and more than the server buffers (16 MiB): wait() must
+    # still return once the output is read, and the output must arrive whole.
+    p = sandbox.exec("bash", "-c", "head -c 41943040 /dev/zero | tr '\\0' x")
+    out = p.stdout.read()
+    assert len(out) == 40 << 20
+    assert p.wait() == 0
+
+
+def test_wait_without_reading_returns(sandbox):
+    p = sandbox.exec("bash", "-c", "seq 1 100000")
+    assert p.wait() == 0
+    assert p.stdout.read().endswith("100000\n")
+
+
+def test_stderr_into_stdout_and_devnull(sandbox):
+    p = sandbox.exec("bash", "-c", "echo a; echo b >&2", stderr=StreamType.STDOUT)
+    assert sorted(p.stdout.read().split()) == ["a", "b"]
+    p = sandbox.exec("bash", "-c", "echo a; echo b >&2", stdout=StreamType.DEVNULL)
+    assert p.stderr.read() == "b\n"
+    assert p.wait() == 0
+
+
+def test_exec_timeout_gives_124(sandbox):
+    start = time.monotonic()
+    p = sandbox.exec("sleep", "30", timeout=1)
+    assert p.wait() == 124
+    assert time.monotonic() - start < 10
+
+
+def test_exec_env_workdir_and_secrets(sandbox):
+    secret = shoal.Secret.from_dict({"TOKEN": "s3cret"})
+    p = sandbox.exec("bash", "-c", "echo $FOO $TOKEN; pwd", env={"FOO": "bar"}, secrets=[secret],
+                     workdir="/tmp")
+    assert p.stdout.read() == "bar s3cret\n/tmp\n"
+
+
+def test_sandbox_env_and_workdir_apply_to_exec(app):
+    sb = shoal.Sandbox.create(app=app, env={"A": "1"}, workdir="/work/dir", timeout=60)
+    try:
+        p = sb.exec("bash", "-c", "echo $A; pwd")
+        assert p.stdout.read() == "1\n/work/dir\n"
+    finally:
+        sb.terminate()
+
+
+def test_entrypoint_output_and_exit_code(app):
+    sb = shoal.Sandbox.create("bash", "-c", "echo hello; echo oops >&2; exit 7", app=app)
+    sb.wait(raise_on_termination=False)
+    assert sb.returncode == 7
+    assert sb.stdout.read() == "hello\n"
+    assert sb.stderr.read() == "oops\n"
+
+
+def test_entrypoint_stdin(app):
+    sb = shoal.Sandbox.create("python", "-c", "import sys; print(sys.stdin.read()[::-1])", app=app)
+    sb.stdin.write(b"abc")
+    sb.stdin.write_eof()
+    sb.stdin.drain()
+    sb.wait()
+    assert sb.stdout.read() == "cba\n"
+    assert sb.returncode == 0
+
+
+def test_terminate_gives_137_and_poll(app):
+    sb = shoal.Sandbox.create(app=app)
+    assert sb.poll() is None
+    assert sb.returncode is None
+    sb.terminate()
+    assert sb.poll() == 137
+    with pytest.raises(SandboxTerminatedError):
+        sb.wait()
+    sb.terminate()  # terminating twice is harmless
+
+
+def test_exec_after_terminate_is_a_clear_error(app):
+    sb = shoal.Sandbox.create(app=app)
+    sb.terminate()
+    with pytest.raises(SandboxTerminatedError, match="finished"):
+        sb.exec("true")
+
+
+def test_sandbox_timeout_gives_124(app):
+    sb = shoal.Sandbox.create(app=app, timeout=1)
+    with pytest.raises(SandboxTimeoutError):
+        sb.wait()
+    assert sb.returncode == 124
+
+
+def test_running_processes_die_with_the_sandbox(app):
+    sb = shoal.Sandbox.create(app=app)
+    p = sb.exec("sleep", "60")
+    sb.terminate()
+    assert p.wait() != 0
+
+
+def test_from_id_and_list(app):
+    sb = shoal.Sandbox.create(app=app, tags={"suite": "list"})
+    try:
+        same = shoal.Sandbox.from_id(sb.object_id)
+        assert same.exec("echo", "x").stdout.read() == "x\n"
+        listed = [s.object_id for s in shoal.Sandbox.list(tags={"suite": "list"})]
+        assert listed == [sb.object_id]
+    finally:
+        sb.terminate()
+    assert [s.object_id for s in shoal.Sandbox.list(tags={"suite": "list"})] == []
+    with pytest.raises(NotFoundError):
+        shoal.Sandbox.from_id("sb-doesnotexist0000000000")
+
+
+def test_names_are_unique_among_running_sandboxes(app):
+    sb = shoal.Sandbox.create(app=app, name="unique-one")
+    try:
+        with pytest.raises(shoal.exception.AlreadyExistsError):
+            shoal.Sandbox.create(app=app, name="unique-one")
+    finally:
+        sb.terminate()
+    shoal.Sandbox.create(app=app, name="unique-one").terminate()  # free again once it ended
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"timeout": 0}, "timeout"),
+    ({"timeout": -5}, "timeout"),
+    ({"workdir": "relative/dir"}, "workdir"),
+    ({"cpu": 1000}, "cpu"),
+    ({"memory": 1}, "memory"),
+    ({"gpu": "A100"}, "gpu"),
+    ({"env": {"A": 1}}, "env"),
+    ({"name": "bad name!"}, "name"),
+    ({"image": "debian"}, "image"),
+])
+def test_bad_create_arguments_are_invalid_error(app, kwargs, match):
+    with pytest.raises(InvalidError, match=match):
+        shoal.Sandbox.create(app=app, **kwargs)
+
+
+def test_bad_exec_arguments_are_invalid_error(sandbox):
+    with pytest.raises(InvalidError):
+        sandbox.exec()
+    with pytest.raises(InvalidError):
+        sandbox.exec("echo", 5)
+    with pytest.raises(InvalidError):
+        sandbox.exec("echo", "a\x00b")
+    with pytest.raises(InvalidError):
+        sandbox.exec("pwd", workdir="../etc")
+
+
+def test_unsupported_python_version_says_what_is_available(app):
+    with pytest.raises(InvalidError, match="3.11"):
+        shoal.Sandbox.create(app=app, image=shoal.Image.debian_slim(python_version="3.8"))
+
+
+def test_app_lookup_without_create_is_not_found(server):
+    with pytest.raises(NotFoundError):
+        shoal.App.lookup("no-such-app-xyz")
+
+
+def test_async_api(app):
+    async def main():
+        sb = await shoal.Sandbox.create.aio(app=app)
+        p = await sb.exec.aio("bash", "-c", "echo one; echo two")
+        lines = [line async for line in p.stdout]
+        rc = await p.wait.aio()
+        await sb.terminate.aio()
+        return lines, rc, await sb.poll.aio()
+
+    assert asyncio.run(main()) == (["one\n", "two\n"], 0, 137)
+
+
+def test_concurrent_sandboxes(app):
+    async def one(i):
+        sb = await shoal.Sandbox.create.aio(app=app)
+        p = await sb.exec.aio("echo", str(i))
+        out = await p.stdout.read.aio()
+        await sb.terminate.aio()
+        return out
+
+    async def main():
+        return await asyncio.gather(*(one(i) for i in range(8)))
+
+    assert asyncio.run(main()) == [f"{i}\n" for i in range(8)]

@@ -1,0 +1,171 @@
+"""The server as a process: restarts, crashes, zero set-up, TCP with a token, the API contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+import shoal
+from conftest import leftovers, shoal_cli
+from shoal import config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_running_sandbox_is_adopted_after_kill_9(server, app):
+    sb = shoal.Sandbox.create(app=app, timeout=120)
+    sb.exec("bash", "-c", "echo before > /tmp/state").wait()
+    server.restart(signal.SIGKILL)
+    p = sb.exec("cat", "/tmp/state")
+    assert p.stdout.read() == "before\n"
+    assert sb.poll() is None
+    sb.terminate()
+    assert sb.poll() == 137
+
+
+def test_adopted_sandbox_still_times_out(server, app):
+    sb = shoal.Sandbox.create(app=app, timeout=3)
+    server.restart(signal.SIGKILL)
+    with pytest.raises(shoal.exception.SandboxTimeoutError):
+        sb.wait()
+    assert sb.returncode == 124
+
+
+def test_sandbox_whose_timeout_passed_while_the_server_was_down_is_ended(server, app):
+    sb = shoal.Sandbox.create(app=app, timeout=1)
+    server.kill(signal.SIGKILL)
+    time.sleep(1.5)
+    server.start()
+    assert sb.poll() == 124
+    assert leftovers(config.home(), server_may_run=True) == []
+
+
+def test_graceful_stop_keeps_sandboxes_for_the_next_server(server, app):
+    sb = shoal.Sandbox.create(app=app, timeout=120)
+    server.restart(signal.SIGTERM)
+    assert sb.exec("echo", "alive").stdout.read() == "alive\n"
+    sb.terminate()
+
+
+def test_leftovers_of_a_crashed_create_are_cleaned(server, app):
+    """A container and an overlay mount that no database row knows of (as a crash between
+    `runc run` and the insert would leave) are removed by the next server."""
+    from shoal.images.base import rootfs_if_built
+    from shoal.runtime.oci import ContainerSpec, build_config
+    from shoal.runtime.rootfs import Rootfs
+
+    paths = config.paths()
+    sid = "sb-" + "0" * 22
+    sdir = paths.sandboxes / sid
+    merged = Rootfs(sdir).mount([rootfs_if_built(paths.images)])
+    (sdir / "bundle").mkdir()
+    cfg = build_config(ContainerSpec(id=sid, rootfs=str(merged), args=["sleep", "infinity"]),
+                       f"/shoal/{sid}")
+    (sdir / "bundle" / "config.json").write_text(json.dumps(cfg))
+    subprocess.run(["runc", "--root", str(paths.runc_root), "run", "--detach", "--bundle",
+                    str(sdir / "bundle"), sid], check=True, stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server.restart(signal.SIGKILL)
+    assert leftovers(config.home(), server_may_run=True) == []
+    assert not sdir.exists()
+
+
+def _fresh_env(home: str) -> dict:
+    env = os.environ.copy()
+    env["SHOAL_HOME"] = home
+    return env
+
+
+def test_zero_setup_sdk_starts_a_server(server):
+    home = tempfile.mkdtemp(prefix="shoal-zs-", dir="/tmp")
+    env = _fresh_env(home)
+    try:
+        code = ("import shoal\n"
+                "sb = shoal.Sandbox.create()\n"
+                "print(sb.exec('echo', 'zero').stdout.read(), end='')\n"
+                "sb.terminate()\n")
+        # Two clients at once start one server between them.
+        procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+            assert out == "zero\n"
+        assert Path(home, "shoal.sock").exists()
+        assert oct(Path(home, "shoal.sock").stat().st_mode & 0o777) == "0o600"
+        log = Path(home, "logs", "server.log").read_text()
+        assert log.count("shoal server ready") == 1
+    finally:
+        shoal_cli("stop", env=env, check=False, timeout=60)
+        assert leftovers(Path(home)) == []
+        subprocess.run(["rm", "-rf", home])
+
+
+def test_second_server_on_the_same_home_refuses(server):
+    r = shoal_cli("serve", check=False, timeout=30)
+    assert r.returncode == 1
+    assert "already serves" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_tcp_requires_the_token(server):
+    home = tempfile.mkdtemp(prefix="shoal-tcp-", dir="/tmp")
+    env = _fresh_env(home)
+    port = 20000 + os.getpid() % 10000
+    proc = subprocess.Popen([sys.executable, "-m", "shoal", "serve", "--tcp", f"127.0.0.1:{port}",
+                             "--token", "s3cret-token"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            try:
+                httpx.get(url + "/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        assert httpx.get(url + "/health").status_code == 401
+        assert httpx.get(url + "/health", headers={"authorization": "Bearer nope"}).status_code == 401
+        ok = httpx.get(url + "/health", headers={"authorization": "Bearer s3cret-token"})
+        assert ok.status_code == 200
+        code = ("import shoal\n"
+                "sb = shoal.Sandbox.create()\n"
+                "print(sb.exec('echo', 'tcp').stdout.read(), end='')\n"
+                "sb.terminate()\n")
+        env2 = {**env, "SHOAL_SERVER": url, "SHOAL_TOKEN": "s3cret-token"}
+        r = subprocess.run([sys.executable, "-c", code], env=env2, capture_output=True, text=True,
+                           timeout=60)
+        assert r.stdout == "tcp\n", r.stderr
+        env3 = {**env2, "SHOAL_TOKEN": "wrong"}
+        r = subprocess.run([sys.executable, "-c", code], env=env3, capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode != 0 and "AuthError" in r.stderr
+    finally:
+        shoal_cli("stop", env=env, check=False, timeout=60)
+        proc.wait(timeout=30)
+        assert leftovers(Path(home)) == []
+        subprocess.run(["rm", "-rf", home])
+
+
+def test_unreachable_server_is_a_connection_error(server):
+    env = {**os.environ, "SHOAL_SERVER": "/tmp/no-such-shoal.sock"}
+    r = subprocess.run([sys.executable, "-c", "import shoal; shoal.Sandbox.create()"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert "shoal.exception.ConnectionError" in r.stderr
+
+
+def test_openapi_document_is_up_to_date():
+    """docs/openapi.json is the API contract; regenerate it with
+    `python -m shoal.server.openapi > docs/openapi.json` when the API changes on purpose."""
+    from shoal.server.openapi import document
+
+    checked_in = json.loads((ROOT / "docs" / "openapi.json").read_text())
+    assert document() == checked_in
