@@ -1,0 +1,97 @@
+"""The blocking API derived from the async one (no server needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from shoal._sync import synchronize_api
+
+
+class _Counter:
+    _constructible = True
+
+    def __init__(self, start: int = 0):
+        self.value = start
+
+    async def add(self, n: int) -> int:
+        await asyncio.sleep(0)
+        self.value += n
+        return self.value
+
+    async def clone(self) -> "_Counter":
+        return _Counter(self.value)
+
+    async def same(self, other: "_Counter") -> bool:
+        return other is self
+
+    async def count_to(self, n: int):
+        for i in range(n):
+            yield i
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def scoped(cls):
+        c = cls(100)
+        yield c
+        c.value = -1
+
+    @property
+    def doubled(self) -> int:
+        return self.value * 2
+
+    async def fail(self):
+        raise KeyError("boom")
+
+
+Counter = synchronize_api(_Counter)
+
+
+def test_blocking_calls_and_aio_twins():
+    c = Counter(1)
+    assert c.add(2) == 3
+    assert asyncio.run(c.add.aio(4)) == 7
+    assert c.doubled == 14
+
+
+def test_objects_are_wrapped_out_and_unwrapped_in():
+    c = Counter(5)
+    d = c.clone()
+    assert type(d) is Counter and d.add(0) == 5
+    assert c.same(c) is True and c.same(d) is False
+    assert c.clone() is not c
+
+
+def test_async_generators_become_iterators():
+    c = Counter()
+    assert list(c.count_to(3)) == [0, 1, 2]
+
+    async def collect():
+        return [i async for i in c.count_to.aio(3)]
+
+    assert asyncio.run(collect()) == [0, 1, 2]
+
+
+def test_async_context_managers_both_ways():
+    with Counter.scoped() as c:
+        assert type(c) is Counter and c.add(1) == 101
+
+    async def use():
+        async with Counter.scoped.aio() as c2:
+            return await c2.add.aio(2)
+
+    assert asyncio.run(use()) == 102
+
+
+def test_errors_pass_through_unchanged():
+    with pytest.raises(KeyError):
+        Counter().fail()
+
+
+def test_blocking_call_from_inside_a_running_loop_works():
+    async def inner():
+        return Counter(3).add(1)  # a blocking call from async code still completes
+
+    assert asyncio.run(inner()) == 4
