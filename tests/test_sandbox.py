@@ -235,3 +235,25 @@ def test_concurrent_sandboxes(app):
         return await asyncio.gather(*(one(i) for i in range(8)))
 
     assert asyncio.run(main()) == [f"{i}\n" for i in range(8)]
+
+
+@pytest.mark.parametrize("how", ["terminate", "exit", "timeout"])
+def test_an_ended_sandbox_leaves_no_container_mount_or_cgroup(app, how):
+    import subprocess
+    from pathlib import Path
+
+    from shoal import config
+
+    args = ("true",) if how == "exit" else ()
+    sb = shoal.Sandbox.create(*args, app=app, timeout=1 if how == "timeout" else 60)
+    sid = sb.object_id
+    if how == "terminate":
+        sb.terminate()
+    sb.wait(raise_on_termination=False)
+    paths = config.paths()
+    state = subprocess.run(["runc", "--root", str(paths.runc_root), "state", sid],
+                           capture_output=True)
+    assert state.returncode != 0, "runc still knows the container"
+    assert str(paths.sandboxes / sid) not in Path("/proc/self/mountinfo").read_text()
+    assert not list(Path("/sys/fs/cgroup").glob(f"*/shoal/{sid}"))
+    assert not (paths.sandboxes / sid / "upper").exists()

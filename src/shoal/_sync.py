@@ -22,6 +22,8 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from shoal.exception import is_typed
+
 _IMPL_TO_PUBLIC: dict[type, type] = {}
 
 
@@ -63,8 +65,11 @@ def run_blocking(coro) -> Any:
     fut = asyncio.run_coroutine_threadsafe(coro, loop)
     try:
         return fut.result()
-    except BaseException:
+    except BaseException as err:
         fut.cancel()  # Ctrl-C in the caller cancels the work on the loop too
+        if is_typed(err):
+            # A typed error says what was wrong with the call; the SDK's frames would only hide it.
+            raise err.with_traceback(None) from None
         raise
 
 

@@ -94,9 +94,13 @@ def _all_error_types() -> dict[str, type[BaseException]]:
 def from_wire(type_name: str, message: str) -> BaseException:
     """Rebuild the exception the server described; unknown names become RemoteError."""
     cls = _all_error_types().get(type_name)
-    if cls is None:
-        return RemoteError(f"{type_name}: {message}")
-    return cls(message)
+    err = RemoteError(f"{type_name}: {message}") if cls is None else cls(message)
+    err._shoal_typed = True  # a user-facing error: shown without the SDK's internal frames
+    return err
+
+
+def is_typed(err: BaseException) -> bool:
+    return isinstance(err, Error) or getattr(err, "_shoal_typed", False)
 
 
 __all__ = [n for n, o in dict(globals()).items()
