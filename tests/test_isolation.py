@@ -252,19 +252,23 @@ def test_init_reaps_orphaned_zombies(shared):
     res = py_json(shared, """
 import json, os, time
 r, w = os.pipe()
+hold_r, hold_w = os.pipe()  # the grandchild lives until we close hold_w
 child = os.fork()
 if child == 0:
     grandchild = os.fork()
     if grandchild == 0:
-        time.sleep(0.3)
+        os.close(hold_w)
+        os.read(hold_r, 1)
         os._exit(0)
     os.write(w, str(grandchild).encode())
     os._exit(0)
 os.close(w)
+os.close(hold_r)
 os.waitpid(child, 0)
 gc = int(os.read(r, 32))
 # The orphan now belongs to the sandbox's PID 1, which must reap it when it exits.
 ppid = [l.split()[1] for l in open(f'/proc/{gc}/status') if l.startswith('PPid:')][0]
+os.close(hold_w)
 deadline = time.monotonic() + 5
 while os.path.exists(f'/proc/{gc}') and time.monotonic() < deadline:
     time.sleep(0.05)

@@ -60,3 +60,12 @@ def mounts_under(prefix: str) -> list[str]:
             if point == prefix or point.startswith(prefix.rstrip("/") + "/"):
                 found.append(point)
     return sorted(found, key=len, reverse=True)
+
+
+RENAME_NOREPLACE = 1
+
+
+def renameat2(src_dirfd: int, src: str, dst_dirfd: int, dst: str, flags: int = 0) -> None:
+    """renameat2(2); with RENAME_NOREPLACE the rename fails with EEXIST instead of replacing."""
+    _check(_libc.renameat2(src_dirfd, src.encode(), dst_dirfd, dst.encode(), flags),
+           "rename", dst)

@@ -263,7 +263,9 @@ def synchronize_api(impl_cls: type, name: str | None = None) -> type:
         for attr_name, attr in vars(klass).items():
             if attr_name.startswith("_"):
                 continue
-            if isinstance(attr, property):
+            if type(attr) in _IMPL_TO_PUBLIC:  # e.g. Volume.objects, an implementation object
+                ns[attr_name] = wrap(attr)
+            elif isinstance(attr, property):
                 ns[attr_name] = _wrap_property(attr)
             elif callable(attr) or isinstance(attr, (classmethod, staticmethod)):
                 ns[attr_name] = _MethodDescriptor(attr, attr_name)

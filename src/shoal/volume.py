@@ -1,16 +1,34 @@
-"""Volumes: named or ephemeral storage mounted into sandboxes (Modal's `modal.Volume`)."""
+"""Volumes: named or ephemeral storage mounted into sandboxes (Modal's `modal.Volume`).
+
+Consistency model. A shoal volume is one directory on the server's disk, bind-mounted into every
+sandbox that uses it. So:
+- a write inside a sandbox is visible at once to every other sandbox mounting the volume and to
+  the client (`read_file`, `listdir`) — no commit is needed, and none is lost if a sandbox dies;
+- a client upload (`batch_upload`, `copy_files`) is visible to running sandboxes the moment the
+  call returns; each file lands whole (written aside, fsynced, renamed into place);
+- `commit()` and `reload()` are accepted for Modal code and return once the server has confirmed
+  the volume exists: there is nothing to flush or fetch.
+Two writers of one file inside sandboxes get POSIX semantics (as two processes on one machine);
+two client uploads of one path: the last to complete wins, whole.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from shoal._client import get_client
 from shoal._sync import synchronize_api
-from shoal.exception import InvalidError
+from shoal.exception import InvalidError, NotFoundError
+
+UPLOAD_CONCURRENCY = 4
+UPLOAD_CHUNK = 4 << 20
 
 
 class FileEntryType(enum.IntEnum):
@@ -31,8 +49,31 @@ class FileEntry:
     size: int
 
 
+@dataclasses.dataclass(frozen=True)
+class VolumeInfo:
+    name: str | None
+    created_at: datetime.datetime
+    created_by: str | None = None
+
+
+def _entries(rows: list[dict]) -> list[FileEntry]:
+    return [FileEntry(r["path"], FileEntryType(r["type"]), r["mtime"], r["size"]) for r in rows]
+
+
+async def _file_chunks(fp: BinaryIO, progress: Callable[[int], None] | None):
+    while True:
+        chunk = await asyncio.to_thread(fp.read, UPLOAD_CHUNK)
+        if not chunk:
+            return
+        if isinstance(chunk, str):
+            raise TypeError("uploads need a binary file object (open(path, 'rb')), not a text one")
+        if progress:
+            progress(len(chunk))
+        yield chunk
+
+
 class _StorageObject:
-    """What volumes and network file systems share: lookup, ephemeral leases, reading, listing."""
+    """What volumes and network file systems share: lookup, leases, reading, listing, removing."""
 
     _prefix = "/volumes"
     _label = "volume"
@@ -58,10 +99,18 @@ class _StorageObject:
         return cls(name=name, create_if_missing=create_if_missing)
 
     @classmethod
+    def from_id(cls, object_id: str):
+        """A handle to the object with this id (NotFoundError on first use if there is none)."""
+        if not isinstance(object_id, str) or not object_id:
+            raise InvalidError("object_id must be a non-empty str")
+        return cls(object_id=object_id)
+
+    @classmethod
     @contextlib.asynccontextmanager
     async def ephemeral(cls, **_ignored) -> AsyncIterator["_StorageObject"]:
-        """An unnamed object that lives as long as the `with` block (and is removed by the server
-        shortly after its client dies without leaving the block: the client heart-beats a lease).
+        """An unnamed object that lives as long as the `with` block, and is removed by the server
+        shortly after its client dies without leaving the block (the client heart-beats a lease;
+        see SHOAL_LEASE_TTL).
 
             with shoal.Volume.ephemeral() as vol: ...
         """
@@ -100,6 +149,10 @@ class _StorageObject:
                     self._object_id = r["volume_id"]
         return self._object_id
 
+    async def _call(self, method: str, suffix: str, **kwargs):
+        client = await get_client()
+        return await client.call(method, f"{self._prefix}/{await self._id()}{suffix}", **kwargs)
+
     @property
     def object_id(self) -> str | None:
         return self._object_id
@@ -108,8 +161,15 @@ class _StorageObject:
     def name(self) -> str | None:
         return self._name
 
+    async def info(self) -> VolumeInfo:
+        """Name and creation time."""
+        r = await self._call("GET", "")
+        return VolumeInfo(r["name"], datetime.datetime.fromtimestamp(r["created_at"],
+                                                                     datetime.timezone.utc))
+
     async def read_file(self, path: str) -> AsyncIterator[bytes]:
-        """The file's contents, in chunks, streamed. FileNotFoundError if there is none.
+        """The file's contents as a stream of byte chunks (never held whole in memory).
+        FileNotFoundError if there is no such file.
 
             for chunk in vol.read_file("a.txt"): ...
         """
@@ -119,18 +179,32 @@ class _StorageObject:
             async for chunk in r.aiter_raw():
                 yield chunk
 
+    async def read_file_into_fileobj(self, path: str, fileobj: BinaryIO,
+                                     progress_cb: Callable[[int], None] | None = None) -> int:
+        """Stream the file into a binary file object; returns the number of bytes."""
+        n = 0
+        async for chunk in self.read_file(path):
+            await asyncio.to_thread(fileobj.write, chunk)
+            n += len(chunk)
+            if progress_cb:
+                progress_cb(len(chunk))
+        return n
+
     async def listdir(self, path: str = "/", recursive: bool = False) -> list[FileEntry]:
-        """Entries under `path` (relative to the root); with `recursive`, the whole tree."""
-        client = await get_client()
-        vid = await self._id()
-        rows = await client.call("GET", f"{self._prefix}/{vid}/listdir",
-                                 params={"path": path, "recursive": recursive})
-        return [FileEntry(r["path"], FileEntryType(r["type"]), r["mtime"], r["size"]) for r in rows]
+        """Entries under `path` (relative to the root); with `recursive`, the whole tree. Glob
+        patterns (`*`, `?`, `**`) list the matching entries."""
+        return _entries(await self._call("GET", "/listdir",
+                                         params={"path": path, "recursive": recursive}))
 
     async def iterdir(self, path: str = "/", recursive: bool = True) -> AsyncIterator[FileEntry]:
-        """Like `listdir`, as an iterator."""
+        """Like `listdir`, as an iterator (recursive by default, as Modal's)."""
         for entry in await self.listdir(path, recursive=recursive):
             yield entry
+
+    async def remove_file(self, path: str, recursive: bool = False) -> None:
+        """Remove a file, link or directory (a non-empty one only with `recursive`).
+        FileNotFoundError if there is none."""
+        await self._call("DELETE", "/file", params={"path": path, "recursive": recursive})
 
     def _mount_spec(self, mount_path: str) -> dict:
         return {"path": mount_path, "volume_id": self._object_id, "read_only": self._read_only}
@@ -139,18 +213,179 @@ class _StorageObject:
         return f"{type(self).__name__.lstrip('_')}({self._name or self._object_id})"
 
 
+class _VolumeUploadContextManager:
+    """Collects `put_file` / `put_directory` calls; on leaving the block, uploads everything and
+    lands it together. Without `force`, if any target exists, FileExistsError is raised and nothing
+    from the batch lands. An exception inside the block uploads nothing."""
+
+    def __init__(self, volume: "_Volume", force: bool,
+                 progress_cb: Callable[[int], None] | None = None):
+        self._volume = volume
+        self._force = force
+        self._progress = progress_cb
+        self._items: list[tuple[object, str, int | None]] = []
+
+    def put_file(self, local_file: str | Path | BinaryIO, remote_path: str | PurePosixPath,
+                 mode: int | None = None) -> None:
+        """Upload a local file (path or binary file object) to `remote_path`."""
+        remote = str(remote_path)
+        if remote.endswith("/"):
+            if isinstance(local_file, (str, Path)):
+                remote += Path(local_file).name
+            else:
+                raise InvalidError("remote_path must name a file, not a directory")
+        if isinstance(local_file, (str, Path)):
+            if not Path(local_file).is_file():
+                raise FileNotFoundError(f"no such local file: {local_file}")
+        elif not hasattr(local_file, "read"):
+            raise InvalidError("put_file takes a path or a binary file object")
+        if mode is not None and not (isinstance(mode, int) and 0 <= mode <= 0o7777):
+            raise InvalidError(f"mode must be an int like 0o644, got {mode!r}")
+        self._items.append((local_file, remote, mode))
+
+    def put_directory(self, local_path: str | Path, remote_path: str | PurePosixPath,
+                      recursive: bool = True) -> None:
+        """Upload the files of a local directory under `remote_path` (symlinks are followed only
+        when they point to files; the upload never writes outside `remote_path`)."""
+        local = Path(local_path)
+        if not local.is_dir():
+            raise NotADirectoryError(f"no such local directory: {local_path}")
+        base = PurePosixPath(str(remote_path))
+        files = local.rglob("*") if recursive else local.glob("*")
+        for f in sorted(files):
+            if f.is_file():
+                rel = f.relative_to(local).as_posix()
+                self._items.append((f, str(base / rel), f.stat().st_mode & 0o777))
+
+    async def __aenter__(self) -> "_VolumeUploadContextManager":
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or not self._items:
+            return
+        client = await get_client()
+        prefix = f"{self._volume._prefix}/{await self._volume._id()}/batches"
+        batch = (await client.call("POST", prefix, json={
+            "paths": [remote for _, remote, _ in self._items], "force": self._force}))["batch_id"]
+        sem = asyncio.Semaphore(UPLOAD_CONCURRENCY)
+
+        async def put(item):
+            local, remote, mode = item
+            async with sem:
+                fp = open(local, "rb") if isinstance(local, (str, Path)) else local
+                try:
+                    params = {"path": remote}
+                    if mode is not None:
+                        params["mode"] = format(mode, "o")
+                    await client.call("PUT", f"{prefix}/{batch}/file", params=params,
+                                      content=_file_chunks(fp, self._progress))
+                finally:
+                    if fp is not local:
+                        fp.close()
+
+        try:
+            await asyncio.gather(*(put(i) for i in self._items))
+            await client.call("POST", f"{prefix}/{batch}/commit",
+                              params={"force": self._force})
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await client.call("DELETE", f"{prefix}/{batch}")
+            raise
+
+
 class _Volume(_StorageObject):
     """Persistent (named) or ephemeral storage, mounted with `Sandbox.create(volumes={path: vol})`.
-    A sandbox's writes are visible to the client (`read_file`, `listdir`) and to other sandboxes
-    mounting the same volume at once: shoal volumes are local directories, not snapshots."""
+    See this module's docstring for when writes become visible (at once, everywhere)."""
+
+    def with_mount_options(self, *, read_only: bool = False) -> "_Volume":
+        """The same volume, mounted read-only: writes inside the sandbox fail with EROFS."""
+        copy = type(self)(self._name, self._create_if_missing, self._object_id, read_only)
+        copy._lock = self._lock
+        return copy
 
     async def commit(self) -> None:
-        """Writes are already visible everywhere; kept for Modal code that calls it."""
-        await self._id()
+        """Writes are visible everywhere already (see the consistency model); returns once the
+        volume is confirmed to exist."""
+        await self._call("GET", "")
 
     async def reload(self) -> None:
-        """Writes are already visible everywhere; kept for Modal code that calls it."""
-        await self._id()
+        """Writes are visible everywhere already (see the consistency model); returns once the
+        volume is confirmed to exist."""
+        await self._call("GET", "")
+
+    def batch_upload(self, force: bool = False,
+                     progress_cb: Callable[[int], None] | None = None
+                     ) -> _VolumeUploadContextManager:
+        """Upload files together:
+
+            with vol.batch_upload() as batch:
+                batch.put_file("local.txt", "/remote.txt")
+                batch.put_directory("data/", "/data")
+        """
+        return _VolumeUploadContextManager(self, force, progress_cb)
+
+    async def copy_files(self, src_paths: list[str], dst: str, recursive: bool = False) -> None:
+        """Copy within the volume, like `cp`: into `dst` if it is a directory (required for
+        several sources), else to `dst`; directories only with `recursive`."""
+        if isinstance(src_paths, str):
+            raise InvalidError("src_paths must be a list of paths")
+        await self._call("POST", "/copy", json={"src_paths": list(src_paths), "dst": dst,
+                                                "recursive": recursive})
+
+    @staticmethod
+    async def rename(old_name: str, new_name: str) -> None:
+        """Rename a named volume."""
+        client = await get_client()
+        await client.call("POST", "/volumes/rename",
+                          json={"old_name": old_name, "new_name": new_name})
+
+    @staticmethod
+    async def delete(name: str) -> None:
+        """Delete a named volume and its data (Modal 0.x name; prefer `Volume.objects.delete`)."""
+        await _VolumeManager._delete(_Volume, name, allow_missing=False)
 
 
+class _VolumeManager:
+    """`Volume.objects`: create, list and delete named volumes."""
+
+    def __init__(self, cls=None):
+        self._cls = cls
+
+    async def create(self, name: str, *, allow_existing: bool = False,
+                     environment_name: str | None = None) -> None:
+        """Create a named volume. AlreadyExistsError if it exists, unless `allow_existing`."""
+        client = await get_client()
+        await client.call("POST", self._cls._prefix,
+                          json={"name": name, "allow_existing": allow_existing})
+
+    async def list(self, *, environment_name: str | None = None) -> list:
+        """All named volumes."""
+        client = await get_client()
+        return [self._cls(r["name"], object_id=r["volume_id"])
+                for r in await client.call("GET", self._cls._prefix)]
+
+    async def delete(self, name: str, *, allow_missing: bool = False,
+                     environment_name: str | None = None) -> None:
+        """Delete a named volume and its data. NotFoundError if missing, unless
+        `allow_missing`; ConflictError while a running sandbox mounts it."""
+        await self._delete(self._cls, name, allow_missing)
+
+    @staticmethod
+    async def _delete(cls, name: str, allow_missing: bool) -> None:
+        client = await get_client()
+        try:
+            r = await client.call("POST", f"{cls._prefix}/lookup",
+                                  json={"name": name, "create_if_missing": False})
+        except NotFoundError:
+            if allow_missing:
+                return
+            raise
+        await client.call("DELETE", f"{cls._prefix}/{r['volume_id']}")
+
+
+VolumeUploadContextManager = synchronize_api(_VolumeUploadContextManager)
+_Volume.objects = _VolumeManager(_Volume)
+VolumeManager = synchronize_api(_VolumeManager)
 Volume = synchronize_api(_Volume)
+
+__all__ = ["FileEntry", "FileEntryType", "Volume", "VolumeInfo", "VolumeUploadContextManager"]

@@ -26,7 +26,7 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (Error, OSError) as e:
+        except (Error, OSError, ValueError, TypeError) as e:
             _fail(str(e) or type(e).__name__)
 
 
@@ -99,6 +99,12 @@ def status() -> None:
         except ProcessLookupError:
             pass
     click.echo(json.dumps(info, indent=1))
+
+
+from shoal.cli.storage import make_group  # noqa: E402
+
+main.add_command(make_group("volume"))
+main.add_command(make_group("nfs"))
 
 
 @main.group()

@@ -47,13 +47,6 @@ class Services:
     sandboxes: SandboxService
     images: ImageService
 
-    async def write_from_request(self, volume_id: str, path: str, request: Request) -> int:
-        with self.volumes.storage.open_writer(volume_id, path) as w:
-            async for chunk in request.stream():
-                w.write(chunk)
-            w.commit()
-        return w.written
-
 
 def build_services(paths: Paths) -> Services:
     paths.home.mkdir(parents=True, exist_ok=True)

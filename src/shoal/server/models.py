@@ -111,3 +111,23 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class RenameRequest(BaseModel):
+    old_name: str
+    new_name: str
+
+
+class CopyRequest(BaseModel):
+    src_paths: list[str]
+    dst: str
+    recursive: bool = False
+
+
+class BatchCreate(BaseModel):
+    paths: list[str] = Field(default_factory=list, description="targets, checked when not force")
+    force: bool = True
+
+
+class BatchInfo(BaseModel):
+    batch_id: str

@@ -11,12 +11,16 @@ until it ends, and never writes into a directory that has been removed under it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import secrets
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
-from shoal.exception import AlreadyExistsError, InvalidError, NotFoundError
+from shoal.exception import AlreadyExistsError, ConflictError, InvalidError, NotFoundError
+from shoal.storage.paths import normalize
 from shoal.storage.state import StateStore, VolumeRecord
 from shoal.storage.volumes import VolumeStorage
 
@@ -37,11 +41,24 @@ def check_name(name: str, what: str = "volume") -> str:
     return name
 
 
+BATCH_IDLE_LIMIT = 3600.0  # an upload batch untouched this long is dropped
+
+
+@dataclass
+class Batch:
+    """Files uploaded to staging, waiting for `commit` to land them all."""
+    id: str
+    volume_id: str
+    staged: dict[str, str] = field(default_factory=dict)  # target path -> staged name
+    last_used: float = field(default_factory=time.time)
+
+
 class VolumeService:
     def __init__(self, store: StateStore, storage: VolumeStorage, lease_ttl: float = LEASE_TTL):
         self.store = store
         self.storage = storage
         self.lease_ttl = lease_ttl
+        self.batches: dict[str, Batch] = {}  # event loop only
 
     def _label(self, kind: str) -> str:
         return "network file system" if kind == "nfs" else "volume"
@@ -99,9 +116,110 @@ class VolumeService:
         return rec
 
     def delete(self, volume_id: str) -> None:
-        self.get(volume_id)
+        """Delete a volume. A named one that a running sandbox mounts is refused (ConflictError);
+        an ephemeral one (its client is leaving) is hidden at once and removed when the last
+        sandbox using it ends."""
+        rec = self.get(volume_id)
+        users = self.store.volume_running_mounts(volume_id)
+        if users and rec.name is not None:
+            ids = ", ".join(sorted({m.sandbox_id for m in users}))
+            raise ConflictError(f"{self._label(rec.kind)} {rec.name!r} is mounted by running "
+                                f"sandbox(es) {ids}; terminate them first")
         self.store.volume_update(volume_id, state="deleting")
         self.collect(volume_id)
+
+    def rename(self, kind: str, old: str, new: str) -> VolumeRecord:
+        rec = self.lookup(kind, old, create_if_missing=False)
+        check_name(new, self._label(kind))
+        if self.store.volume_by_name(kind, new):
+            raise AlreadyExistsError(f"{self._label(kind)} {new!r} already exists")
+        self.store.volume_update(rec.id, name=new)
+        rec.name = new
+        return rec
+
+    # --- uploads
+    async def upload(self, volume_id: str, body: AsyncIterator[bytes],
+                     mode: int | None = None) -> tuple[str, int]:
+        """Stream `body` into a staged file; returns (staged name, bytes)."""
+        up = self.storage.new_upload(volume_id, mode)
+        try:
+            async for chunk in body:
+                up.write(chunk)
+            staged = await asyncio.to_thread(up.finish)
+        finally:
+            up.close()
+        return staged, up.written
+
+    async def write_file(self, volume_id: str, path: str, body: AsyncIterator[bytes]) -> int:
+        normalize(path)
+        staged, n = await self.upload(volume_id, body)
+        try:
+            await asyncio.to_thread(self.storage.land, volume_id, staged, path, True)
+        except BaseException:
+            self.storage.discard(volume_id, staged)
+            raise
+        return n
+
+    def _check_absent(self, volume_id: str, paths) -> None:
+        clash = [p for p in paths if self.storage.exists(volume_id, p)]
+        if clash:
+            raise FileExistsError(
+                f"{len(clash)} file(s) of the upload already exist (first: {clash[0]!r}); "
+                "nothing was written. Use force=True (CLI: --force) to overwrite")
+
+    def batch_create(self, volume_id: str, paths: list[str] = (), force: bool = True) -> Batch:
+        """Open an upload batch. With `force=False`, the planned `paths` are checked first, so a
+        clash is reported before any byte is sent (commit checks again)."""
+        self.get(volume_id)
+        if not force:
+            self._check_absent(volume_id, [normalize(p) for p in paths])
+        batch = Batch(new_id("bt"), volume_id)
+        self.batches[batch.id] = batch
+        return batch
+
+    def _batch(self, volume_id: str, batch_id: str) -> Batch:
+        batch = self.batches.get(batch_id)
+        if batch is None or batch.volume_id != volume_id:
+            raise NotFoundError(f"upload batch {batch_id} not found (it was committed, aborted, "
+                                "idle for an hour, or the server restarted): upload again")
+        batch.last_used = time.time()
+        return batch
+
+    async def batch_put(self, volume_id: str, batch_id: str, path: str, mode: int | None,
+                        body: AsyncIterator[bytes]) -> int:
+        batch = self._batch(volume_id, batch_id)
+        rel = normalize(path)
+        if not rel:
+            raise InvalidError("cannot upload to the volume root; give a file path")
+        staged, n = await self.upload(volume_id, body, mode)
+        old = batch.staged.pop(rel, None)
+        if old:
+            self.storage.discard(volume_id, old)
+        batch.staged[rel] = staged
+        return n
+
+    async def batch_commit(self, volume_id: str, batch_id: str, force: bool) -> int:
+        """Land every file of the batch. Without `force`, if any target exists nothing lands."""
+        batch = self._batch(volume_id, batch_id)
+        self.batches.pop(batch_id, None)
+        count = len(batch.staged)
+        try:
+            if not force:
+                self._check_absent(volume_id, batch.staged)
+            while batch.staged:
+                path, staged = next(iter(batch.staged.items()))
+                await asyncio.to_thread(self.storage.land, volume_id, staged, path, force)
+                del batch.staged[path]
+        finally:
+            for staged in batch.staged.values():
+                self.storage.discard(volume_id, staged)
+        return count
+
+    def batch_abort(self, volume_id: str, batch_id: str) -> None:
+        batch = self.batches.pop(batch_id, None)
+        if batch and batch.volume_id == volume_id:
+            for staged in batch.staged.values():
+                self.storage.discard(volume_id, staged)
 
     def collect(self, volume_id: str) -> None:
         """Remove a `deleting` volume's data once no running sandbox mounts it."""
@@ -114,8 +232,11 @@ class VolumeService:
         self.store.volume_remove(volume_id)
 
     def reap(self) -> None:
-        """Expire leases of clients that stopped heart-beating; finish deferred deletions."""
+        """Expire leases of clients that stopped heart-beating; finish deferred deletions; drop
+        idle upload batches."""
         now = time.time()
+        for batch in [b for b in self.batches.values() if b.last_used < now - BATCH_IDLE_LIMIT]:
+            self.batch_abort(batch.volume_id, batch.id)
         for rec in self.store.volume_list():
             if rec.state == "ready" and rec.lease_expires is not None and rec.lease_expires < now:
                 self.store.volume_update(rec.id, state="deleting")
