@@ -374,24 +374,54 @@ def print_table(result: dict) -> None:
         print(f"  {name:<38} {v['median_ms']:.2f} / {v['p90_ms']:.2f}")
 
 
-def stop_server(home: Path) -> None:
-    """`shoal stop`, while reaping the server ourselves: the SDK started it as our child, and
-    `shoal stop` waits for its pid to vanish, which a zombie never does."""
-    pid_file = home / "server.pid"
-    if not pid_file.exists():
-        return
-    pid = int(pid_file.read_text())
+def start_server(home: Path) -> subprocess.Popen:
+    """`shoal serve` for the benchmark's SHOAL_HOME, in its own session (Ctrl-C is ours)."""
+    (home / "logs").mkdir(parents=True)
+    with open(home / "logs" / "server.log", "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "shoal", "serve"],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def wait_ready(home: Path, server: subprocess.Popen) -> None:
+    import httpx
+
+    transport = httpx.HTTPTransport(uds=str(home / "shoal.sock"))
+    deadline = time.monotonic() + 60
+    with httpx.Client(transport=transport, base_url="http://shoal", timeout=5) as client:
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                tail = (home / "logs" / "server.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"shoal serve exited with {server.returncode}:\n{tail}")
+            try:
+                if client.get("/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+    raise RuntimeError("shoal serve did not answer within 60 s")
+
+
+def stop_server(home: Path, server: subprocess.Popen) -> None:
+    """`shoal stop` (it terminates the server's sandboxes first); the server is our child, so we
+    reap it, and end it ourselves if `shoal stop` could not."""
     env = {**os.environ, "SHOAL_HOME": str(home)}
     stop = subprocess.Popen([sys.executable, "-m", "shoal", "stop"], env=env, text=True,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     try:
-        wait_exit(pid, timeout=30)
-    except TimeoutError as e:
-        log(f"warning: shoal server: {e}")
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
     out, _ = stop.communicate()
-    if stop.returncode != 0:
-        log(f"warning: shoal stop: {out.strip()}")
+    if server.poll() is None:
+        log(f"warning: shoal stop did not end the server ({out.strip()}); sending SIGTERM")
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def main() -> int:
@@ -421,11 +451,13 @@ def main() -> int:
 
     _linux.set_child_subreaper()
     machine = machine_info()
-    shoal_side = raw = None
+    shoal_side = raw = server = None
     try:
         lowerdir = ensure_base_image(Path(os.environ["SHOAL_IMAGES"]), log=log)
         raw = RawRunc(workdir / "raw", lowerdir)
         log(f"starting a shoal server in {home}")
+        server = start_server(home)
+        wait_ready(home, server)
         shoal_side = ShoalSide()
         shoal_sb = shoal_side.create(Laps())
         raw_cid = raw.create(Laps())
@@ -449,12 +481,14 @@ def main() -> int:
                   **summarize(samples, floors)}
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         log("cleaning up")
         if shoal_side:
             shoal_side.close()
         if raw:
             raw.close()
-        stop_server(home)
+        if server:
+            stop_server(home, server)
         if unmount_all(workdir):
             shutil.rmtree(workdir, ignore_errors=True)
         else:
@@ -468,4 +502,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("interrupted")
+        sys.exit(130)

@@ -130,9 +130,10 @@ def leftovers(home: Path, server_may_run: bool = False) -> list[str]:
     pid_file = home / "server.pid"
     if pid_file.exists() and not server_may_run:
         try:
-            os.kill(int(pid_file.read_text()), 0)
-            found.append(f"server process {pid_file.read_text()}")
-        except (ProcessLookupError, ValueError):
+            state = Path(f"/proc/{int(pid_file.read_text())}/stat").read_text()
+            if state.rsplit(")", 1)[1].split()[0] != "Z":  # a zombie has exited already
+                found.append(f"server process {pid_file.read_text()}")
+        except (FileNotFoundError, ValueError):
             pass
     return found
 

@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -30,7 +29,7 @@ assert DOCKER_DEFAULT_CAPS == 0xA80425FB
 CAP_NET_ADMIN, CAP_SYS_MODULE, CAP_SYS_PTRACE, CAP_SYS_ADMIN = 12, 16, 19, 21
 
 
-# --- helpers ---------------------------------------------------------------------------------------
+# --- helpers --------------------------------------------------------------------------------------
 
 def run(sb, script: str) -> tuple[int, str, str]:
     """`bash -c script` in the sandbox: (returncode, stdout, stderr)."""
@@ -84,7 +83,7 @@ def shared(app):
     sb.terminate()
 
 
-# --- filesystem ------------------------------------------------------------------------------------
+# --- filesystem -----------------------------------------------------------------------------------
 
 def test_host_file_is_unreachable_from_sandbox(shared):
     marker = f"shoal-isolation-{uuid.uuid4().hex}"
@@ -131,11 +130,6 @@ def test_sandbox_root_is_not_host_root(shared):
     assert not [line for line in lines if line.startswith("visible")], out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the server creates the workdir with os.makedirs(merged / workdir) on the host "
-    "(server/sandboxes.py, create), which follows the image's absolute symlinks out of the "
-    "rootfs: workdir='/var/run/X' creates /run/X on the host (bookworm has /var/run -> /run, "
-    "/usr/lib/ssl/certs -> /etc/ssl/certs). RUNTIME-NOTES trap 1."))
 def test_workdir_creation_does_not_follow_image_symlinks_onto_host(app):
     name = f"shoal-iso-{uuid.uuid4().hex}"
     host_path = Path("/run") / name
@@ -202,7 +196,7 @@ def test_sandboxes_cannot_see_each_other(shared, sandbox):
     assert marker not in out, out
 
 
-# --- processes -------------------------------------------------------------------------------------
+# --- processes ------------------------------------------------------------------------------------
 
 def test_host_processes_are_invisible(shared):
     procs = py_json(shared, """
@@ -283,7 +277,7 @@ print(json.dumps({'ppid': ppid, 'left': state}))
     assert rc == 0 and not [s for s in out.split() if s.startswith("Z")], out
 
 
-# --- privileges ------------------------------------------------------------------------------------
+# --- privileges -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("who", ["entrypoint", "exec"])
 def test_capabilities_are_docker_default_with_no_new_privs_and_seccomp(shared, who):
@@ -399,7 +393,8 @@ def int80(nr, a=0, b=0, c=0):
     # A 32-bit syscall from a 64-bit process (int 0x80), in a child in case the kernel lacks ia32:
     # push rbx; mov eax,nr; mov ebx,a; mov ecx,b; mov edx,c; int 0x80; pop rbx; movsxd rax,eax; ret
     code = (b"\x53\xb8" + struct.pack("<i", nr) + b"\xbb" + struct.pack("<i", a) + b"\xb9"
-            + struct.pack("<i", b) + b"\xba" + struct.pack("<i", c) + b"\xcd\x80\x5b\x48\x63\xc0\xc3")
+            + struct.pack("<i", b) + b"\xba" + struct.pack("<i", c)
+            + b"\xcd\x80\x5b\x48\x63\xc0\xc3")
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -471,7 +466,7 @@ print(json.dumps(out))
     assert name not in res["listing"] and "mem" not in res["listing"], res["listing"]
 
 
-# --- /proc and /sys --------------------------------------------------------------------------------
+# --- /proc and /sys -------------------------------------------------------------------------------
 
 def test_sensitive_proc_files_are_masked(shared):
     # On the host these have content (kcore does not exist on this kernel: CONFIG_PROC_KCORE unset).
@@ -544,7 +539,7 @@ def test_proc_sys_and_sys_are_read_only(shared):
     assert res["hostname"] == "sandbox"
 
 
-# --- network ---------------------------------------------------------------------------------------
+# --- network --------------------------------------------------------------------------------------
 
 def test_network_has_only_loopback_and_no_route_out(shared):
     res = py_json(shared, """
@@ -599,7 +594,7 @@ print(c.recv(64).decode())
     assert server.wait() == 0, server.stderr.read()
 
 
-# --- resource limits -------------------------------------------------------------------------------
+# --- resource limits ------------------------------------------------------------------------------
 
 def test_memory_limit_oom_kills_process_and_sandbox_survives(app):
     sb = shoal.Sandbox.create(app=app, timeout=60, memory=64)

@@ -17,6 +17,7 @@ import fcntl
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -94,9 +95,14 @@ async def _healthy(client: Client) -> bool:
 def _start_server(paths: config.Paths) -> subprocess.Popen:
     paths.logs.mkdir(parents=True, exist_ok=True)
     log = open(paths.server_log, "ab")
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "shoal", "serve"], stdin=subprocess.DEVNULL, stdout=log,
         stderr=log, start_new_session=True, close_fds=True, env=dict(os.environ))
+    log.close()
+    # The server outlives this process, but while this process lives the server is its child:
+    # reap it when it exits, so a stopped server does not linger as our zombie.
+    threading.Thread(target=proc.wait, name="shoal-server-reaper", daemon=True).start()
+    return proc
 
 
 async def _autostart(client: Client, paths: config.Paths) -> None:

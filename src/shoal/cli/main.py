@@ -77,13 +77,20 @@ def stop(keep_sandboxes: bool) -> None:
         click.echo("no server is running (stale pid file)")
         return
     for _ in range(200):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             click.echo("server stopped")
             return
         time.sleep(0.05)
     _fail(f"server {pid} did not stop within 10 s")
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie (exited, not yet reaped by its parent) counts as stopped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
 
 
 @main.command()
@@ -93,11 +100,8 @@ def status() -> None:
     info = {"home": str(paths.home), "socket": str(paths.socket), "running": False}
     if paths.server_pid.exists():
         pid = int(paths.server_pid.read_text())
-        try:
-            os.kill(pid, 0)
+        if _alive(pid):
             info.update(running=True, pid=pid)
-        except ProcessLookupError:
-            pass
     click.echo(json.dumps(info, indent=1))
 
 

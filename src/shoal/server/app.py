@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,8 @@ def _error(status: int, type_name: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"type": type_name, "message": message}}, status_code=status)
 
 
-def create_app(paths: Paths, upkeep_interval: float = 1.0) -> FastAPI:
+def create_app(paths: Paths, upkeep_interval: float = 1.0,
+               on_shutdown: Callable[[], None] | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         svc = build_services(paths)
@@ -81,6 +83,8 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0) -> FastAPI:
             if not svc.sandboxes.live:
                 remove_cgroup_parent()
             svc.store.close()
+            if on_shutdown:
+                on_shutdown()
 
     app = FastAPI(title="shoal", version=API_VERSION, lifespan=lifespan,
                   description="Control plane of shoal: sandboxes, volumes, network file systems.")

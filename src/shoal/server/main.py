@@ -83,8 +83,14 @@ def serve(paths: Paths, tcp: str | None = None, token: str | None = None,
     _linux.set_child_subreaper()
     paths.server_pid.write_text(str(os.getpid()))
 
+    def remove_traces() -> None:
+        # Run at the end of the lifespan: uvicorn re-raises SIGTERM after a graceful shutdown, so
+        # code after `run()` may never execute.
+        paths.socket.unlink(missing_ok=True)
+        paths.server_pid.unlink(missing_ok=True)
+
     sockets = [_unix_socket(paths.socket)]
-    app = create_app(paths)
+    app = create_app(paths, on_shutdown=remove_traces)
     if tcp:
         if not token:
             token_file = paths.home / "token"
@@ -103,6 +109,5 @@ def serve(paths: Paths, tcp: str | None = None, token: str | None = None,
     try:
         uvicorn.Server(config).run(sockets=sockets)
     finally:
-        paths.socket.unlink(missing_ok=True)
-        paths.server_pid.unlink(missing_ok=True)
+        remove_traces()
         lock.close()

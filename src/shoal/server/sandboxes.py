@@ -196,8 +196,8 @@ class SandboxService:
                 mounts=[Mount(str(self.volumes.storage.host_path(v.id)),
                               posixpath.normpath(m.path), m.read_only) for m, v in vols],
                 init_binary=self.init_binary)
-            if req.workdir:
-                os.makedirs(merged / req.workdir.lstrip("/"), exist_ok=True)
+            # The workdir is created by runc, inside the container's root: never on the host,
+            # where the image's absolute symlinks (/var/run -> /run) would lead out of it.
             stdin_r, live.stdin_fd = os.pipe()
             os.set_blocking(live.stdin_fd, False)
             stdout = os.open(sdir / "stdout", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
