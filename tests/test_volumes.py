@@ -242,3 +242,20 @@ def test_volume_and_nfs_are_mounted_without_suid_or_devices(app):
         sb.terminate()
     assert "nosuid" in opts and "nodev" in opts
     assert os.getuid() == 0
+
+
+def test_device_nodes_and_fifos_made_in_a_volume_are_never_opened_by_the_server(vol_sandbox):
+    """A sandbox may mknod (CAP_MKNOD), and the server is not in its device cgroup: opening such a
+    node on the host would read the host's device (or hang, for a FIFO)."""
+    vol, sb = vol_sandbox
+    run(sb, "mknod /cache/zero c 1 5; mkfifo /cache/fifo; mkdir -p /cache/d; mknod /cache/d/z c 1 5")
+    for path in ("zero", "fifo"):
+        with pytest.raises(PermissionError, match="regular file"):
+            b"".join(vol.read_file(path))
+    with pytest.raises(PermissionError):
+        vol.copy_files(["zero"], "copied")
+    import shoal as _s
+
+    _s.Volume.from_id(vol.object_id)  # the volume is still fine
+    vol.copy_files(["d"], "d2", recursive=True)  # special files are skipped, not opened
+    assert {e.path for e in vol.listdir("d2")} == set()

@@ -46,3 +46,26 @@ def open_in_root(root_fd: int, rel: str, flags: int, mode: int = 0o644) -> int:
 def split(rel: str) -> tuple[str, str]:
     parent, _, name = rel.rpartition("/")
     return parent, name
+
+
+def open_checked(root_fd: int, rel: str, flags: int, allow_dir: bool = False) -> int:
+    """Open `rel` under the root for reading or writing, but only if it is a regular file (or, with
+    `allow_dir`, a directory). The type is checked on an O_PATH descriptor before anything is
+    opened for real: a device node or FIFO that a sandbox made (it may `mknod`, and the server is
+    not in its device cgroup) is never opened by the server. The reopen goes through the O_PATH
+    descriptor, so the inode checked is the inode opened."""
+    import stat
+
+    pfd = _linux.openat2(root_fd, rel or ".", os.O_PATH, 0, RESOLVE)
+    try:
+        mode = os.fstat(pfd).st_mode
+        if stat.S_ISDIR(mode):
+            if not allow_dir:
+                raise IsADirectoryError(f"{rel or '/'!r} is a directory")
+            return os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if not stat.S_ISREG(mode):
+            raise PermissionError(f"{rel!r} is not a regular file (a device, FIFO or socket); "
+                                  "only regular files are read or written")
+        return os.open(f"/proc/self/fd/{pfd}", flags | os.O_CLOEXEC)
+    finally:
+        os.close(pfd)

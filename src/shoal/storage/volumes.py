@@ -29,7 +29,7 @@ from typing import BinaryIO, Protocol
 
 from shoal import _linux
 from shoal.exception import InvalidError
-from shoal.storage.paths import normalize, open_in_root, split
+from shoal.storage.paths import normalize, open_checked, open_in_root, split
 
 CHUNK = 4 << 20
 GLOB_CHARS = re.compile(r"[*?\[]")
@@ -209,12 +209,13 @@ class LocalVolumeStorage:
         staging.mkdir(exist_ok=True)
         return os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
-    def _open(self, volume_id: str, path: str, flags: int = os.O_RDONLY) -> int:
+    def _open(self, volume_id: str, path: str) -> int:
+        """Read-only descriptor of a regular file or directory under the volume."""
         rel = normalize(path)
         root = self._root_fd(volume_id)
         try:
             with _clear_errors(path):
-                return open_in_root(root, rel, flags)
+                return open_checked(root, rel, os.O_RDONLY, allow_dir=True)
         finally:
             os.close(root)
 
@@ -484,7 +485,7 @@ class LocalVolumeStorage:
                     finally:
                         os.close(pfd)
                 elif stat_mod.S_ISREG(st.st_mode):
-                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+                    fd = open_checked(dirfd, name, os.O_RDONLY)
                     try:
                         self._copy_file(volume_id, fd, dest, st.st_mode)
                     finally:
