@@ -19,7 +19,9 @@ from shoal.image import Image
 from shoal.io_streams import StreamReader, StreamWriter
 from shoal.network_file_system import NetworkFileSystem
 from shoal.output import enable_output
-from shoal.sandbox import Sandbox
+from shoal.file_io import FileIO
+from shoal.sandbox import Probe, Sandbox
+from shoal.sandbox_fs import FileInfo, FileType, SandboxFilesystem
 from shoal.secret import Secret
 from shoal.stream_type import StreamType
 from shoal.volume import FileEntry, FileEntryType, Volume
@@ -27,7 +29,7 @@ from shoal.volume import FileEntry, FileEntryType, Volume
 __version__ = "0.1.0"
 
 __all__ = [
-    "App", "ContainerProcess", "FileEntry", "FileEntryType", "Image", "NetworkFileSystem",
-    "Sandbox", "Secret", "StreamReader", "StreamType", "StreamWriter", "Volume", "enable_output",
+    "App", "ContainerProcess", "FileEntry", "FileEntryType", "FileIO", "FileInfo", "FileType",
+    "Image", "NetworkFileSystem", "Probe", "Sandbox", "SandboxFilesystem", "Secret", "StreamReader", "StreamType", "StreamWriter", "Volume", "enable_output",
     "exception",
 ]

@@ -67,7 +67,7 @@ def _error_from(status: int, body: bytes) -> BaseException:
 
     try:
         err = json.loads(body)["error"]
-        return exc.from_wire(err["type"], err["message"])
+        return exc.from_wire(err["type"], err["message"], err.get("errno"))
     except (ValueError, KeyError, TypeError):
         if status == 401:
             return exc.AuthError("the server refused the token (set SHOAL_TOKEN)")

@@ -69,3 +69,30 @@ def renameat2(src_dirfd: int, src: str, dst_dirfd: int, dst: str, flags: int = 0
     """renameat2(2); with RENAME_NOREPLACE the rename fails with EEXIST instead of replacing."""
     _check(_libc.renameat2(src_dirfd, src.encode(), dst_dirfd, dst.encode(), flags),
            "rename", dst)
+
+
+IN_ACCESS, IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x1, 0x2, 0x4, 0x8
+IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
+IN_DELETE_SELF, IN_MOVE_SELF, IN_IGNORED, IN_ISDIR, IN_Q_OVERFLOW = 0x400, 0x800, 0x8000, \
+    0x40000000, 0x4000
+IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
+
+
+def inotify_init() -> int:
+    return _check(_libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC), "inotify_init1")
+
+
+def inotify_add_watch(fd: int, path: str, mask: int) -> int:
+    return _check(_libc.inotify_add_watch(fd, path.encode(), mask), "inotify_add_watch", path)
+
+
+def parse_inotify(buf: bytes):
+    """Yield (wd, mask, name) for each event in a read() of an inotify descriptor."""
+    import struct
+
+    offset = 0
+    while offset + 16 <= len(buf):
+        wd, mask, _cookie, length = struct.unpack_from("iIII", buf, offset)
+        name = buf[offset + 16:offset + 16 + length].split(b"\0", 1)[0].decode(errors="replace")
+        yield wd, mask, name
+        offset += 16 + length

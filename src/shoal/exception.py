@@ -75,6 +75,38 @@ class FilesystemExecutionError(Error):
     """A sandbox file operation failed."""
 
 
+class SandboxFilesystemError(Error):
+    """Base class for `Sandbox.filesystem` errors."""
+
+
+class SandboxFilesystemNotFoundError(SandboxFilesystemError):
+    """No file or directory at that path in the sandbox."""
+
+
+class SandboxFilesystemIsADirectoryError(SandboxFilesystemError):
+    """The path is a directory where a file was expected."""
+
+
+class SandboxFilesystemNotADirectoryError(SandboxFilesystemError):
+    """A component of the path is not a directory."""
+
+
+class SandboxFilesystemPermissionError(SandboxFilesystemError):
+    """The operation is not permitted (read-only file system, not a regular file, ...)."""
+
+
+class SandboxFilesystemDirectoryNotEmptyError(SandboxFilesystemError):
+    """The directory is not empty; pass recursive=True to remove it."""
+
+
+class SandboxFilesystemPathAlreadyExistsError(SandboxFilesystemError):
+    """The path exists and the operation needs it absent."""
+
+
+class SandboxFilesystemFileTooLargeError(SandboxFilesystemError):
+    """The file is larger than a whole-file read allows; stream it with copy_to_local."""
+
+
 class DeprecationError(UserWarning):
     """Kept for Modal compatibility."""
 
@@ -91,10 +123,15 @@ def _all_error_types() -> dict[str, type[BaseException]]:
     return found
 
 
-def from_wire(type_name: str, message: str) -> BaseException:
+def from_wire(type_name: str, message: str, errno: int | None = None) -> BaseException:
     """Rebuild the exception the server described; unknown names become RemoteError."""
     cls = _all_error_types().get(type_name)
-    err = RemoteError(f"{type_name}: {message}") if cls is None else cls(message)
+    if cls is None:
+        err = RemoteError(f"{type_name}: {message}")
+    elif errno is not None and issubclass(cls, OSError):
+        err = cls(errno, message)  # str() reads "[Errno 2] ...", as the built-in's would
+    else:
+        err = cls(message)
     err._shoal_typed = True  # a user-facing error: shown without the SDK's internal frames
     return err
 

@@ -1,13 +1,22 @@
-"""Types of the sandbox file API (Modal's `modal.file_io`): watch events and their kinds.
+"""Files of a running sandbox, opened with `Sandbox.open` (Modal's `modal.file_io`).
 
-The file API itself (`Sandbox.open`, `Sandbox.filesystem`) is tracked in the issue on the sandbox
-file API; these names exist so that code annotating with them imports.
+    with sb.open("/tmp/notes.txt", "w") as f:
+        f.write("hello\\n")
+    print(sb.open("/tmp/notes.txt").read())
+
+Each operation is one call to the server, which holds the open file; paths resolve inside the
+sandbox (see `shoal.server.files`). Sandbox-side errors are the built-in ones: FileNotFoundError,
+IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError.
 """
 
 from __future__ import annotations
 
 import enum
+import io
 from dataclasses import dataclass
+
+from shoal._client import get_client
+from shoal._sync import synchronize_api
 
 
 class FileWatchEventType(enum.Enum):
@@ -22,3 +31,132 @@ class FileWatchEventType(enum.Enum):
 class FileWatchEvent:
     paths: list[str]
     type: FileWatchEventType
+
+
+def parse_mode(mode: str) -> tuple[str, bool, bool, bool]:
+    """(server mode like 'r+' , binary, readable, writable); ValueError for a bad mode."""
+    if (not isinstance(mode, str) or len(set(mode)) != len(mode)
+            or any(c not in "rwaxb+" for c in mode) or sum(c in "rwax" for c in mode) != 1):
+        raise ValueError(f"invalid mode {mode!r}: use exactly one of r, w, a, x, optionally "
+                         "with b and +")
+    base = next(c for c in mode if c in "rwax")
+    plus = "+" in mode
+    return base + ("+" if plus else ""), "b" in mode, base == "r" or plus, base != "r" or plus
+
+
+class _FileIO:
+    """An open file in a sandbox: read, readline, readlines, write, flush, seek, tell, close."""
+
+    def __init__(self, sandbox_id: str, handle: str, path: str, mode: str):
+        self._base = f"/sandboxes/{sandbox_id}/fs/handles/{handle}"
+        self._path = path
+        self._mode = mode
+        _, self._binary, self._readable, self._writable = parse_mode(mode)
+        self._closed = False
+
+    @classmethod
+    async def create(cls, path: str, mode: str, sandbox_id: str) -> "_FileIO":
+        server_mode, *_ = parse_mode(mode)
+        client = await get_client()
+        r = await client.call("POST", f"/sandboxes/{sandbox_id}/fs/handles",
+                              json={"path": path, "mode": server_mode})
+        return cls(sandbox_id, r["handle"], path, mode)
+
+    def _check(self, reading: bool) -> None:
+        if self._closed:
+            raise ValueError("I/O operation on closed file")
+        if reading and not self._readable:
+            raise io.UnsupportedOperation("File not open for reading")
+        if not reading and not self._writable:
+            raise io.UnsupportedOperation("File not open for writing")
+
+    def _out(self, data: bytes):
+        return data if self._binary else data.decode()
+
+    async def _call(self, op: str, **kwargs):
+        client = await get_client()
+        return await client.call("POST", f"{self._base}/{op}", **kwargs)
+
+    async def _read_raw(self, n: int, line: bool) -> bytes:
+        client = await get_client()
+        resp = await client.http.post(f"{self._base}/read", params={"n": n, "line": line})
+        if resp.status_code >= 400:
+            from shoal._client import _error_from
+
+            raise _error_from(resp.status_code, resp.content)
+        return resp.content
+
+    async def read(self, n: int | None = None):
+        """Up to `n` bytes (characters, in text mode), or everything to the end."""
+        self._check(reading=True)
+        return self._out(await self._read_raw(-1 if n is None else n, False))
+
+    async def readline(self):
+        """The next line, with its newline; empty at the end."""
+        self._check(reading=True)
+        return self._out(await self._read_raw(-1, True))
+
+    async def readlines(self) -> list:
+        """All remaining lines."""
+        lines = []
+        while line := await self.readline():
+            lines.append(line)
+        return lines
+
+    async def write(self, data) -> int:
+        """Write `data` (bytes in binary mode, str in text mode); returns its length."""
+        self._check(reading=False)
+        if self._binary and not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"a bytes-like object is required, not '{type(data).__name__}'")
+        if not self._binary and not isinstance(data, str):
+            raise TypeError(f"write() argument must be str, not {type(data).__name__}")
+        payload = bytes(data) if self._binary else data.encode()
+        await self._call("write", content=payload)
+        return len(data)
+
+    async def flush(self) -> None:
+        if self._closed:
+            raise ValueError("I/O operation on closed file")
+        await self._call("flush")
+
+    async def seek(self, offset: int, whence: int = 0) -> int:
+        """Move to `offset` relative to the start (0), the current position (1) or the end (2)."""
+        if self._closed:
+            raise ValueError("I/O operation on closed file")
+        if whence not in (0, 1, 2):
+            raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
+        return (await self._call("seek", json={"offset": offset, "whence": whence}))["position"]
+
+    async def tell(self) -> int:
+        return await self.seek(0, 1)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        client = await get_client()
+        await client.call("DELETE", self._base)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @property
+    def name(self) -> str:
+        return self._path
+
+    async def __aenter__(self) -> "_FileIO":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"FileIO({self._path!r}, mode={self._mode!r}{', closed' if self._closed else ''})"
+
+
+FileIO = synchronize_api(_FileIO)

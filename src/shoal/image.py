@@ -21,6 +21,17 @@ class _Image:
             raise InvalidError("python_version must be a str like '3.11'")
         return _Image({"kind": "debian_slim", "python_version": python_version})
 
+    @staticmethod
+    def from_id(image_id: str) -> "_Image":
+        """An image by its id (e.g. one made by `Sandbox.snapshot_filesystem`)."""
+        if not isinstance(image_id, str) or not image_id.startswith("im-"):
+            raise InvalidError(f"invalid image id {image_id!r}")
+        return _Image({"kind": "snapshot", "image_id": image_id})
+
+    @property
+    def object_id(self) -> str | None:
+        return self._spec.get("image_id")
+
     def _wire(self) -> dict:
         return dict(self._spec)
 

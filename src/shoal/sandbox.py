@@ -11,7 +11,10 @@ from shoal._client import get_client
 from shoal._sync import synchronize_api
 from shoal.app import _App
 from shoal.container_process import _ContainerProcess
-from shoal.exception import InvalidError, SandboxTerminatedError, SandboxTimeoutError
+from shoal.exception import (InvalidError, SandboxTerminatedError,
+                             SandboxTimeoutError, TimeoutError)
+from shoal.file_io import FileWatchEvent, FileWatchEventType, _FileIO
+from shoal.sandbox_fs import _SandboxFilesystem, watch_events
 from shoal.image import _Image
 from shoal.io_streams import _StreamReader, _StreamWriter
 from shoal.network_file_system import _NetworkFileSystem
@@ -42,6 +45,30 @@ def _mounts(mapping: dict, cls: type, what: str) -> list:
             raise InvalidError(f"{what}[{path!r}] must be a {cls.__name__.lstrip('_')}, "
                                f"got {type(obj).__name__}")
     return list(mapping.items())
+
+
+class _Probe:
+    """How `Sandbox.wait_until_ready` knows the sandbox is ready."""
+
+    def __init__(self, spec: dict):
+        self._spec = spec
+
+    @staticmethod
+    def with_exec(*args: str, interval_ms: int = 100) -> "_Probe":
+        """Ready once this command exits 0."""
+        if not args:
+            raise InvalidError("Probe.with_exec needs a command")
+        return _Probe({"exec_args": _check_args(args, "probe"), "interval_ms": interval_ms})
+
+    @staticmethod
+    def with_tcp(port: int, interval_ms: int = 100) -> "_Probe":
+        """Ready once something inside the sandbox accepts TCP connections on `port`."""
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise InvalidError(f"port must be an int between 1 and 65535, got {port!r}")
+        return _Probe({"tcp_port": port, "interval_ms": interval_ms})
+
+    def __repr__(self) -> str:
+        return f"Probe({self._spec})"
 
 
 class _Sandbox:
@@ -79,6 +106,8 @@ class _Sandbox:
         cpu: float | tuple[float, float] | None = None,
         memory: int | tuple[int, int] | None = None,
         block_network: bool = False,
+        readiness_probe: _Probe | None = None,
+        pty: bool = False,
         verbose: bool = False,
         **unsupported,
     ) -> "_Sandbox":
@@ -91,8 +120,14 @@ class _Sandbox:
         bad = [k for k in unsupported if k in _UNSUPPORTED or not k.startswith("_")]
         if bad:
             raise InvalidError(f"Sandbox.create: {', '.join(sorted(bad))} not supported by shoal")
-        if idle_timeout is not None:
-            raise InvalidError("Sandbox.create: idle_timeout is not supported yet")
+        if idle_timeout is not None and (not isinstance(idle_timeout, (int, float))
+                                         or idle_timeout <= 0):
+            raise InvalidError(f"idle_timeout must be a positive number of seconds, "
+                               f"got {idle_timeout!r}")
+        if readiness_probe is not None and not isinstance(readiness_probe, _Probe):
+            raise InvalidError("readiness_probe must be a shoal.Probe")
+        if pty:
+            raise InvalidError("Sandbox.create(pty=True) is not supported yet")
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             raise InvalidError(f"timeout must be a positive number of seconds, got {timeout!r}")
         if image is not None and not isinstance(image, _Image):
@@ -120,6 +155,8 @@ class _Sandbox:
             "env": merge_env(env, secrets),
             "workdir": workdir,
             "timeout": timeout,
+            "idle_timeout": idle_timeout,
+            "readiness_probe": readiness_probe._spec if readiness_probe else None,
             "mounts": [o._mount_spec(p) for p, o in vols + nfss],
             "resources": {"cpu": cpu, "memory": memory},
             "block_network": True,
@@ -138,6 +175,15 @@ class _Sandbox:
         sb = cls(r["sandbox_id"])
         sb._update(r)
         return sb
+
+    @classmethod
+    async def from_name(cls, app_name: str, name: str, *,
+                        environment_name: str | None = None) -> "_Sandbox":
+        """The running sandbox called `name` in the app `app_name`. NotFoundError if none."""
+        client = await get_client()
+        app = await client.call("POST", "/apps/lookup", json={"name": app_name})
+        r = await client.call("GET", f"/apps/{app['app_id']}/sandboxes/{name}")
+        return cls(r["sandbox_id"])
 
     @classmethod
     async def list(cls, *, app_id: str | None = None,
@@ -246,7 +292,7 @@ class _Sandbox:
         while not await self._wait_once(60):
             pass
         if raise_on_termination:
-            if self._end_reason == "timeout":
+            if self._end_reason in ("timeout", "idle-timeout"):
                 raise SandboxTimeoutError(f"sandbox {self._sandbox_id} reached its timeout")
             if self._end_reason in ("terminated", "server-restart"):
                 raise SandboxTerminatedError(f"sandbox {self._sandbox_id} was terminated")
@@ -264,6 +310,81 @@ class _Sandbox:
         self._update(info)
         return self._returncode if wait else None
 
+    async def set_tags(self, tags: dict[str, str]) -> None:
+        """Replace the sandbox's tags (used by `Sandbox.list(tags=...)`)."""
+        if not isinstance(tags, dict):
+            raise InvalidError("tags must be a dict of str to str")
+        client = await get_client()
+        await client.call("PUT", f"/sandboxes/{self._sandbox_id}/tags", json={"tags": tags})
+
+    async def get_tags(self) -> dict[str, str]:
+        client = await get_client()
+        return (await client.call("GET", f"/sandboxes/{self._sandbox_id}"))["tags"]
+
+    async def wait_until_ready(self, *, timeout: float = 300) -> None:
+        """Wait for the readiness probe given at create to pass (at once without one). Raises
+        shoal.exception.TimeoutError after `timeout` seconds, SandboxTerminatedError if the sandbox
+        ends first."""
+        client = await get_client()
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            r = await client.call("GET", f"/sandboxes/{self._sandbox_id}/ready",
+                                  params={"timeout": max(0.0, min(left, 60))})
+            if r["done"]:
+                return
+            if deadline - time.monotonic() <= 0:
+                raise TimeoutError(f"sandbox {self._sandbox_id} was not ready within {timeout} s")
+
+    async def snapshot_filesystem(self, timeout: int = 55) -> _Image:
+        """The sandbox's root filesystem as it is now, as an Image: start new sandboxes from it
+        with `Sandbox.create(image=...)`. Volumes are not part of it; layers are shared, not
+        copied per sandbox."""
+        client = await get_client()
+        r = await client.call("POST", f"/sandboxes/{self._sandbox_id}/snapshot")
+        return _Image({"kind": "snapshot", "image_id": r["image_id"]})
+
+    # --- files (Modal's first file API)
+    async def open(self, path: str, mode: str = "r") -> _FileIO:
+        """Open a file in the sandbox, like the built-in `open` (modes r w a x, with b and +).
+
+            with sb.open("/tmp/out.txt", "w") as f:
+                f.write("hi")
+        """
+        return await _FileIO.create(path, mode, self._sandbox_id)
+
+    async def ls(self, path: str) -> list[str]:
+        """Names in a directory of the sandbox."""
+        return [d["name"] for d in await self._fs("GET", "list", params={"path": path})]
+
+    async def mkdir(self, path: str, parents: bool = False) -> None:
+        await self._fs("POST", "mkdir", json={"path": path, "parents": parents,
+                                              "exist_ok": parents})
+
+    async def rm(self, path: str, recursive: bool = False) -> None:
+        await self._fs("DELETE", "file", params={"path": path, "recursive": recursive})
+
+    async def mv(self, src: str, dst: str) -> None:
+        """Move or rename a file or directory inside the sandbox (atomic; not in Modal)."""
+        await self._fs("POST", "rename", json={"src": src, "dst": dst, "overwrite": True})
+
+    async def watch(self, path: str, filter: list[FileWatchEventType] | None = None,
+                    recursive: bool | None = None,
+                    timeout: int | None = None) -> AsyncIterator[FileWatchEvent]:
+        """File events under `path`, as they happen, until `timeout` seconds pass or the sandbox
+        ends. FileNotFoundError if `path` does not exist."""
+        async for event in watch_events(self._sandbox_id, path, filter, recursive, timeout):
+            yield event
+
+    async def _fs(self, method: str, op: str, **kwargs):
+        client = await get_client()
+        return await client.call(method, f"/sandboxes/{self._sandbox_id}/fs/{op}", **kwargs)
+
+    @property
+    def filesystem(self) -> _SandboxFilesystem:
+        """Whole-file access: read_bytes, write_text, copy_from_local, list_files, stat, ..."""
+        return _SandboxFilesystem(self._sandbox_id)
+
     async def detach(self) -> None:
         """Forget this handle; the sandbox keeps running (it was never tied to the client)."""
 
@@ -271,4 +392,5 @@ class _Sandbox:
         return f"Sandbox({self._sandbox_id})"
 
 
+Probe = synchronize_api(_Probe)
 Sandbox = synchronize_api(_Sandbox)

@@ -43,9 +43,17 @@ class Runtime(Protocol):
 
     async def kill(self, container_id: str, signal: int) -> None: ...
 
+    async def pause(self, container_id: str) -> None:
+        """Freeze every process of the container (for a consistent snapshot)."""
+
+    async def resume(self, container_id: str) -> None: ...
+
     async def delete(self, container_id: str) -> None:
         """Forget a stopped container and remove its cgroups."""
 
     async def state(self, container_id: str) -> ContainerState | None: ...
 
     async def list(self) -> list[ContainerState]: ...
+
+    def open_root(self, pid: int) -> int:
+        """A descriptor of the sandbox's root as its processes see it, for the file API."""

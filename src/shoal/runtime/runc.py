@@ -66,6 +66,12 @@ class RuncRuntime:
     async def kill(self, container_id: str, signal: int = _signal.SIGKILL) -> None:
         await self._run("kill", container_id, str(int(signal)), check=False)
 
+    async def pause(self, container_id: str) -> None:
+        await self._run("pause", container_id)
+
+    async def resume(self, container_id: str) -> None:
+        await self._run("resume", container_id)
+
     async def delete(self, container_id: str) -> None:
         await self._run("delete", "--force", container_id, check=False)
         remove_cgroups(container_id)
@@ -79,6 +85,9 @@ class RuncRuntime:
             return None
         data = json.loads(out)
         return ContainerState(data["id"], data["status"], int(data.get("pid") or 0))
+
+    def open_root(self, pid: int) -> int:
+        return open_root(pid)
 
     async def list(self) -> list[ContainerState]:
         out = await self._run("list", "--format", "json", check=False)
@@ -118,3 +127,9 @@ def remove_cgroup_parent() -> None:
             (controller / CGROUP_PARENT).rmdir()
         except OSError:
             pass  # absent, or still holds a sandbox of another server
+
+
+def open_root(pid: int) -> int:
+    """The container's root directory as its init sees it (its mount namespace, volumes
+    included), as an O_PATH descriptor to resolve sandbox paths from."""
+    return os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)

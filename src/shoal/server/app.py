@@ -23,7 +23,7 @@ from shoal import exception as exc
 from shoal.config import Paths
 from shoal.runtime.runc import RuncRuntime, remove_cgroup_parent
 from shoal.server.images import ImageService
-from shoal.server.routes import apps, sandboxes, volumes
+from shoal.server.routes import apps, files, sandboxes, volumes
 from shoal.server.sandboxes import SandboxService
 from shoal.server.volumes import VolumeService
 from shoal.storage.state import SqliteStore
@@ -37,6 +37,7 @@ STATUS = {
     exc.NotFoundError: 404, FileNotFoundError: 404, exc.InvalidError: 400, ValueError: 400,
     TypeError: 400, exc.AlreadyExistsError: 409, FileExistsError: 409, exc.ConflictError: 409,
     IsADirectoryError: 400, NotADirectoryError: 400, PermissionError: 403,
+    exc.SandboxFilesystemError: 400, exc.SandboxFilesystemFileTooLargeError: 413,
     exc.SandboxTerminatedError: 409, exc.ExecutionError: 500,
 }
 
@@ -61,8 +62,11 @@ def build_services(paths: Paths) -> Services:
     return Services(store, vols, sbx, images)
 
 
-def _error(status: int, type_name: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"type": type_name, "message": message}}, status_code=status)
+def _error(status: int, type_name: str, message: str, errno: int | None = None) -> JSONResponse:
+    body = {"type": type_name, "message": message}
+    if errno is not None:
+        body["errno"] = errno
+    return JSONResponse({"error": body}, status_code=status)
 
 
 def create_app(paths: Paths, upkeep_interval: float = 1.0,
@@ -88,7 +92,7 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
 
     app = FastAPI(title="shoal", version=API_VERSION, lifespan=lifespan,
                   description="Control plane of shoal: sandboxes, volumes, network file systems.")
-    for router in (apps.router, sandboxes.router, volumes.router):
+    for router in (apps.router, sandboxes.router, files.router, volumes.router):
         app.include_router(router)
 
     @app.get("/health", tags=["server"])
@@ -96,10 +100,13 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
         return {"ok": True, "version": API_VERSION, "pid": os.getpid()}
 
     async def on_error(request: Request, err: Exception):
+        errno = message = None
+        if isinstance(err, OSError) and err.strerror:
+            errno, message = err.errno, err.strerror
         for cls in type(err).__mro__:
             if cls in STATUS:
                 return _error(STATUS[cls], cls.__name__ if cls.__module__ == "builtins"
-                              else type(err).__name__, str(err))
+                              else type(err).__name__, message or str(err), errno)
         if isinstance(err, exc.Error):
             return _error(400, type(err).__name__, str(err))
         if isinstance(err, OSError):
@@ -129,6 +136,7 @@ async def _upkeep(svc: Services, interval: float) -> None:
         await asyncio.sleep(interval)
         try:
             svc.volumes.reap()
+            svc.sandboxes.stop_idle()
             ticks += 1
             if ticks % 60 == 0:
                 svc.sandboxes.collect_logs()

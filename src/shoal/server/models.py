@@ -18,8 +18,9 @@ class AppInfo(BaseModel):
 
 
 class ImageSpec(BaseModel):
-    kind: str = "debian_slim"
+    kind: str = Field("debian_slim", description="debian_slim | snapshot")
     python_version: str | None = None
+    image_id: str | None = None
 
 
 class MountSpec(BaseModel):
@@ -34,6 +35,12 @@ class Resources(BaseModel):
     pids: int | None = None
 
 
+class ProbeSpec(BaseModel):
+    exec_args: list[str] | None = Field(None, description="ready when this exits 0")
+    tcp_port: int | None = Field(None, description="ready when this port accepts connections")
+    interval_ms: int = 100
+
+
 class CreateSandbox(BaseModel):
     app_id: str
     args: list[str] = Field(default_factory=list, description="entrypoint; empty = stay up")
@@ -43,6 +50,8 @@ class CreateSandbox(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     workdir: str | None = None
     timeout: float = 300
+    idle_timeout: float | None = None
+    readiness_probe: ProbeSpec | None = None
     mounts: list[MountSpec] = Field(default_factory=list)
     resources: Resources = Field(default_factory=Resources)
     block_network: bool = True
@@ -57,6 +66,44 @@ class SandboxInfo(BaseModel):
     created_at: float
     returncode: int | None
     end_reason: str | None
+
+
+class TagsBody(BaseModel):
+    tags: dict[str, str]
+
+
+class FileInfoModel(BaseModel):
+    name: str
+    path: str
+    type: str = Field(description="FILE | DIRECTORY | SYMLINK")
+    size: int
+    mode: int
+    owner: str
+    group: str
+    modified_time: float
+    symlink_target: str | None
+
+
+class MkdirBody(BaseModel):
+    path: str
+    parents: bool = False
+    exist_ok: bool = False
+
+
+class RenameFileBody(BaseModel):
+    src: str
+    dst: str
+    overwrite: bool = True
+
+
+class OpenBody(BaseModel):
+    path: str
+    mode: str = "r"
+
+
+class SeekBody(BaseModel):
+    offset: int
+    whence: int = 0
 
 
 class WaitResult(BaseModel):
@@ -105,8 +152,9 @@ class FileEntryModel(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    type: str
+    type: str = Field(description="a class of shoal.exception, or a built-in OSError subclass")
     message: str
+    errno: int | None = None
 
 
 class ErrorResponse(BaseModel):

@@ -16,19 +16,24 @@ import logging
 import os
 import posixpath
 import re
+import secrets
 import shutil
 import signal
+import stat
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shoal import _linux
 from shoal.exception import (AlreadyExistsError, ExecutionError, InvalidError, NotFoundError,
                              SandboxTerminatedError)
 from shoal.runtime.base import ExecIO, Runtime, RuntimeError_
 from shoal.runtime.oci import ContainerSpec, Limits, Mount
 from shoal.runtime.rootfs import Rootfs
+from shoal.server.files import RESOLVE_SANDBOX, SandboxFiles, sandbox_rel
 from shoal.server.images import ImageService
-from shoal.server.models import CreateSandbox, ExecRequest
+from shoal.server.models import CreateSandbox, ExecRequest, ImageSpec
 from shoal.server.streams import OutputBuffer, tail_file
 from shoal.server.volumes import VolumeService, new_id
 from shoal.storage.state import MountRecord, SandboxRecord, StateStore
@@ -46,6 +51,13 @@ LOG_RETENTION = 3600.0  # seconds an ended sandbox's output stays readable
 def exit_code(status: int) -> int:
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code
+
+
+def check_workdir(path: str) -> str:
+    path = check_abs_path(path, "workdir")
+    if any(path == p or path.startswith(p + "/") for p in RESERVED_MOUNT_PREFIXES):
+        raise InvalidError(f"workdir {path!r} is inside a virtual file system; choose another")
+    return path
 
 
 def check_abs_path(path: str, what: str) -> str:
@@ -69,13 +81,21 @@ class LiveSandbox:
     timer: asyncio.TimerHandle | None = None
     end_reason: str | None = None  # set by whoever ends it first (terminate, timeout)
     finalized: bool = False
+    last_active: float = field(default_factory=time.monotonic)
+    running_execs: int = 0
+    idle_timeout: float | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    probe_task: asyncio.Task | None = None
+
+    def touch(self) -> None:
+        self.last_active = time.monotonic()
 
 
 @dataclass
 class ExecSession:
     id: str
     sandbox_id: str
-    proc: asyncio.subprocess.Process
+    proc: asyncio.subprocess.Process | None  # None: the command was not found, nothing ran
     pid_file: Path
     stdout: OutputBuffer | None
     stderr: OutputBuffer | None
@@ -104,6 +124,7 @@ class SandboxService:
         self.live: dict[str, LiveSandbox] = {}
         self.ended: dict[str, asyncio.Event] = {}  # set when a sandbox ends; for waiters
         self.execs: dict[str, ExecSession] = {}
+        self.files = SandboxFiles(lambda sid: self.runtime.open_root(self._running(sid).pid))
         self.root.mkdir(parents=True, exist_ok=True)
 
     # --- queries
@@ -122,7 +143,8 @@ class SandboxService:
                 f"returncode {rec.returncode}); create a new one")
         return live
 
-    def _ended_event(self, sandbox_id: str) -> asyncio.Event:
+    def ended_event(self, sandbox_id: str) -> asyncio.Event:
+        """Set when the sandbox has ended (for waiters and streams)."""
         return self.ended.setdefault(sandbox_id, asyncio.Event())
 
     # --- create
@@ -136,7 +158,17 @@ class SandboxService:
             raise InvalidError(f"invalid sandbox name {req.name!r}: use 1-64 characters from "
                                "letters, digits, '.', '_' and '-'")
         if req.workdir is not None:
-            check_abs_path(req.workdir, "workdir")
+            check_workdir(req.workdir)
+        if req.idle_timeout is not None and not 0 < req.idle_timeout <= MAX_TIMEOUT:
+            raise InvalidError(f"idle_timeout must be between 1 and {MAX_TIMEOUT} seconds")
+        if req.readiness_probe is not None:
+            p = req.readiness_probe
+            if (p.exec_args is None) == (p.tcp_port is None):
+                raise InvalidError("a readiness probe checks either a command or a TCP port")
+            if p.tcp_port is not None and not 0 < p.tcp_port < 65536:
+                raise InvalidError(f"readiness probe port {p.tcp_port} is not a TCP port")
+            if not 10 <= p.interval_ms <= 60_000:
+                raise InvalidError("readiness probe interval_ms must be between 10 and 60000")
         for k, v in req.env.items():
             if not k or "=" in k or "\x00" in k or "\x00" in v:
                 raise InvalidError(f"invalid environment variable {k!r}")
@@ -217,7 +249,9 @@ class SandboxService:
                 if fd >= 0:
                     os.close(fd)
         self.store.sandbox_update(sid, pid=live.pid)
+        live.idle_timeout = req.idle_timeout
         self._watch(live, deadline=rec.deadline)
+        self._start_probe(live, req)
         return self.get(sid)
 
     def _watch(self, live: LiveSandbox, deadline: float | None) -> None:
@@ -253,12 +287,15 @@ class SandboxService:
             return
         live.finalized = True
         reason = live.end_reason or "exited"
-        if reason == "timeout":
+        if reason in ("timeout", "idle-timeout"):
             returncode = RC_TIMEOUT
         elif reason == "terminated":
             returncode = RC_KILLED
         if live.timer:
             live.timer.cancel()
+        if live.probe_task:
+            live.probe_task.cancel()
+        self.files.forget(live.id)
         if live.pidfd is not None:
             os.close(live.pidfd)
             live.pidfd = None
@@ -277,7 +314,7 @@ class SandboxService:
         self.live.pop(live.id, None)
         for m in self.store.mounts_of(live.id):
             self.volumes.collect(m.volume_id)  # a deferred volume deletion may now proceed
-        self._ended_event(live.id).set()
+        self.ended_event(live.id).set()
         log.info("sandbox %s ended: %s, returncode %s", live.id, reason, returncode)
 
     async def _stop(self, sandbox_id: str, reason: str) -> None:
@@ -292,7 +329,95 @@ class SandboxService:
             log.warning("sandbox %s did not exit 10 s after SIGKILL; deleting it", sandbox_id)
             live.exited.set()
             await self._finalize(live, None)
-        await self._ended_event(sandbox_id).wait()
+        await self.ended_event(sandbox_id).wait()
+
+    # --- tags, names
+    def set_tags(self, sandbox_id: str, tags: dict[str, str]) -> SandboxRecord:
+        self.get(sandbox_id)
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
+            raise InvalidError("tags must be a dict of str to str")
+        self.store.sandbox_update(sandbox_id, tags=tags)
+        return self.get(sandbox_id)
+
+    def by_name(self, app_id: str, name: str) -> SandboxRecord:
+        rec = self.store.sandbox_running_by_name(app_id, name)
+        if rec is None:
+            raise NotFoundError(f"no running sandbox named {name!r} in this app")
+        return rec
+
+    # --- snapshots
+    async def snapshot(self, sandbox_id: str) -> str:
+        """The sandbox's root filesystem now (its image plus what it changed) as a new image.
+        Volumes are not part of it. The sandbox is frozen while its layer is copied."""
+        live = self._running(sandbox_id)
+        live.touch()
+        parents = await self.images.layers(ImageSpec(**self.get(sandbox_id).spec["image"]))
+        await self.runtime.pause(sandbox_id)
+        try:
+            return await self.images.snapshot(live.rootfs.upper, parents)
+        finally:
+            await self.runtime.resume(sandbox_id)
+
+    # --- readiness
+    def _start_probe(self, live: LiveSandbox, req: CreateSandbox) -> None:
+        probe = req.readiness_probe
+        if probe is None:
+            live.ready.set()
+            return
+
+        async def run() -> None:
+            while not live.exited.is_set():
+                if await self._probe_once(live, probe):
+                    live.ready.set()
+                    return
+                await asyncio.sleep(probe.interval_ms / 1000)
+
+        live.probe_task = asyncio.ensure_future(run())
+
+    async def _probe_once(self, live: LiveSandbox, probe) -> bool:
+        if probe.tcp_port is not None:
+            # Connect from inside the sandbox's network namespace (it has only loopback).
+            code = ("import socket,sys\n"
+                    f"s=socket.socket(); s.settimeout(1); s.connect(('127.0.0.1', {probe.tcp_port}))")
+            proc = await asyncio.create_subprocess_exec(
+                "nsenter", f"--net=/proc/{live.pid}/ns/net", "--", sys.executable, "-c", code,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL)
+            return await proc.wait() == 0
+        pid_file = live.dir / f"probe-{secrets.token_hex(4)}.pid"
+        try:
+            proc = await self.runtime.exec(
+                live.id, list(probe.exec_args), self.get(live.id).spec.get("env", {}), None,
+                ExecIO(asyncio.subprocess.DEVNULL, asyncio.subprocess.DEVNULL,
+                       asyncio.subprocess.DEVNULL), pid_file)
+            return await proc.wait() == 0
+        finally:
+            pid_file.unlink(missing_ok=True)
+
+    async def wait_ready(self, sandbox_id: str, timeout: float) -> bool:
+        live = self._running(sandbox_id)
+        ended = self.ended_event(sandbox_id)
+        waiters = [asyncio.ensure_future(live.ready.wait()), asyncio.ensure_future(ended.wait())]
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters:
+            w.cancel()
+        if live.ready.is_set():
+            return True
+        self._running(sandbox_id)  # raises if it ended meanwhile
+        return False
+
+    def touch(self, sandbox_id: str) -> None:
+        live = self.live.get(sandbox_id)
+        if live:
+            live.touch()
+
+    def stop_idle(self) -> None:
+        """End sandboxes idle (no exec running, no exec, stdin or file call) past idle_timeout."""
+        now = time.monotonic()
+        for live in list(self.live.values()):
+            if (live.idle_timeout is not None and live.running_execs == 0
+                    and now - live.last_active > live.idle_timeout):
+                asyncio.ensure_future(self._stop(live.id, "idle-timeout"))
 
     # --- terminate / wait
     async def terminate(self, sandbox_id: str) -> SandboxRecord:
@@ -304,7 +429,7 @@ class SandboxService:
         rec = self.get(sandbox_id)
         if rec.state == "running":
             try:
-                await asyncio.wait_for(self._ended_event(sandbox_id).wait(), timeout)
+                await asyncio.wait_for(self.ended_event(sandbox_id).wait(), timeout)
             except asyncio.TimeoutError:
                 pass
         return self.get(sandbox_id)
@@ -314,7 +439,7 @@ class SandboxService:
         rec = self.get(sandbox_id)
         if stream not in ("stdout", "stderr"):
             raise InvalidError(f"stream must be stdout or stderr, got {stream!r}")
-        finished = self._ended_event(sandbox_id)
+        finished = self.ended_event(sandbox_id)
         if rec.state != "running":
             finished.set()
         return tail_file(self.root / sandbox_id / stream, offset, finished)
@@ -323,6 +448,7 @@ class SandboxService:
         live = self._running(sandbox_id)
         if live.stdin_fd is None:
             raise InvalidError("the sandbox's stdin was closed (write_eof, or a server restart)")
+        live.touch()
         await _write_all_nonblocking(live.stdin_fd, data)
         if eof:
             os.close(live.stdin_fd)
@@ -334,21 +460,27 @@ class SandboxService:
         if not req.args or not all(isinstance(a, str) and "\x00" not in a for a in req.args):
             raise InvalidError("exec needs at least one argument, all strings without NUL bytes")
         if req.workdir is not None:
-            check_abs_path(req.workdir, "workdir")
+            check_workdir(req.workdir)
         if req.timeout is not None and req.timeout <= 0:
             raise InvalidError(f"timeout must be positive, got {req.timeout}")
         modes = {"pipe": asyncio.subprocess.PIPE, "devnull": asyncio.subprocess.DEVNULL}
         if req.stdout not in modes or req.stderr not in (*modes, "stdout"):
             raise InvalidError("stdout must be 'pipe' or 'devnull'; stderr 'pipe', 'devnull' or "
                                "'stdout'")
-        sandbox_env = self.get(sandbox_id).spec.get("env", {})
+        spec = self.get(sandbox_id).spec
+        env = {**spec.get("env", {}), **req.env}
+        workdir = req.workdir or spec.get("workdir") or "/"
         eid = new_id("ex")
         pid_file = live.dir / f"exec-{eid}.pid"
+        live.touch()
+        missing = self._missing_command(sandbox_id, req.args[0], env, workdir)
+        if missing:
+            return await self._not_run(eid, sandbox_id, pid_file, req, *missing)
         stderr_mode = asyncio.subprocess.STDOUT if req.stderr == "stdout" else modes[req.stderr]
         proc = await self.runtime.exec(
-            sandbox_id, list(req.args), {**sandbox_env, **req.env},
-            req.workdir or self.get(sandbox_id).spec.get("workdir"),
+            sandbox_id, list(req.args), env, workdir,
             ExecIO(asyncio.subprocess.PIPE, modes[req.stdout], stderr_mode), pid_file)
+        live.running_execs += 1
         sess = ExecSession(eid, sandbox_id, proc, pid_file,
                            OutputBuffer() if proc.stdout else None,
                            OutputBuffer() if proc.stderr else None)
@@ -360,6 +492,56 @@ class SandboxService:
         self.execs[eid] = sess
         return sess
 
+    def _missing_command(self, sandbox_id: str, argv0: str, env: dict[str, str],
+                         workdir: str) -> tuple[int, str] | None:
+        """(exit code, message) as a shell would give them if `argv0` cannot run, else None.
+        Looked up in the sandbox's root, with its PATH."""
+        try:
+            root = self.files.root(sandbox_id).fd
+        except OSError:
+            return None  # let the runtime report it
+        if "/" in argv0:
+            candidates = [posixpath.join(workdir, argv0)]
+        else:
+            path_var = env.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            candidates = [posixpath.join(d or ".", argv0) for d in path_var.split(":")]
+            candidates = [c if c.startswith("/") else posixpath.join(workdir, c)
+                          for c in candidates]
+        found_non_exec = False
+        for cand in candidates:
+            try:
+                fd = _linux.openat2(root, sandbox_rel(cand), os.O_PATH, 0, RESOLVE_SANDBOX)
+            except (OSError, InvalidError):
+                continue
+            try:
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
+                return None
+            found_non_exec = True
+        if found_non_exec:
+            return 126, f"{argv0}: Permission denied\n"
+        if "/" in argv0:
+            return 127, f"{argv0}: No such file or directory\n"
+        return 127, f"{argv0}: command not found\n"
+
+    async def _not_run(self, eid: str, sandbox_id: str, pid_file: Path, req: ExecRequest,
+                       returncode: int, message: str) -> ExecSession:
+        stdout = OutputBuffer() if req.stdout == "pipe" else None
+        stderr = OutputBuffer() if req.stderr == "pipe" else None
+        target = stdout if req.stderr == "stdout" else stderr
+        if target is not None:
+            await target.put(message.encode())
+        for buf in (stdout, stderr):
+            if buf:
+                await buf.close()
+        sess = ExecSession(eid, sandbox_id, None, pid_file, stdout, stderr, returncode=returncode)
+        sess.done.set()
+        self.execs[eid] = sess
+        asyncio.get_running_loop().call_later(600, self.execs.pop, eid, None)
+        return sess
+
     async def _exec_wait(self, sess: ExecSession, timeout: float | None) -> None:
         try:
             await asyncio.wait_for(sess.proc.wait(), timeout)
@@ -369,6 +551,10 @@ class SandboxService:
             await sess.proc.wait()
         sess.returncode = RC_TIMEOUT if sess.timed_out else sess.proc.returncode
         sess.pid_file.unlink(missing_ok=True)
+        live = self.live.get(sess.sandbox_id)
+        if live:
+            live.running_execs -= 1
+            live.touch()
         sess.done.set()
         # Forget the session a while after it ended, once its client has had time to read it.
         asyncio.get_running_loop().call_later(600, self.execs.pop, sess.id, None)
@@ -390,7 +576,7 @@ class SandboxService:
 
     async def exec_stdin(self, exec_id: str, data: bytes, eof: bool) -> None:
         sess = self.get_exec(exec_id)
-        stdin = sess.proc.stdin
+        stdin = sess.proc.stdin if sess.proc else None
         if stdin is None or stdin.is_closing():
             raise InvalidError("stdin of this process is closed")
         try:

@@ -6,7 +6,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
 from shoal.exception import InvalidError
-from shoal.server.models import CreateSandbox, ExecInfo, ExecRequest, SandboxInfo, WaitResult
+from shoal.server.models import (CreateSandbox, ExecInfo, ExecRequest, SandboxInfo, TagsBody,
+                                 WaitResult)
 from shoal.storage.state import SandboxRecord
 
 router = APIRouter(tags=["sandboxes"])
@@ -105,3 +106,25 @@ async def exec_wait(exec_id: str, request: Request,
 @router.post("/admin/terminate-all")
 async def terminate_all(request: Request) -> dict:
     return {"terminated": await _svc(request).terminate_all()}
+
+
+@router.put("/sandboxes/{sandbox_id}/tags", response_model=SandboxInfo)
+def sandbox_set_tags(sandbox_id: str, body: TagsBody, request: Request) -> SandboxInfo:
+    return _info(_svc(request).set_tags(sandbox_id, body.tags))
+
+
+@router.get("/apps/{app_id}/sandboxes/{name}", response_model=SandboxInfo)
+def sandbox_by_name(app_id: str, name: str, request: Request) -> SandboxInfo:
+    return _info(_svc(request).by_name(app_id, name))
+
+
+@router.get("/sandboxes/{sandbox_id}/ready", response_model=WaitResult)
+async def sandbox_ready(sandbox_id: str, request: Request,
+                        timeout: float = Query(MAX_WAIT, ge=0)) -> WaitResult:
+    ready = await _svc(request).wait_ready(sandbox_id, min(timeout, MAX_WAIT))
+    return WaitResult(done=ready, returncode=None)
+
+
+@router.post("/sandboxes/{sandbox_id}/snapshot")
+async def sandbox_snapshot(sandbox_id: str, request: Request) -> dict:
+    return {"image_id": await _svc(request).snapshot(sandbox_id)}

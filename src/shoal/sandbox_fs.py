@@ -1,0 +1,194 @@
+"""`Sandbox.filesystem`: whole-file access to a running sandbox (Modal's newer file API).
+
+    sb.filesystem.write_text("print('hi')\\n", "/app/main.py")     # parents are created
+    sb.filesystem.read_text("/app/main.py")
+    sb.filesystem.copy_from_local("model.bin", "/models/model.bin")  # streamed, any size
+
+Errors are `shoal.exception.SandboxFilesystemError` subclasses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import enum
+import json
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal import exception as exc
+from shoal._client import get_client
+from shoal._sync import synchronize_api
+from shoal.file_io import FileWatchEvent, FileWatchEventType
+
+CHUNK = 4 << 20
+
+
+class FileType(enum.Enum):
+    FILE = "FILE"
+    DIRECTORY = "DIRECTORY"
+    SYMLINK = "SYMLINK"
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    name: str
+    path: str
+    type: FileType
+    size: int
+    mode: int
+    owner: str
+    group: str
+    modified_time: datetime.datetime
+    symlink_target: str | None = None
+
+
+_TRANSLATE = {
+    FileNotFoundError: exc.SandboxFilesystemNotFoundError,
+    IsADirectoryError: exc.SandboxFilesystemIsADirectoryError,
+    NotADirectoryError: exc.SandboxFilesystemNotADirectoryError,
+    PermissionError: exc.SandboxFilesystemPermissionError,
+    FileExistsError: exc.SandboxFilesystemPathAlreadyExistsError,
+}
+
+
+@contextlib.asynccontextmanager
+async def fs_errors():
+    """Built-in file errors from the server, as SandboxFilesystemError subclasses."""
+    try:
+        yield
+    except tuple(_TRANSLATE) as e:
+        cls = next(c for b, c in _TRANSLATE.items() if isinstance(e, b))
+        err = cls(e.strerror or str(e))
+        err._shoal_typed = True
+        raise err from None
+
+
+def _info(d: dict) -> FileInfo:
+    return FileInfo(d["name"], d["path"], FileType(d["type"]), d["size"], d["mode"], d["owner"],
+                    d["group"], datetime.datetime.fromtimestamp(d["modified_time"],
+                                                                datetime.timezone.utc),
+                    d["symlink_target"])
+
+
+async def _local_chunks(path: Path):
+    with open(path, "rb") as f:
+        while chunk := await asyncio.to_thread(f.read, CHUNK):
+            yield chunk
+
+
+async def watch_events(sandbox_id: str, path: str, filter, recursive: bool | None,
+                       timeout: float | None) -> AsyncIterator[FileWatchEvent]:
+    wanted = set(filter) if filter else None
+    client = await get_client()
+    params = {"path": path, "recursive": bool(recursive)}
+    if timeout is not None:
+        params["timeout"] = timeout
+    async with client.stream("GET", f"/sandboxes/{sandbox_id}/fs/watch", params=params) as resp:
+        async for line in resp.aiter_lines():
+            if not line:
+                continue
+            d = json.loads(line)
+            event = FileWatchEvent(d["paths"], FileWatchEventType(d["type"]))
+            if wanted is None or event.type in wanted:
+                yield event
+
+
+class _SandboxFilesystem:
+    def __init__(self, sandbox_id: str):
+        self._sandbox_id = sandbox_id
+        self._base = f"/sandboxes/{sandbox_id}/fs"
+
+    async def _call(self, method: str, op: str, **kwargs):
+        client = await get_client()
+        async with fs_errors():
+            return await client.call(method, f"{self._base}/{op}", **kwargs)
+
+    async def read_bytes(self, path: str) -> bytes:
+        """The whole file (up to 512 MiB; SandboxFilesystemFileTooLargeError beyond: use
+        copy_to_local)."""
+        client = await get_client()
+        async with fs_errors():
+            async with client.stream("GET", f"{self._base}/file",
+                                     params={"path": path, "whole": True}) as r:
+                return b"".join([c async for c in r.aiter_raw()])
+
+    async def read_text(self, path: str, encoding: str = "utf-8") -> str:
+        return (await self.read_bytes(path)).decode(encoding)
+
+    async def write_bytes(self, data: bytes, path: str) -> None:
+        """Create or replace the file with `data`, atomically; missing parents are created."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"write_bytes needs bytes, not {type(data).__name__}")
+        await self._call("PUT", "file", params={"path": path}, content=bytes(data))
+
+    async def write_text(self, data: str, path: str, encoding: str = "utf-8") -> None:
+        if not isinstance(data, str):
+            raise TypeError(f"write_text needs str, not {type(data).__name__}")
+        await self.write_bytes(data.encode(encoding), path)
+
+    async def copy_from_local(self, local_path: str | os.PathLike, remote_path: str) -> None:
+        """Upload a local file of any size (streamed)."""
+        local = Path(local_path)
+        if not local.is_file():
+            raise FileNotFoundError(f"no such local file: {local_path}")
+        await self._call("PUT", "file", params={"path": remote_path},
+                         content=_local_chunks(local))
+
+    async def copy_to_local(self, remote_path: str, local_path: str | os.PathLike) -> None:
+        """Download a file of any size (streamed); the local file appears only when complete."""
+        local = Path(local_path)
+        client = await get_client()
+        fd, tmp = tempfile.mkstemp(dir=local.parent or ".", prefix=f".{local.name}.")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                async with fs_errors():
+                    async with client.stream("GET", f"{self._base}/file",
+                                             params={"path": remote_path}) as r:
+                        expected = int(r.headers.get("content-length", -1))
+                        got = 0
+                        async for chunk in r.aiter_raw():
+                            await asyncio.to_thread(out.write, chunk)
+                            got += len(chunk)
+                if expected >= 0 and got != expected:
+                    raise exc.SandboxFilesystemError(
+                        f"{remote_path}: received {got} of {expected} bytes")
+            os.replace(tmp, local)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    async def list_files(self, path: str) -> list[FileInfo]:
+        return [_info(d) for d in await self._call("GET", "list", params={"path": path})]
+
+    async def stat(self, path: str) -> FileInfo:
+        """Information about `path` itself (a symlink is described, not followed)."""
+        return _info(await self._call("GET", "stat", params={"path": path}))
+
+    async def make_directory(self, path: str, create_parents: bool = True) -> None:
+        await self._call("POST", "mkdir", json={"path": path, "parents": create_parents,
+                                                "exist_ok": create_parents})
+
+    async def remove(self, path: str, recursive: bool = False) -> None:
+        """Remove a file, link or directory (a non-empty one only with `recursive`)."""
+        await self._call("DELETE", "file", params={"path": path, "recursive": recursive})
+
+    async def rename(self, src: str, dst: str, overwrite: bool = True) -> None:
+        """Move `src` to `dst` atomically (not in Modal; agents need it)."""
+        await self._call("POST", "rename", json={"src": src, "dst": dst, "overwrite": overwrite})
+
+    async def watch(self, path: str, filter: list[FileWatchEventType] | None = None,
+                    recursive: bool | None = None,
+                    timeout: float | None = None) -> AsyncIterator[FileWatchEvent]:
+        """Events under `path` until `timeout` seconds pass or the sandbox ends."""
+        async with fs_errors():
+            async for event in watch_events(self._sandbox_id, path, filter, recursive, timeout):
+                yield event
+
+
+SandboxFilesystem = synchronize_api(_SandboxFilesystem)
