@@ -88,9 +88,12 @@ class RawRunc:
 
     def __init__(self, workdir: Path, lowerdir: Path):
         from shoal import _linux
+        from shoal.runtime import tools
         from shoal.runtime.oci import ContainerSpec, build_config
 
         self._linux, self._spec, self._build_config = _linux, ContainerSpec, build_config
+        self.tools_dir, has_busybox = tools.prepare(workdir / "tools")
+        self.idle = tools.idle_args(has_busybox)
         self.workdir = workdir
         self.lowerdir = lowerdir
         self.root = workdir / "runc"
@@ -110,7 +113,8 @@ class RawRunc:
         self.live[cid] = 0
         self._linux.mount("overlay", str(merged), "overlay", 0,
                           f"lowerdir={self.lowerdir},upperdir={upper},workdir={work}")
-        spec = self._spec(id=cid, rootfs=str(merged), args=["sleep", "infinity"])
+        spec = self._spec(id=cid, rootfs=str(merged), args=self.idle,
+                          tools_dir=str(self.tools_dir))
         config = self._build_config(spec, f"/{CGROUP_PARENT}/{cid}")
         (bundle / "config.json").write_text(json.dumps(config))
         laps.lap("mount + config")

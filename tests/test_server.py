@@ -68,8 +68,8 @@ def test_leftovers_of_a_crashed_create_are_cleaned(server, app):
     sdir = paths.sandboxes / sid
     merged = Rootfs(sdir).mount([rootfs_if_built(paths.images)])
     (sdir / "bundle").mkdir()
-    cfg = build_config(ContainerSpec(id=sid, rootfs=str(merged), args=["sleep", "infinity"]),
-                       f"/shoal/{sid}")
+    cfg = build_config(ContainerSpec(id=sid, rootfs=str(merged), args=["sleep", "infinity"],
+                                     tools_dir=str(paths.home / "tools")), f"/shoal/{sid}")
     (sdir / "bundle" / "config.json").write_text(json.dumps(cfg))
     subprocess.run(["runc", "--root", str(paths.runc_root), "run", "--detach", "--bundle",
                     str(sdir / "bundle"), sid], check=True, stdin=subprocess.DEVNULL,

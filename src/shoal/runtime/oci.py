@@ -10,6 +10,8 @@ from __future__ import annotations
 import resource
 from dataclasses import dataclass, field
 
+from shoal.runtime import tools
+
 # Docker's default capability set: enough for package managers and `chown`, nothing that touches the
 # host kernel (no SYS_ADMIN, SYS_PTRACE, SYS_MODULE, NET_ADMIN, ...).
 DEFAULT_CAPABILITIES = [
@@ -53,7 +55,6 @@ READONLY_PATHS = [
 ]
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-INIT_PATH = "/.shoal/init"  # where the host's static init is bind-mounted inside every sandbox
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ class ContainerSpec:
     hostname: str = "sandbox"
     mounts: list[Mount] = field(default_factory=list)
     limits: Limits = field(default_factory=Limits)
-    init_binary: str = "/usr/bin/tini-static"
+    tools_dir: str = ""  # host dir with `init` (and `busybox`), mounted read-only at /.shoal
+    network: str = "none"  # "none": own namespace, loopback only; "host": image builds only
 
 
 def seccomp_profile() -> dict:
@@ -145,7 +147,7 @@ def build_config(spec: ContainerSpec, cgroups_path: str) -> dict:
          "options": ["nosuid", "noexec", "nodev"]},
         {"destination": "/sys", "type": "sysfs", "source": "sysfs",
          "options": ["nosuid", "noexec", "nodev", "ro"]},
-        {"destination": INIT_PATH, "type": "bind", "source": spec.init_binary,
+        {"destination": tools.MOUNT_POINT, "type": "bind", "source": spec.tools_dir,
          "options": ["bind", "ro", "nosuid", "nodev"]},
     ]
     for m in spec.mounts:
@@ -156,12 +158,17 @@ def build_config(spec: ContainerSpec, cgroups_path: str) -> dict:
                        "options": opts})
 
     caps = list(DEFAULT_CAPABILITIES)
+    namespaces = ["pid", "ipc", "uts", "mount"]
+    if spec.network == "none":
+        namespaces.append("network")
+    elif spec.network != "host":
+        raise ValueError(f"network must be 'none' or 'host', not {spec.network!r}")
     return {
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
             "user": {"uid": 0, "gid": 0},
-            "args": [INIT_PATH, "--", *spec.args],
+            "args": [tools.INIT, "--", *spec.args],
             "env": process_env(spec.env),
             "cwd": spec.cwd,
             "capabilities": {"bounding": caps, "effective": caps, "permitted": caps,
@@ -174,7 +181,7 @@ def build_config(spec: ContainerSpec, cgroups_path: str) -> dict:
         "hostname": spec.hostname,
         "mounts": mounts,
         "linux": {
-            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
+            "namespaces": [{"type": t} for t in namespaces],
             "cgroupsPath": cgroups_path,
             "resources": resources,
             "seccomp": seccomp_profile(),

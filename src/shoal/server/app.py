@@ -31,7 +31,6 @@ from shoal.storage.volumes import LocalVolumeStorage
 
 log = logging.getLogger("shoal.server")
 API_VERSION = "1"
-INIT_BINARY = os.environ.get("SHOAL_INIT", "/usr/bin/tini-static")
 
 STATUS = {
     exc.NotFoundError: 404, FileNotFoundError: 404, exc.InvalidError: 400, ValueError: 400,
@@ -58,7 +57,7 @@ def build_services(paths: Paths) -> Services:
     vols = VolumeService(store, storage)
     images = ImageService(paths.images)
     sbx = SandboxService(store, RuncRuntime(paths.runc_root), vols, images, paths.sandboxes,
-                         INIT_BINARY)
+                         paths.home / "tools")
     return Services(store, vols, sbx, images)
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from shoal import _linux
 from shoal.exception import (AlreadyExistsError, ExecutionError, InvalidError, NotFoundError,
                              SandboxTerminatedError)
+from shoal.runtime import tools
 from shoal.runtime.base import ExecIO, Runtime, RuntimeError_
 from shoal.runtime.oci import ContainerSpec, Limits, Mount
 from shoal.runtime.rootfs import Rootfs
@@ -114,13 +115,14 @@ class ExecSession:
 
 class SandboxService:
     def __init__(self, store: StateStore, runtime: Runtime, volumes: VolumeService,
-                 images: ImageService, root: Path, init_binary: str):
+                 images: ImageService, root: Path, tools_dir: Path):
         self.store = store
         self.runtime = runtime
         self.volumes = volumes
         self.images = images
         self.root = root
-        self.init_binary = init_binary
+        self.tools_dir, has_busybox = tools.prepare(tools_dir)
+        self.idle_args = tools.idle_args(has_busybox)
         self.live: dict[str, LiveSandbox] = {}
         self.ended: dict[str, asyncio.Event] = {}  # set when a sandbox ends; for waiters
         self.execs: dict[str, ExecSession] = {}
@@ -223,11 +225,11 @@ class SandboxService:
                 pids=req.resources.pids or Limits.pids,
             )
             cspec = ContainerSpec(
-                id=sid, rootfs=str(merged), args=list(req.args) or ["sleep", "infinity"],
+                id=sid, rootfs=str(merged), args=list(req.args) or self.idle_args,
                 env=req.env, cwd=req.workdir or "/", limits=limits,
                 mounts=[Mount(str(self.volumes.storage.host_path(v.id)),
                               posixpath.normpath(m.path), m.read_only) for m, v in vols],
-                init_binary=self.init_binary)
+                tools_dir=str(self.tools_dir))
             # The workdir is created by runc, inside the container's root: never on the host,
             # where the image's absolute symlinks (/var/run -> /run) would lead out of it.
             stdin_r, live.stdin_fd = os.pipe()
