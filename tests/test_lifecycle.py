@@ -146,8 +146,11 @@ def test_snapshots_do_not_contain_volumes_and_are_shared(app):
     sbs = [shoal.Sandbox.create(app=app, image=image) for _ in range(3)]
     try:
         assert sbs[0].exec("bash", "-c", "ls /data 2>/dev/null | wc -l").stdout.read() == "0\n"
-        layer = config.paths().images / "snapshots" / image.object_id / "rootfs"
-        assert layer.is_dir()
+        from shoal.images.store import ImageStore
+
+        store = ImageStore(config.paths().images)
+        layer = store.layer_path(store.manifest(image.object_id).layers[-1])
+        assert layer.is_dir() and (layer / ".shoal").exists() is False
         for sb in sbs:  # every sandbox stacks the same layer directory; nothing is copied
             mounts = open("/proc/self/mountinfo").read()
             line = next(m for m in mounts.splitlines() if sb.object_id in m and "overlay" in m)

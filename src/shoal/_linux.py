@@ -96,3 +96,23 @@ def parse_inotify(buf: bytes):
         name = buf[offset + 16:offset + 16 + length].split(b"\0", 1)[0].decode(errors="replace")
         yield wd, mask, name
         offset += 16 + length
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
+
+
+def fs_type(fd: int) -> int:
+    """fstatfs(2)'s f_type: which kind of file system `fd` is on."""
+    buf = _Statfs()
+    _check(_libc.fstatfs(fd, ctypes.byref(buf)), "fstatfs")
+    return buf.f_type & 0xFFFFFFFF
+
+
+# Kernel interfaces the server, as host root, must not read or write on a sandbox's behalf.
+KERNEL_FS = {
+    0x9FA0: "proc", 0x62656572: "sysfs", 0x27E0EB: "cgroup", 0x63677270: "cgroup2",
+    0x1CD1: "devpts", 0x19800202: "mqueue", 0x73636673: "securityfs", 0x64626720: "debugfs",
+    0x74726163: "tracefs", 0xCAFE4A11: "bpf", 0x62656570: "configfs", 0x6165676C: "pstore",
+    0xDE5E81E4: "efivarfs", 0x42494E4D: "binfmt_misc",
+}

@@ -89,7 +89,21 @@ class _FileIO:
     async def read(self, n: int | None = None):
         """Up to `n` bytes (characters, in text mode), or everything to the end."""
         self._check(reading=True)
-        return self._out(await self._read_raw(-1 if n is None else n, False))
+        if n is None or n < 0:
+            return self._out(await self._read_raw(-1, False))
+        if self._binary:
+            return await self._read_raw(n, False)
+        # n characters: fetch bytes until that many have decoded (a character is 1-4 bytes).
+        import codecs
+
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        text = ""
+        while len(text) < n:
+            data = await self._read_raw(n - len(text), False)
+            if not data:
+                return text + decoder.decode(b"", final=True)
+            text += decoder.decode(data)
+        return text
 
     async def readline(self):
         """The next line, with its newline; empty at the end."""

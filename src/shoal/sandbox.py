@@ -151,7 +151,7 @@ class _Sandbox:
             "args": _check_args(args, "entrypoint"),
             "name": name,
             "tags": dict(tags or {}),
-            "image": (image or _Image.debian_slim())._wire(),
+            "image_id": await (image or _Image.debian_slim())._resolve(),
             "env": merge_env(env, secrets),
             "workdir": workdir,
             "timeout": timeout,
@@ -342,7 +342,7 @@ class _Sandbox:
         copied per sandbox."""
         client = await get_client()
         r = await client.call("POST", f"/sandboxes/{self._sandbox_id}/snapshot")
-        return _Image({"kind": "snapshot", "image_id": r["image_id"]})
+        return _Image.from_id(r["image_id"])
 
     # --- files (Modal's first file API)
     async def open(self, path: str, mode: str = "r") -> _FileIO:

@@ -52,6 +52,17 @@ class RuncRuntime:
             raise RuntimeError_(f"runc run exited with {rc}")
         return int(pid_file.read_text())
 
+    async def run(self, spec: ContainerSpec, bundle: Path, stdout: int,
+                  stderr: int) -> asyncio.subprocess.Process:
+        """Run a container in the foreground (image builds): runc stays its parent, relays its
+        stdio, exits with its exit code, and deletes it afterwards."""
+        bundle.mkdir(parents=True, exist_ok=True)
+        config = build_config(spec, f"/{CGROUP_PARENT}/{spec.id}")
+        (bundle / "config.json").write_text(json.dumps(config))
+        return await asyncio.create_subprocess_exec(
+            *self._cmd("run", "--bundle", str(bundle), spec.id),
+            stdin=asyncio.subprocess.DEVNULL, stdout=stdout, stderr=stderr)
+
     async def exec(self, container_id: str, argv: list[str], env: dict[str, str], cwd: str | None,
                    io: ExecIO, pid_file: Path) -> asyncio.subprocess.Process:
         args = ["exec", "--pid-file", str(pid_file)]

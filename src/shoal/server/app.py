@@ -21,9 +21,10 @@ from fastapi.responses import JSONResponse
 
 from shoal import exception as exc
 from shoal.config import Paths
+from shoal.runtime import tools
 from shoal.runtime.runc import RuncRuntime, remove_cgroup_parent
 from shoal.server.images import ImageService
-from shoal.server.routes import apps, files, sandboxes, volumes
+from shoal.server.routes import apps, files, images, sandboxes, volumes
 from shoal.server.sandboxes import SandboxService
 from shoal.server.volumes import VolumeService
 from shoal.storage.state import SqliteStore
@@ -55,9 +56,10 @@ def build_services(paths: Paths) -> Services:
     storage = LocalVolumeStorage(paths.volumes)
     storage.remove_leftovers()
     vols = VolumeService(store, storage)
-    images = ImageService(paths.images)
-    sbx = SandboxService(store, RuncRuntime(paths.runc_root), vols, images, paths.sandboxes,
-                         paths.home / "tools")
+    runtime = RuncRuntime(paths.runc_root)
+    tools_dir, _ = tools.prepare(paths.home / "tools")
+    images = ImageService(paths.images, runtime, tools_dir)
+    sbx = SandboxService(store, runtime, vols, images, paths.sandboxes, tools_dir)
     return Services(store, vols, sbx, images)
 
 
@@ -91,7 +93,7 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
 
     app = FastAPI(title="shoal", version=API_VERSION, lifespan=lifespan,
                   description="Control plane of shoal: sandboxes, volumes, network file systems.")
-    for router in (apps.router, sandboxes.router, files.router, volumes.router):
+    for router in (apps.router, sandboxes.router, files.router, volumes.router, images.router):
         app.include_router(router)
 
     @app.get("/health", tags=["server"])

@@ -82,9 +82,15 @@ def said_as(path: str):
         if e.errno == errno.ENOTEMPTY:
             raise SandboxFilesystemDirectoryNotEmptyError(
                 f"directory not empty: {path} (pass recursive=True)") from None
-        if e.errno in (errno.ELOOP, errno.EXDEV):
+        if e.errno == errno.ELOOP:
             raise PermissionError(errno.EACCES, f"{path!r} leads through a link shoal does not "
                                   "follow (a /proc magic link, or a symlink loop)") from None
+        if e.errno == errno.EXDEV:
+            raise OSError(errno.EXDEV, f"Invalid cross-device link: {path!r} (a move across "
+                          "mounts; copy and remove instead)") from None
+        if e.errno == errno.EINVAL:
+            raise InvalidError(f"{path}: invalid operation (e.g. moving a directory into "
+                               "itself)") from None
         if e.errno == errno.EROFS:
             raise PermissionError(errno.EROFS, f"Read-only file system: {path!r}") from None
         raise
@@ -177,10 +183,11 @@ class SandboxFiles:
         """Open a regular file; with O_CREAT, create it (never opening an existing non-regular
         file)."""
         if not flags & os.O_CREAT:
-            return open_checked(root, rel, flags)
+            return open_checked(root, rel, flags, resolve=RESOLVE_SANDBOX)
         for _ in range(3):
             try:
-                fd = open_checked(root, rel, flags & ~(os.O_CREAT | os.O_EXCL))
+                fd = open_checked(root, rel, flags & ~(os.O_CREAT | os.O_EXCL),
+                                  resolve=RESOLVE_SANDBOX)
             except FileNotFoundError:
                 pass
             else:
@@ -188,6 +195,11 @@ class SandboxFiles:
                     os.close(fd)
                     raise FileExistsError(rel)
                 return fd
+            pfd, _ = self._parent(root, rel)
+            try:
+                _refuse_kernel_fs(pfd, rel)
+            finally:
+                os.close(pfd)
             try:
                 return _linux.openat2(root, rel, flags | os.O_CREAT | os.O_EXCL, 0o644,
                                       RESOLVE_SANDBOX)
@@ -214,7 +226,8 @@ class SandboxFiles:
     def list(self, sandbox_id: str, path: str) -> list[dict]:
         rel = sandbox_rel(path)
         with said_as(path):
-            fd = open_checked(self.root(sandbox_id).fd, rel, os.O_RDONLY, allow_dir=True)
+            fd = open_checked(self.root(sandbox_id).fd, rel, os.O_RDONLY, allow_dir=True,
+                              resolve=RESOLVE_SANDBOX)
             try:
                 if not stat_mod.S_ISDIR(os.fstat(fd).st_mode):
                     raise NotADirectoryError(rel)
@@ -248,6 +261,11 @@ class SandboxFiles:
             if make_parents:
                 self._makedirs(root, rel.rpartition("/")[0])
             pfd, name = self._parent(root, rel)
+            try:
+                _refuse_kernel_fs(pfd, rel)
+            except BaseException:
+                os.close(pfd)
+                raise
         return AtomicFile(pfd, name, path)
 
     def mkdir(self, sandbox_id: str, path: str, parents: bool, exist_ok: bool) -> None:
@@ -418,6 +436,13 @@ class Watch:
         finally:
             loop.remove_reader(self.ino)
             self.close()
+
+
+def _refuse_kernel_fs(dirfd: int, rel: str) -> None:
+    kind = _linux.KERNEL_FS.get(_linux.fs_type(dirfd))
+    if kind:
+        raise PermissionError(f"{rel!r} is on {kind}, a kernel interface; it is not written "
+                              "through the file API")
 
 
 def _event_type(mask: int) -> str | None:

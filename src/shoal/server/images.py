@@ -1,94 +1,189 @@
-"""Turning an image spec from a client into the read-only layers a sandbox's overlay stacks."""
+"""Images for sandboxes: building recipes, resolving them to overlay layers, snapshots, blobs,
+listing and pruning. The building itself is images/build.py; registry pulls images/registry.py."""
 
 from __future__ import annotations
 
 import asyncio
-import json
+import hashlib
 import logging
 import os
 import re
 import secrets
-import shutil
+import subprocess
 import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
 from pathlib import Path
 
 from shoal.exception import ExecutionError, InvalidError, NotFoundError
-from shoal.images.base import (DEFAULT_RECIPE, SUPPORTED_PYTHON_VERSIONS, ensure_base_image,
-                               rootfs_if_built)
-from shoal.server.models import ImageSpec
+from shoal.images import base as base_image
+from shoal.images.build import Builder, BuildError, RecipeError
+from shoal.images.registry import RegistryError, RegistryPuller
+from shoal.images.store import ImageConfig, ImageStore, Manifest, MAX_MOUNT_LAYERS, digest
+from shoal.images.unpack import UnsafeLayerError
 
 log = logging.getLogger("shoal.images")
-SNAPSHOT_ID = re.compile(r"^im-[0-9a-f]{22}$")
-MAX_LAYERS = 32  # overlayfs takes its lowerdirs in one page of mount options
+IMAGE_ID = re.compile(r"^im-[0-9a-f]{22}$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+DEFAULT_RECIPE = {"base": {"kind": "debian_slim"}, "steps": []}
 
 
 class ImageService:
-    def __init__(self, store: Path):
-        self.store = store
-        self.build_mu = asyncio.Lock()  # one build at a time in this server
+    def __init__(self, store_root: Path, runtime, tools_dir: Path):
+        self.store = ImageStore(store_root)
+        self.store.clean_scratch()
+        self.builder = Builder(self.store, runtime, tools_dir, store_root)
+        self.registry = RegistryPuller(self.store)
+        self.base_mu = asyncio.Lock()
 
-    @staticmethod
-    def validate(spec: ImageSpec) -> None:
-        if spec.kind == "snapshot":
-            if not spec.image_id or not SNAPSHOT_ID.match(spec.image_id):
-                raise InvalidError(f"invalid image id {spec.image_id!r}")
-            return
-        if spec.kind != "debian_slim":
-            raise InvalidError(f"unknown image kind {spec.kind!r}")
-        if spec.python_version not in (None, *SUPPORTED_PYTHON_VERSIONS):
-            raise InvalidError(
-                f"python_version {spec.python_version!r} is not available: this machine's "
-                f"Debian {DEFAULT_RECIPE.suite} provides {', '.join(SUPPORTED_PYTHON_VERSIONS)}")
-
-    async def layers(self, spec: ImageSpec) -> list[Path]:
-        """Lower dirs for the overlay, top first; builds the image if the store lacks it."""
-        self.validate(spec)
-        if spec.kind == "snapshot":
-            return self._snapshot_layers(spec.image_id)
-        built = rootfs_if_built(self.store)
-        if built:
-            return [built]
-        async with self.build_mu:
-            rootfs = await asyncio.to_thread(ensure_base_image, self.store, DEFAULT_RECIPE,
-                                             log.info)
-        return [rootfs]
-
-    # --- snapshots: a sandbox's writable layer, frozen into a read-only layer of a new image
-    @property
-    def snapshots(self) -> Path:
-        return self.store / "snapshots"
-
-    def _snapshot_layers(self, image_id: str) -> list[Path]:
-        meta = self.snapshots / image_id / "image.json"
+    # --- building
+    async def build(self, recipe: dict, log_line: Callable[[str], None]) -> Manifest:
         try:
-            parents = json.loads(meta.read_text())["parents"]
-        except FileNotFoundError:
-            raise NotFoundError(f"image {image_id} not found") from None
-        return [self.snapshots / image_id / "rootfs", *(Path(p) for p in parents)]
+            return await self.builder.build(recipe, log_line, self._resolve_base)
+        except (RecipeError, UnsafeLayerError) as e:
+            raise InvalidError(str(e)) from None
+        except (BuildError, RegistryError) as e:
+            raise ExecutionError(str(e)) from None
 
-    async def snapshot(self, upper: Path, parents: list[Path]) -> str:
-        """Copy a (paused) sandbox's upper dir into a new layer on top of `parents`; the copy keeps
-        overlayfs whiteouts (0/0 device nodes) and opaque-directory xattrs, so deletions carry
-        over. The image appears under its id only when complete."""
-        if len(parents) + 1 > MAX_LAYERS:
-            raise InvalidError(f"a snapshot of a snapshot ... deeper than {MAX_LAYERS} layers is "
-                               "not supported yet")
-        image_id = f"im-{secrets.token_hex(11)}"
-        self.snapshots.mkdir(parents=True, exist_ok=True)
-        scratch = self.snapshots / f".tmp-{image_id}"
-        scratch.mkdir()
+    async def _resolve_base(self, base: dict, log_line) -> tuple[list[str], ImageConfig, str]:
+        kind = base.get("kind")
+        if kind == "debian_slim":
+            pv = base.get("python_version")
+            if pv not in (None, *base_image.SUPPORTED_PYTHON_VERSIONS):
+                raise RecipeError(
+                    f"python_version {pv!r} is not available: this machine's Debian "
+                    f"{base_image.DEFAULT_RECIPE.suite} provides "
+                    f"{', '.join(base_image.SUPPORTED_PYTHON_VERSIONS)}")
+            if base_image.rootfs_if_built(self.store.root) is None:
+                async with self.base_mu:
+                    log_line("building the default image (Debian bookworm + Python; once)")
+                    await asyncio.to_thread(base_image.ensure_base_image, self.store.root,
+                                            base_image.DEFAULT_RECIPE, log_line)
+            layer = "base/" + base_image.image_dir(self.store.root).name
+            return [layer], ImageConfig(), layer
+        if kind == "image":
+            m = self.manifest(base.get("image_id") or "")
+            return list(m.layers), m.config, m.id
+        if kind == "registry":
+            layers, config, key = await self.registry.pull(
+                base.get("tag") or "", base.get("username"), base.get("password"), log_line)
+            return layers, config, key
+        raise RecipeError(f"unknown image base {kind!r}")
+
+    async def build_stream(self, recipe: dict) -> AsyncIterator[dict]:
+        """Build in the background; yield {"log": line} as it goes, then {"image_id": ...} or
+        {"error": {...}}. The build finishes (and is cached) even if the client leaves."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def run():
+            try:
+                m = await self.build(recipe, lambda line: queue.put_nowait({"log": line}))
+                queue.put_nowait({"image_id": m.id})
+            except Exception as e:  # reported to the client, typed
+                if not isinstance(e, (InvalidError, ExecutionError, NotFoundError)):
+                    log.exception("image build failed")
+                queue.put_nowait({"error": {"type": type(e).__name__, "message": str(e)}})
+
+        task = asyncio.ensure_future(run())
+        while True:
+            item = await queue.get()
+            yield item
+            if "image_id" in item or "error" in item:
+                await task
+                return
+
+    # --- using
+    def manifest(self, image_id: str) -> Manifest:
+        if not IMAGE_ID.match(image_id or ""):
+            raise InvalidError(f"invalid image id {image_id!r}")
+        m = self.store.manifest(image_id)
+        if m is None:
+            raise NotFoundError(f"image {image_id} not found (removed, or never built here)")
+        missing = [i for i in m.layers if not self.store.has_layer(i)]
+        if missing:
+            raise NotFoundError(f"image {image_id} lost layer(s) {missing}; build it again")
+        return m
+
+    async def default(self) -> Manifest:
+        return await self.build(DEFAULT_RECIPE, log.info)
+
+    async def mount_layers(self, m: Manifest) -> list[Path]:
+        return await asyncio.to_thread(self.store.mount_layers, m.layers)
+
+    # --- snapshots
+    async def snapshot(self, upper: Path, parent: Manifest) -> str:
+        """Copy a (paused) sandbox's upper dir into a new layer over `parent`'s layers. The copy
+        keeps overlayfs whiteouts (0/0 device nodes) and opaque-directory xattrs, so deletions
+        carry over. The image appears under its id only when complete."""
+        work = self.store.scratch()
         try:
             proc = await asyncio.create_subprocess_exec(
-                "cp", "-a", "--reflink=auto", f"{upper}/.", str(scratch / "rootfs"),
+                "cp", "-a", "--reflink=auto", f"{upper}/.", str(work / "rootfs"),
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
             _, err = await proc.communicate()
             if proc.returncode != 0:
                 raise ExecutionError(f"snapshot copy failed: {err.decode(errors='replace')}")
-            # The init's bind-mount point is shoal's, not the sandbox's.
-            shutil.rmtree(scratch / "rootfs" / ".shoal", ignore_errors=True)
-            (scratch / "image.json").write_text(json.dumps(
-                {"id": image_id, "parents": [str(p) for p in parents], "created_at": time.time()}))
-            os.rename(scratch, self.snapshots / image_id)
+            for name in (".shoal", ".shoal-build"):  # shoal's mount points, not the sandbox's
+                await asyncio.to_thread(subprocess.run, ["rm", "-rf", str(work / "rootfs" / name)])
+            layer_id = f"layers/snap-{secrets.token_hex(13)}"
+            self.store.commit_layer(layer_id, work / "rootfs", {"snapshot_of": parent.id})
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        return image_id
+            await asyncio.to_thread(subprocess.run, ["rm", "-rf", str(work)])
+        layers = [*parent.layers, layer_id]
+        m = Manifest(Manifest.image_id(layers, parent.config), layers, parent.config, time.time(),
+                     f"snapshot of a sandbox from {parent.id}")
+        self.store.save_manifest(m)
+        return m.id
+
+    # --- uploaded files (add_local_*)
+    def missing_blobs(self, digests: list[str]) -> list[str]:
+        for d in digests:
+            if not SHA256.match(d):
+                raise InvalidError(f"invalid sha256 digest {d!r}")
+        return [d for d in digests if not (self.store.root / "blobs" / "sha256" / d).exists()]
+
+    async def put_blob(self, sha: str, body: AsyncIterator[bytes]) -> int:
+        if not SHA256.match(sha):
+            raise InvalidError(f"invalid sha256 digest {sha!r}")
+        final = self.store.root / "blobs" / "sha256" / sha
+        tmp = final.with_name(f".{sha}.{secrets.token_hex(4)}")
+        h, n = hashlib.sha256(), 0
+        try:
+            with open(tmp, "wb") as f:
+                async for chunk in body:
+                    h.update(chunk)
+                    f.write(chunk)
+                    n += len(chunk)
+            if h.hexdigest() != sha:
+                raise InvalidError(f"uploaded data does not match its digest {sha[:12]}")
+            os.rename(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return n
+
+    # --- listing and pruning
+    def list(self) -> list[dict]:
+        return [{"image_id": m.id, "layers": len(m.layers), "created_at": m.created_at,
+                 "description": m.description, "config": asdict(m.config)}
+                for m in self.store.manifests()]
+
+    def remove(self, image_id: str, in_use: set[str]) -> None:
+        self.manifest(image_id)
+        if image_id in in_use:
+            raise InvalidError(f"image {image_id} is used by a running sandbox")
+        self.store.remove_manifest(image_id)
+
+    def prune(self, running_layers: set[str]) -> dict:
+        """Remove layers that no image and no running sandbox uses."""
+        keep = set(running_layers)
+        for m in self.store.manifests():
+            keep.update(m.layers)
+            if len(m.layers) > MAX_MOUNT_LAYERS:
+                keep.add(f"flat/{digest(m.layers[:len(m.layers) - MAX_MOUNT_LAYERS + 1])[:32]}")
+        removed, freed = [], 0
+        for layer in self.store.all_layers():
+            if layer not in keep:
+                freed += self.store.size_of(layer)
+                self.store.remove_layer(layer)
+                removed.append(layer)
+        return {"removed_layers": removed, "freed_bytes": freed}

@@ -3,7 +3,7 @@ from these (and checked into docs/openapi.json by a test, so it cannot drift unn
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class AppLookup(BaseModel):
@@ -17,10 +17,44 @@ class AppInfo(BaseModel):
     created_at: float
 
 
-class ImageSpec(BaseModel):
-    kind: str = Field("debian_slim", description="debian_slim | snapshot")
+class ImageBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field("debian_slim", description="debian_slim | registry | image")
     python_version: str | None = None
-    image_id: str | None = None
+    tag: str | None = Field(None, description="registry: an image reference")
+    username: str | None = None
+    password: str | None = None
+    image_id: str | None = Field(None, description="image: build on an existing image")
+
+
+class ImageStep(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    op: str = Field(description="apt_install | pip_install | uv_pip_install | run_commands | "
+                                "add_local | env | workdir | entrypoint | user")
+    packages: list[str] | None = None
+    index_url: str | None = None
+    extra_index_url: str | None = None
+    pre: bool | None = None
+    commands: list[str] | None = None
+    secret_env: dict[str, str] | None = None
+    env: dict[str, str] | None = None
+    path: str | None = None
+    blob: str | None = Field(None, description="add_local: sha256 of the uploaded tar")
+    args: list[str] | None = None
+    user: str | None = None
+
+
+class ImageRecipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base: ImageBase = Field(default_factory=ImageBase)
+    steps: list[ImageStep] = Field(default_factory=list)
+
+
+class BlobList(BaseModel):
+    digests: list[str]
 
 
 class MountSpec(BaseModel):
@@ -46,7 +80,7 @@ class CreateSandbox(BaseModel):
     args: list[str] = Field(default_factory=list, description="entrypoint; empty = stay up")
     name: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
-    image: ImageSpec = Field(default_factory=ImageSpec)
+    image_id: str | None = Field(None, description="from POST /images; None: the default image")
     env: dict[str, str] = Field(default_factory=dict)
     workdir: str | None = None
     timeout: float = 300

@@ -34,7 +34,7 @@ from shoal.runtime.oci import ContainerSpec, Limits, Mount
 from shoal.runtime.rootfs import Rootfs
 from shoal.server.files import RESOLVE_SANDBOX, SandboxFiles, sandbox_rel
 from shoal.server.images import ImageService
-from shoal.server.models import CreateSandbox, ExecRequest, ImageSpec
+from shoal.server.models import CreateSandbox, ExecRequest
 from shoal.server.streams import OutputBuffer, tail_file
 from shoal.server.volumes import VolumeService, new_id
 from shoal.storage.state import MountRecord, SandboxRecord, StateStore
@@ -201,14 +201,21 @@ class SandboxService:
             raise AlreadyExistsError(f"a running sandbox named {req.name!r} already exists in "
                                      "this app")
         vols = [(m, self.volumes.get(m.volume_id)) for m in req.mounts]
-        layers = await self.images.layers(req.image)
+        image = self.images.manifest(req.image_id) if req.image_id else await self.images.default()
+        layers = await self.images.mount_layers(image)
+        env = {**image.config.env, **req.env}
+        workdir = req.workdir or image.config.workdir
+        args = list(req.args)
+        if args and image.config.entrypoint:
+            args = [*image.config.entrypoint, *args]
 
         sid = new_id("sb")
         sdir = self.root / sid
         sdir.mkdir(parents=True)
         rootfs = Rootfs(sdir)
         now = time.time()
-        spec = req.model_dump()
+        spec = {**req.model_dump(), "env": env, "workdir": workdir, "image_id": image.id,
+                "layers": image.layers}
         rec = SandboxRecord(id=sid, app_id=req.app_id, name=req.name, state="running", spec=spec,
                             created_at=now, deadline=now + req.timeout, tags=dict(req.tags))
         # Recorded before anything runs, so a crash from here on is found by `reconcile`.
@@ -225,8 +232,8 @@ class SandboxService:
                 pids=req.resources.pids or Limits.pids,
             )
             cspec = ContainerSpec(
-                id=sid, rootfs=str(merged), args=list(req.args) or self.idle_args,
-                env=req.env, cwd=req.workdir or "/", limits=limits,
+                id=sid, rootfs=str(merged), args=args or self.idle_args,
+                env=env, cwd=workdir or "/", limits=limits,
                 mounts=[Mount(str(self.volumes.storage.host_path(v.id)),
                               posixpath.normpath(m.path), m.read_only) for m, v in vols],
                 tools_dir=str(self.tools_dir))
@@ -353,10 +360,10 @@ class SandboxService:
         Volumes are not part of it. The sandbox is frozen while its layer is copied."""
         live = self._running(sandbox_id)
         live.touch()
-        parents = await self.images.layers(ImageSpec(**self.get(sandbox_id).spec["image"]))
+        parent = self.images.manifest(self.get(sandbox_id).spec["image_id"])
         await self.runtime.pause(sandbox_id)
         try:
-            return await self.images.snapshot(live.rootfs.upper, parents)
+            return await self.images.snapshot(live.rootfs.upper, parent)
         finally:
             await self.runtime.resume(sandbox_id)
 
@@ -619,6 +626,15 @@ class SandboxService:
                 rec = self.store.sandbox_get(sdir.name)
                 if rec is None or (rec.ended_at or 0) < time.time() - LOG_RETENTION:
                     shutil.rmtree(sdir, ignore_errors=True)
+
+    def layers_in_use(self) -> tuple[set[str], set[str]]:
+        """(layer ids, image ids) of running sandboxes: never pruned or removed."""
+        layers, images = set(), set()
+        for rec in self.store.sandbox_list(state="running"):
+            layers.update(rec.spec.get("layers") or [])
+            if rec.spec.get("image_id"):
+                images.add(rec.spec["image_id"])
+        return layers, images
 
     def collect_logs(self) -> None:
         cutoff = time.time() - LOG_RETENTION

@@ -48,7 +48,8 @@ def split(rel: str) -> tuple[str, str]:
     return parent, name
 
 
-def open_checked(root_fd: int, rel: str, flags: int, allow_dir: bool = False) -> int:
+def open_checked(root_fd: int, rel: str, flags: int, allow_dir: bool = False,
+                 resolve: int = RESOLVE) -> int:
     """Open `rel` under the root for reading or writing, but only if it is a regular file (or, with
     `allow_dir`, a directory). The type is checked on an O_PATH descriptor before anything is
     opened for real: a device node or FIFO that a sandbox made (it may `mknod`, and the server is
@@ -56,9 +57,13 @@ def open_checked(root_fd: int, rel: str, flags: int, allow_dir: bool = False) ->
     descriptor, so the inode checked is the inode opened."""
     import stat
 
-    pfd = _linux.openat2(root_fd, rel or ".", os.O_PATH, 0, RESOLVE)
+    pfd = _linux.openat2(root_fd, rel or ".", os.O_PATH, 0, resolve)
     try:
         mode = os.fstat(pfd).st_mode
+        kernel_fs = _linux.KERNEL_FS.get(_linux.fs_type(pfd))
+        if kernel_fs and not (allow_dir and stat.S_ISDIR(mode)):
+            raise PermissionError(f"{rel!r} is on {kernel_fs}, a kernel interface; it is not "
+                                  "opened through the file API (use exec inside the sandbox)")
         if stat.S_ISDIR(mode):
             if not allow_dir:
                 raise IsADirectoryError(f"{rel or '/'!r} is a directory")

@@ -1,0 +1,150 @@
+"""`Image.from_dockerfile`: the common Dockerfile instructions, turned into Image steps.
+
+Supported: FROM (one stage; a registry reference, or `shoal/debian_slim` for shoal's default
+image), RUN, COPY and ADD of local files, ENV, WORKDIR, ARG, USER, ENTRYPOINT, CMD (recorded, not
+run: a sandbox's command comes from `Sandbox.create`), and LABEL / EXPOSE / MAINTAINER (accepted,
+no effect). Anything else is an InvalidError naming the instruction and its line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+from shoal.exception import InvalidError
+
+IGNORED = {"LABEL", "EXPOSE", "MAINTAINER"}
+VAR = re.compile(r"\$(?:\{(\w+)(?::-([^}]*))?\}|(\w+))")
+
+
+def _logical_lines(text: str):
+    buf, start = "", 0
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.rstrip()
+        if not buf and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if not buf:
+            start = n
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        buf += line
+        yield start, buf.strip()
+        buf = ""
+    if buf:
+        yield start, buf.strip()
+
+
+def _subst(value: str, env: dict[str, str]) -> str:
+    return VAR.sub(lambda m: env.get(m.group(1) or m.group(3), m.group(2) or ""), value)
+
+
+def _json_or_shell(rest: str) -> list[str]:
+    if rest.startswith("["):
+        try:
+            args = json.loads(rest)
+        except ValueError:
+            raise InvalidError(f"invalid JSON array: {rest}") from None
+        if not all(isinstance(a, str) for a in args):
+            raise InvalidError(f"exec form must be an array of strings: {rest}")
+        return args
+    return ["/bin/sh", "-c", rest]
+
+
+def parse_dockerfile(path: Path, context: Path | None, build_args: dict[str, str], secrets):
+    from shoal.image import _Image
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no such Dockerfile: {path}")
+    context = context or path.parent
+    img = None
+    args: dict[str, str] = {}
+    env: dict[str, str] = {}
+    workdir = "/"
+    for lineno, line in _logical_lines(path.read_text()):
+        word, _, rest = line.partition(" ")
+        instr, rest = word.upper(), rest.strip()
+        where = f"{path.name}:{lineno}"
+        scope = {**args, **env}
+        if instr == "ARG":
+            name, _, default = rest.partition("=")
+            args[name.strip()] = build_args.get(name.strip(), _subst(default.strip().strip('"'),
+                                                                     scope))
+            continue
+        if instr == "FROM":
+            if img is not None:
+                raise InvalidError(f"{where}: multi-stage builds (a second FROM) are not supported")
+            ref = _subst(rest.split()[0], scope) if rest else ""
+            if ref in ("shoal/debian_slim", "shoal:debian_slim"):
+                img = _Image.debian_slim()
+            elif ref == "scratch":
+                raise InvalidError(f"{where}: FROM scratch is not supported")
+            else:
+                img = _Image.from_registry(ref)
+            continue
+        if img is None:
+            raise InvalidError(f"{where}: {instr} before FROM")
+        if instr in IGNORED:
+            continue
+        if instr == "RUN":
+            if rest.startswith("["):
+                cmd = shlex.join(_json_or_shell(rest))
+            else:
+                cmd = rest
+            exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in args.items())
+            cd = f"cd {shlex.quote(workdir)} && " if workdir != "/" else ""
+            img = img.run_commands(exports + cd + cmd, secrets=secrets or ())
+        elif instr == "ENV":
+            pairs = {}
+            if "=" in rest.split()[0]:
+                for tok in shlex.split(rest):
+                    k, _, v = tok.partition("=")
+                    pairs[k] = _subst(v, scope)
+            else:
+                k, _, v = rest.partition(" ")
+                pairs[k] = _subst(v.strip(), scope)
+            env.update(pairs)
+            img = img.env(pairs)
+        elif instr == "WORKDIR":
+            target = _subst(rest, scope)
+            workdir = target if target.startswith("/") else f"{workdir.rstrip('/')}/{target}"
+            img = img.workdir(workdir)
+        elif instr in ("COPY", "ADD"):
+            toks = [t for t in shlex.split(_subst(rest, scope))]
+            flags = [t for t in toks if t.startswith("--")]
+            if any(f.startswith("--from") for f in flags):
+                raise InvalidError(f"{where}: {instr} --from (multi-stage) is not supported")
+            toks = [t for t in toks if not t.startswith("--")]
+            if len(toks) < 2:
+                raise InvalidError(f"{where}: {instr} needs a source and a destination")
+            *srcs, dest = toks
+            if not dest.startswith("/"):
+                dest = f"{workdir.rstrip('/')}/{dest}"
+            for src in srcs:
+                if re.match(r"^[a-z]+://", src):
+                    raise InvalidError(f"{where}: {instr} of a URL is not supported")
+                matches = sorted(context.glob(src)) if any(c in src for c in "*?[") \
+                    else [context / src]
+                for local in matches:
+                    if not local.resolve().is_relative_to(context.resolve()):
+                        raise InvalidError(f"{where}: {src} is outside the build context")
+                    if local.is_dir():
+                        img = img.add_local_dir(local, dest)
+                    elif local.is_file():
+                        many = len(srcs) > 1 or len(matches) > 1 or dest.endswith("/")
+                        img = img.add_local_file(local, dest.rstrip("/") + "/" if many else dest)
+                    else:
+                        raise InvalidError(f"{where}: {src} not found in {context}")
+        elif instr == "USER":
+            img = img._with({"op": "user", "user": _subst(rest, scope)})
+        elif instr == "ENTRYPOINT":
+            img = img.entrypoint(_json_or_shell(rest))
+        elif instr == "CMD":
+            continue
+        else:
+            raise InvalidError(f"{where}: the {instr} instruction is not supported")
+    if img is None:
+        raise InvalidError(f"{path}: no FROM instruction")
+    return img

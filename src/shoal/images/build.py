@@ -1,0 +1,298 @@
+"""Building images step by step, each step's result a cached layer.
+
+A recipe is a base (the default Debian image, a registry image, or an existing image) and steps.
+Each step that changes files runs in a build sandbox — the same runtime and isolation as user
+sandboxes, except that it shares the host's network so it can reach the package registries, with
+the host's resolv.conf and CA bundle bind-mounted read-only (so they never land in the layer) — and
+its overlay upper directory becomes the layer. Steps that only change configuration (env, workdir,
+entrypoint, user) make no layer.
+
+A step's cache key hashes its parent's key and its full definition (the content digest of files
+it adds, a digest of secret values), so an unchanged recipe is all cache hits and a changed line
+rebuilds from there on. Two builds of one layer wait on one lock and build it once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import shlex
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from shoal.images.store import ImageConfig, ImageStore, Manifest, digest
+from shoal.images.unpack import unpack
+from shoal.runtime import tools
+from shoal.runtime.oci import ContainerSpec, Limits, Mount
+from shoal.runtime.rootfs import Rootfs
+
+Log = Callable[[str], None]
+STEP_TIMEOUT = float(os.environ.get("SHOAL_BUILD_TIMEOUT", "1800"))
+CA_BUNDLE = os.environ.get("SHOAL_BUILD_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+BUILD_MOUNT = "/.shoal-build"
+PACKAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+._\-]*([<>=!~]=?[A-Za-z0-9.*+!_\-,:]+)?$")
+APT_RE = re.compile(r"^[a-z0-9][a-z0-9+.\-]*(:[a-z0-9]+)?(=[A-Za-z0-9.+:~\-]+)?$")
+
+
+class BuildError(Exception):
+    """A step failed; the message has the tool's own output and exit code."""
+
+
+class RecipeError(ValueError):
+    """The recipe itself is wrong (a bad package name, an unknown step)."""
+
+
+CONFIG_OPS = {"env", "workdir", "entrypoint", "user"}
+LAYER_OPS = {"apt_install", "pip_install", "uv_pip_install", "run_commands", "add_local"}
+
+
+def step_command(step: dict) -> str:
+    """The shell command a file-changing step runs (validated: no injection through names)."""
+    op = step["op"]
+    if op == "apt_install":
+        pkgs = step.get("packages") or []
+        bad = [p for p in pkgs if not APT_RE.match(p)]
+        if not pkgs or bad:
+            raise RecipeError(f"apt_install: invalid package name(s) {bad or pkgs!r}")
+        return ("apt-get update -q && apt-get install -y -q --no-install-recommends "
+                + " ".join(shlex.quote(p) for p in pkgs)
+                + " && apt-get clean && rm -rf /var/lib/apt/lists/*")
+    if op in ("pip_install", "uv_pip_install"):
+        pkgs = step.get("packages") or []
+        bad = [p for p in pkgs if not PACKAGE_RE.match(p)]
+        if not pkgs or bad:
+            raise RecipeError(f"{op}: invalid requirement(s) {bad or pkgs!r}")
+        opts = []
+        if step.get("index_url"):
+            opts += ["--index-url", step["index_url"]]
+        if step.get("extra_index_url"):
+            opts += ["--extra-index-url", step["extra_index_url"]]
+        if step.get("pre"):
+            opts.append("--pre")
+        args = " ".join(shlex.quote(a) for a in [*opts, *pkgs])
+        if op == "pip_install":
+            return f"python3 -m pip install --no-cache-dir {args}"
+        return ("python3 -m pip install --no-cache-dir uv && "
+                f"uv pip install --system --break-system-packages --no-cache {args}")
+    if op == "run_commands":
+        cmds = step.get("commands") or []
+        if not cmds or not all(isinstance(c, str) for c in cmds):
+            raise RecipeError("run_commands needs at least one command string")
+        return " && ".join(f"( {c} )" for c in cmds)
+    raise RecipeError(f"unknown image step {op!r}")
+
+
+class Builder:
+    def __init__(self, store: ImageStore, runtime, tools_dir: Path, base_store: Path):
+        self.store = store
+        self.runtime = runtime
+        self.tools_dir = tools_dir
+        self.base_store = base_store
+        self.mu: dict[str, asyncio.Lock] = {}  # per layer id, within this process
+
+    async def build(self, recipe: dict, log: Log, resolve_base) -> Manifest:
+        """Build (or find) every layer of `recipe`; returns its manifest. `resolve_base(base,
+        log)` gives (layer ids, config, chain key) for the recipe's base."""
+        started = time.monotonic()
+        layers, config, key = await resolve_base(recipe["base"], log)
+        config = replace(config, env=dict(config.env))
+        for n, step in enumerate(recipe.get("steps") or [], 1):
+            op = step.get("op")
+            key = digest({"parent": key, "step": _cache_view(step)})
+            label = f"[{n}] {describe(step)}"
+            if op in CONFIG_OPS:
+                _apply_config(config, step)
+                log(f"{label}")
+                continue
+            if op not in LAYER_OPS:
+                raise RecipeError(f"unknown image step {op!r}")
+            layer_id = f"layers/{key[:32]}"
+            if self.store.has_layer(layer_id):
+                log(f"{label}: cached")
+            else:
+                await self._build_layer(layer_id, layers, config, step, f"{label}", log)
+            layers = [*layers, layer_id]
+        manifest = Manifest(Manifest.image_id(layers, config), layers, config, time.time(),
+                            describe_recipe(recipe))
+        self.store.save_manifest(manifest)
+        log(f"image {manifest.id} ready ({len(layers)} layers, "
+            f"{time.monotonic() - started:.1f} s)")
+        return self.store.manifest(manifest.id) or manifest
+
+    async def _build_layer(self, layer_id: str, parents: list[str], config: ImageConfig,
+                           step: dict, label: str, log: Log) -> None:
+        lock = self.mu.setdefault(layer_id, asyncio.Lock())
+        async with lock:
+            if self.store.has_layer(layer_id):
+                log(f"{label}: cached (built concurrently)")
+                return
+            # Another process may build the same layer: wait for it on the store's file lock.
+            handle = await asyncio.to_thread(self.store.acquire, layer_id.replace("/", "-"))
+            try:
+                if self.store.has_layer(layer_id):
+                    log(f"{label}: cached (built by another process)")
+                    return
+                log(f"{label}: building")
+                t = time.monotonic()
+                if step["op"] == "add_local":
+                    await asyncio.to_thread(self._add_local, layer_id, parents, step)
+                else:
+                    await self._run_step(layer_id, parents, config, step, log)
+                log(f"{label}: done in {time.monotonic() - t:.1f} s")
+            finally:
+                self.store.release(handle)
+
+    def _add_local(self, layer_id: str, parents: list[str], step: dict) -> None:
+        blob = self.store.root / "blobs" / "sha256" / step["blob"]
+        if not blob.exists():
+            raise BuildError(f"add_local: the uploaded files ({step['blob'][:12]}) are missing; "
+                             "upload them again")
+        work = self.store.scratch()
+        try:
+            (work / "rootfs").mkdir()
+            dest = (step.get("path") or "/").strip("/")
+            _copy_parent_dirs(self.store.mount_layers(parents), work / "rootfs", dest)
+            with open(blob, "rb") as f:
+                unpack(f, str(work / "rootfs"), prefix=dest)
+            self.store.commit_layer(layer_id, work / "rootfs", {"step": _cache_view(step)})
+        finally:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+
+    async def _run_step(self, layer_id: str, parents: list[str], config: ImageConfig,
+                        step: dict, log: Log) -> None:
+        command = step_command(step)
+        work = self.store.scratch()
+        rootfs = Rootfs(work)
+        cid = f"bd-{secrets.token_hex(11)}"
+        try:
+            merged = rootfs.mount(self.store.mount_layers(parents))
+            env = {**config.env,
+                   "DEBIAN_FRONTEND": "noninteractive", "PIP_ROOT_USER_ACTION": "ignore",
+                   "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_BREAK_SYSTEM_PACKAGES": "1",
+                   **(step.get("secret_env") or {})}
+            mounts = []
+            if Path("/etc/resolv.conf").exists():
+                mounts.append(Mount(os.path.realpath("/etc/resolv.conf"), "/etc/resolv.conf",
+                                    read_only=True))
+            if Path(CA_BUNDLE).exists():
+                ca = f"{BUILD_MOUNT}/ca.crt"
+                mounts.append(Mount(CA_BUNDLE, ca, read_only=True))
+                env.update({"PIP_CERT": ca, "SSL_CERT_FILE": ca, "REQUESTS_CA_BUNDLE": ca,
+                            "CURL_CA_BUNDLE": ca})
+            spec = ContainerSpec(id=cid, rootfs=str(merged), args=["/bin/sh", "-c", command],
+                                 env=env, cwd=config.workdir or "/", mounts=mounts,
+                                 limits=Limits(memory_mib=8192, pids=8192),
+                                 tools_dir=str(self.tools_dir), network="host")
+            log(f"  $ {command}")
+            proc = await self.runtime.run(spec, work / "bundle", asyncio.subprocess.PIPE,
+                                          asyncio.subprocess.STDOUT)
+            tail: list[str] = []
+            try:
+                async with asyncio.timeout(STEP_TIMEOUT):
+                    while line := await proc.stdout.readline():
+                        text = line.decode(errors="replace").rstrip()
+                        tail = (tail + [text])[-30:]
+                        log(f"  {text}")
+                    rc = await proc.wait()
+            except TimeoutError:
+                await self.runtime.kill(cid, 9)
+                await proc.wait()
+                raise BuildError(f"step timed out after {STEP_TIMEOUT:.0f} s: {describe(step)}")
+            finally:
+                await self.runtime.delete(cid)
+            if rc != 0:
+                raise BuildError(f"{describe(step)} failed with exit code {rc}:\n"
+                                 + "\n".join(tail[-15:]))
+            rootfs.unmount()
+            _strip_build_traces(rootfs.upper)
+            self.store.commit_layer(layer_id, rootfs.upper, {"step": _cache_view(step)})
+        finally:
+            rootfs.unmount()
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _copy_parent_dirs(lowers: list[Path], layer: Path, rel: str) -> None:
+    """Create the directories leading to `rel` in a new layer with the owner and mode they have in
+    the image below: a directory in an upper layer hides the lower one's attributes, so a plain
+    mkdir would turn /root (0700) into 0755."""
+    parts = [p for p in rel.split("/") if p]
+    for i in range(len(parts)):
+        sub = "/".join(parts[:i + 1])
+        st = None
+        for lower in lowers:  # top first
+            try:
+                st = os.lstat(lower / sub)
+                break
+            except FileNotFoundError:
+                continue
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            return  # below here the tar (or unpack) creates what is missing
+        target = layer / sub
+        target.mkdir(exist_ok=True)
+        os.chown(target, st.st_uid, st.st_gid)
+        os.chmod(target, stat.S_IMODE(st.st_mode))
+
+
+def _strip_build_traces(upper: Path) -> None:
+    """What the build sandbox's mounts left in the layer: their empty mount points."""
+    import shutil
+
+    for name in (tools.MOUNT_POINT, BUILD_MOUNT):
+        shutil.rmtree(upper / name.lstrip("/"), ignore_errors=True)
+    resolv = upper / "etc" / "resolv.conf"
+    if resolv.is_file() and not resolv.is_symlink() and resolv.stat().st_size == 0:
+        resolv.unlink()
+
+
+def _apply_config(config: ImageConfig, step: dict) -> None:
+    op = step["op"]
+    if op == "env":
+        config.env.update(step.get("env") or {})
+    elif op == "workdir":
+        config.workdir = step["path"]
+    elif op == "entrypoint":
+        config.entrypoint = list(step.get("args") or [])
+    elif op == "user":
+        config.user = step.get("user")
+
+
+def _cache_view(step: dict) -> dict:
+    """The step as its cache key sees it: secrets only by a digest of their values."""
+    view = {k: v for k, v in step.items() if v not in (None, [], {}, False)}
+    if "secret_env" in view:
+        view["secret_env"] = digest(view["secret_env"])
+    return view
+
+
+def describe(step: dict) -> str:
+    op = step.get("op")
+    if op in ("apt_install", "pip_install", "uv_pip_install"):
+        return f"{op} {' '.join(step.get('packages') or [])}"
+    if op == "run_commands":
+        return "run " + " && ".join(step.get("commands") or [])
+    if op == "add_local":
+        return f"add_local -> {step.get('path')}"
+    if op == "env":
+        return "env " + " ".join(f"{k}=..." for k in (step.get("env") or {}))
+    if op == "workdir":
+        return f"workdir {step.get('path')}"
+    if op == "entrypoint":
+        return f"entrypoint {step.get('args')}"
+    return str(op)
+
+
+def describe_recipe(recipe: dict) -> str:
+    b = recipe["base"]
+    base = {"debian_slim": "debian_slim", "registry": f"registry {b.get('tag')}",
+            "image": f"image {b.get('image_id')}"}.get(b.get("kind"), str(b.get("kind")))
+    steps = recipe.get("steps") or []
+    return base + "".join(f" | {describe(s)}" for s in steps)
