@@ -114,8 +114,9 @@ def sandbox(app):
     sb.terminate()
 
 
-def leftovers(home: Path, server_may_run: bool = False) -> list[str]:
-    """Containers, mounts, cgroups and processes that a finished test session must not leave."""
+def leftovers(home: Path, server_may_run: bool = False, only: str | None = None) -> list[str]:
+    """Containers, mounts, cgroups and processes that a finished test session must not leave
+    (`only`: of that one sandbox)."""
     found = []
     runc_root = home / "runc"
     if runc_root.exists():
@@ -127,6 +128,8 @@ def leftovers(home: Path, server_may_run: bool = False) -> list[str]:
     sandboxes = home / "sandboxes"
     for sid in (os.listdir(sandboxes) if sandboxes.exists() else []):
         found += [f"cgroup {c}" for c in Path("/sys/fs/cgroup").glob(f"*/shoal/{sid}")]
+    if only:
+        found = [f for f in found if only in f]
     pid_file = home / "server.pid"
     if pid_file.exists() and not server_may_run:
         try:

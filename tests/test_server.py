@@ -46,7 +46,7 @@ def test_sandbox_whose_timeout_passed_while_the_server_was_down_is_ended(server,
     time.sleep(1.5)
     server.start()
     assert sb.poll() == 124
-    assert leftovers(config.home(), server_may_run=True) == []
+    assert leftovers(config.home(), server_may_run=True, only=sb.object_id) == []
 
 
 def test_graceful_stop_keeps_sandboxes_for_the_next_server(server, app):
@@ -75,7 +75,7 @@ def test_leftovers_of_a_crashed_create_are_cleaned(server, app):
                     str(sdir / "bundle"), sid], check=True, stdin=subprocess.DEVNULL,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server.restart(signal.SIGKILL)
-    assert leftovers(config.home(), server_may_run=True) == []
+    assert leftovers(config.home(), server_may_run=True, only=sid) == []
     assert not sdir.exists()
 
 

@@ -116,6 +116,69 @@ def image() -> None:
     """Images."""
 
 
+def _api(method: str, path: str, **kwargs):
+    """One call to the server through the SDK's transport (starting a server if needed)."""
+    from shoal._client import get_client
+    from shoal._sync import run_blocking
+
+    async def call():
+        client = await get_client()
+        return await client.call(method, path, **kwargs)
+
+    return run_blocking(call())
+
+
+@image.command("build")
+@click.argument("target", metavar="FILE::NAME")
+def image_build(target: str) -> None:
+    """Build the Image called NAME in the Python file FILE, showing the build."""
+    import runpy
+
+    import shoal
+
+    path, sep, name = target.partition("::")
+    if not sep or not name:
+        raise click.UsageError("give FILE::NAME, e.g. images.py::app_image")
+    if not os.path.isfile(path):
+        _fail(f"no such file: {path}")
+    namespace = runpy.run_path(path, run_name="__shoal_image_build__")
+    img = namespace.get(name)
+    if not isinstance(img, shoal.Image):
+        _fail(f"{name!r} in {path} is not a shoal.Image (it is {type(img).__name__})")
+    with shoal.enable_output():
+        img.build()
+    click.echo(img.object_id)
+
+
+@image.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def image_list(as_json: bool) -> None:
+    """Images built on this server."""
+    rows = _api("GET", "/images")
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"]))
+        click.echo(f"{r['image_id']}  {r['layers']:>2} layers  {when}  {r['description']}")
+
+
+@image.command("rm")
+@click.argument("image_ids", nargs=-1, required=True)
+def image_rm(image_ids: tuple[str, ...]) -> None:
+    """Remove images (their layers go at the next prune)."""
+    for image_id in image_ids:
+        _api("DELETE", f"/images/{image_id}")
+        click.echo(f"removed {image_id}")
+
+
+@image.command("prune")
+def image_prune() -> None:
+    """Remove layers that no image and no running sandbox uses."""
+    r = _api("POST", "/images/prune")
+    click.echo(f"removed {len(r['removed_layers'])} layer(s), freed {r['freed_bytes'] / 1e6:.1f} MB")
+
+
 @image.command("build-default")
 def image_build_default() -> None:
     """Build the default image (Debian bookworm + Python) into the image store, if missing."""

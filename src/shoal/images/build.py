@@ -29,6 +29,7 @@ from shoal.images.store import ImageConfig, ImageStore, Manifest, digest
 from shoal.images.unpack import unpack
 from shoal.runtime import tools
 from shoal.runtime.oci import ContainerSpec, Limits, Mount
+from shoal.images.users import resolve_user
 from shoal.runtime.rootfs import Rootfs
 
 Log = Callable[[str], None]
@@ -173,6 +174,10 @@ class Builder:
         cid = f"bd-{secrets.token_hex(11)}"
         try:
             merged = rootfs.mount(self.store.mount_layers(parents))
+            try:
+                user = resolve_user(merged, config.user)
+            except ValueError as e:
+                raise RecipeError(str(e)) from None
             env = {**config.env,
                    "DEBIAN_FRONTEND": "noninteractive", "PIP_ROOT_USER_ACTION": "ignore",
                    "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_BREAK_SYSTEM_PACKAGES": "1",
@@ -189,7 +194,7 @@ class Builder:
             spec = ContainerSpec(id=cid, rootfs=str(merged), args=["/bin/sh", "-c", command],
                                  env=env, cwd=config.workdir or "/", mounts=mounts,
                                  limits=Limits(memory_mib=8192, pids=8192),
-                                 tools_dir=str(self.tools_dir), network="host")
+                                 tools_dir=str(self.tools_dir), network="host", user=user)
             log(f"  $ {command}")
             proc = await self.runtime.run(spec, work / "bundle", asyncio.subprocess.PIPE,
                                           asyncio.subprocess.STDOUT)

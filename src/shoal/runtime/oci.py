@@ -84,6 +84,7 @@ class ContainerSpec:
     limits: Limits = field(default_factory=Limits)
     tools_dir: str = ""  # host dir with `init` (and `busybox`), mounted read-only at /.shoal
     network: str = "none"  # "none": own namespace, loopback only; "host": image builds only
+    user: tuple[int, int] = (0, 0)  # uid, gid of the process
 
 
 def seccomp_profile() -> dict:
@@ -167,7 +168,7 @@ def build_config(spec: ContainerSpec, cgroups_path: str) -> dict:
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
-            "user": {"uid": 0, "gid": 0},
+            "user": {"uid": spec.user[0], "gid": spec.user[1]},
             "args": [tools.INIT, "--", *spec.args],
             "env": process_env(spec.env),
             "cwd": spec.cwd,

@@ -45,3 +45,4 @@ class Rootfs:
         self.unmount()
         for d in (self.merged, self.upper, self.work):
             shutil.rmtree(d, ignore_errors=True)
+

@@ -31,6 +31,7 @@ from shoal.exception import (AlreadyExistsError, ExecutionError, InvalidError, N
 from shoal.runtime import tools
 from shoal.runtime.base import ExecIO, Runtime, RuntimeError_
 from shoal.runtime.oci import ContainerSpec, Limits, Mount
+from shoal.images.users import resolve_user
 from shoal.runtime.rootfs import Rootfs
 from shoal.server.files import RESOLVE_SANDBOX, SandboxFiles, sandbox_rel
 from shoal.server.images import ImageService
@@ -226,6 +227,10 @@ class SandboxService:
         stdin_r = stdout = stderr = -1
         try:
             merged = rootfs.mount(layers)
+            try:
+                user = resolve_user(merged, image.config.user)
+            except ValueError as e:
+                raise InvalidError(f"image {image.id}: {e}") from None
             limits = Limits(
                 memory_mib=req.resources.memory or Limits.memory_mib,
                 cpu=req.resources.cpu,
@@ -236,7 +241,7 @@ class SandboxService:
                 env=env, cwd=workdir or "/", limits=limits,
                 mounts=[Mount(str(self.volumes.storage.host_path(v.id)),
                               posixpath.normpath(m.path), m.read_only) for m, v in vols],
-                tools_dir=str(self.tools_dir))
+                tools_dir=str(self.tools_dir), user=user)
             # The workdir is created by runc, inside the container's root: never on the host,
             # where the image's absolute symlinks (/var/run -> /run) would lead out of it.
             stdin_r, live.stdin_fd = os.pipe()
