@@ -9,6 +9,7 @@ no effect). Anything else is an InvalidError naming the instruction and its line
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 import shlex
 from pathlib import Path
@@ -120,8 +121,10 @@ def parse_dockerfile(path: Path, context: Path | None, build_args: dict[str, str
             if len(toks) < 2:
                 raise InvalidError(f"{where}: {instr} needs a source and a destination")
             *srcs, dest = toks
+            as_dir = dest.endswith("/") or dest in (".", "..") or dest.endswith("/.")
             if not dest.startswith("/"):
                 dest = f"{workdir.rstrip('/')}/{dest}"
+            dest = posixpath.normpath(dest) + ("/" if as_dir else "")
             for src in srcs:
                 if re.match(r"^[a-z]+://", src):
                     raise InvalidError(f"{where}: {instr} of a URL is not supported")

@@ -216,6 +216,8 @@ class _Image:
             remote += local.name
         remote = _abs(remote, "remote_path")
         parent, name = remote.rsplit("/", 1)
+        if name in ("", ".", ".."):
+            raise InvalidError(f"remote_path {remote_path!r} must name a file, or end with '/'")
         return self._with({"op": "add_local", "path": parent or "/"},
                           (_LocalFiles(local, False, None), name))
 

@@ -84,7 +84,8 @@ def step_command(step: dict) -> str:
         cmds = step.get("commands") or []
         if not cmds or not all(isinstance(c, str) for c in cmds):
             raise RecipeError("run_commands needs at least one command string")
-        return " && ".join(f"( {c} )" for c in cmds)
+        # Each command in its own subshell, on its own lines (a trailing comment stays inside).
+        return " && ".join(f"(\n{c}\n)" for c in cmds)
     raise RecipeError(f"unknown image step {op!r}")
 
 
