@@ -212,6 +212,7 @@ class RegistryPuller:
                 self.store.commit_layer(layer_id, work / "rootfs", {"digest": digest_})
             finally:
                 shutil.rmtree(work, ignore_errors=True)
+                blob.unlink(missing_ok=True)  # the unpacked layer is what is kept
         finally:
             self.store.release(handle)
         return layer_id

@@ -55,8 +55,13 @@ def _dirfd(root: int, rel: str) -> int:
             parent = _linux.openat2(root, "/".join(parts[:i]) or ".",
                                     os.O_RDONLY | os.O_DIRECTORY, 0, RESOLVE)
             try:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(parts[i], 0o755, dir_fd=parent)
+                os.mkdir(parts[i], 0o755, dir_fd=parent)
+            except FileExistsError:
+                # There is an entry, but it does not lead to a directory: a dangling symlink
+                # (Docker, unpacking in a chroot, fails here too) or a file.
+                raise UnsafeLayerError(f"layer path {prefix!r} is not a directory (a file or a "
+                                       "symlink to nowhere), yet the layer writes below it") \
+                    from None
             finally:
                 os.close(parent)
     return _linux.openat2(root, rel, os.O_RDONLY | os.O_DIRECTORY, 0, RESOLVE)
@@ -79,6 +84,74 @@ def _mode(member: tarfile.TarInfo) -> int:
     return member.mode & 0o1777  # no setuid, no setgid
 
 
+def _member(tar: tarfile.TarFile, m: tarfile.TarInfo, root: int, prefix: str,
+            counts: dict[str, int], dir_times: list[tuple[str, float]]) -> None:
+    rel = _clean(posixpath.join(prefix, m.name))
+    parent, _, name = rel.rpartition("/")
+    if not name:
+        return  # the layer's root itself
+    pfd = _dirfd(root, parent)
+    try:
+        if name == OPAQUE:
+            os.setxattr(f"/proc/self/fd/{pfd}", "trusted.overlay.opaque", b"y")
+            counts["whiteouts"] += 1
+            return
+        if name.startswith(WHITEOUT):
+            target = name[len(WHITEOUT):]
+            _remove(pfd, target)
+            os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=pfd)
+            counts["whiteouts"] += 1
+            return
+        if m.isdir():
+            try:
+                os.mkdir(name, _mode(m), dir_fd=pfd)
+            except FileExistsError:
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                if not stat.S_ISDIR(st.st_mode):
+                    _remove(pfd, name)
+                    os.mkdir(name, _mode(m), dir_fd=pfd)
+            os.chmod(name, _mode(m), dir_fd=pfd, follow_symlinks=False)
+            os.chown(name, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+            dir_times.append((rel, m.mtime))
+            counts["dirs"] += 1
+            return
+        _remove(pfd, name)
+        if m.isreg():
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC |
+                         os.O_NOFOLLOW, 0o600, dir_fd=pfd)
+            try:
+                src = tar.extractfile(m)
+                while chunk := src.read(1 << 20):
+                    os.write(fd, chunk)
+                os.fchown(fd, m.uid, m.gid)
+                os.fchmod(fd, _mode(m))
+                os.utime(fd, (m.mtime, m.mtime))
+            finally:
+                os.close(fd)
+            counts["files"] += 1
+        elif m.issym():
+            os.symlink(m.linkname, name, dir_fd=pfd)
+            os.chown(name, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+            counts["links"] += 1
+        elif m.islnk():
+            target = _clean(m.linkname)
+            tparent, _, tname = target.rpartition("/")
+            tfd = _linux.openat2(root, tparent or ".", os.O_RDONLY | os.O_DIRECTORY,
+                                 0, RESOLVE)
+            try:
+                os.link(tname, name, src_dir_fd=tfd, dst_dir_fd=pfd,
+                        follow_symlinks=False)
+            finally:
+                os.close(tfd)
+            counts["links"] += 1
+        elif m.isfifo():
+            os.mkfifo(name, _mode(m), dir_fd=pfd)
+        else:
+            counts["skipped_devices"] += 1
+    finally:
+        os.close(pfd)
+
+
 def unpack(fileobj: BinaryIO, dest: str, prefix: str = "") -> dict[str, int]:
     """Unpack a (possibly gzipped) tar stream into `dest` (an existing, empty directory), under
     `prefix` inside it. Returns counts of what was done, for logs."""
@@ -92,70 +165,11 @@ def unpack(fileobj: BinaryIO, dest: str, prefix: str = "") -> dict[str, int]:
             raise UnsafeLayerError(f"not a tar archive: {e}") from None
         with tar:
             for m in tar:
-                rel = _clean(posixpath.join(prefix, m.name))
-                parent, _, name = rel.rpartition("/")
-                if not name:
-                    continue  # the layer's root itself
-                pfd = _dirfd(root, parent)
                 try:
-                    if name == OPAQUE:
-                        os.setxattr(f"/proc/self/fd/{pfd}", "trusted.overlay.opaque", b"y")
-                        counts["whiteouts"] += 1
-                        continue
-                    if name.startswith(WHITEOUT):
-                        target = name[len(WHITEOUT):]
-                        _remove(pfd, target)
-                        os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=pfd)
-                        counts["whiteouts"] += 1
-                        continue
-                    if m.isdir():
-                        try:
-                            os.mkdir(name, _mode(m), dir_fd=pfd)
-                        except FileExistsError:
-                            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-                            if not stat.S_ISDIR(st.st_mode):
-                                _remove(pfd, name)
-                                os.mkdir(name, _mode(m), dir_fd=pfd)
-                        os.chmod(name, _mode(m), dir_fd=pfd, follow_symlinks=False)
-                        os.chown(name, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
-                        dir_times.append((rel, m.mtime))
-                        counts["dirs"] += 1
-                        continue
-                    _remove(pfd, name)
-                    if m.isreg():
-                        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC |
-                                     os.O_NOFOLLOW, 0o600, dir_fd=pfd)
-                        try:
-                            src = tar.extractfile(m)
-                            while chunk := src.read(1 << 20):
-                                os.write(fd, chunk)
-                            os.fchown(fd, m.uid, m.gid)
-                            os.fchmod(fd, _mode(m))
-                            os.utime(fd, (m.mtime, m.mtime))
-                        finally:
-                            os.close(fd)
-                        counts["files"] += 1
-                    elif m.issym():
-                        os.symlink(m.linkname, name, dir_fd=pfd)
-                        os.chown(name, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
-                        counts["links"] += 1
-                    elif m.islnk():
-                        target = _clean(m.linkname)
-                        tparent, _, tname = target.rpartition("/")
-                        tfd = _linux.openat2(root, tparent or ".", os.O_RDONLY | os.O_DIRECTORY,
-                                             0, RESOLVE)
-                        try:
-                            os.link(tname, name, src_dir_fd=tfd, dst_dir_fd=pfd,
-                                    follow_symlinks=False)
-                        finally:
-                            os.close(tfd)
-                        counts["links"] += 1
-                    elif m.isfifo():
-                        os.mkfifo(name, _mode(m), dir_fd=pfd)
-                    else:
-                        counts["skipped_devices"] += 1
-                finally:
-                    os.close(pfd)
+                    _member(tar, m, root, prefix, counts, dir_times)
+                except OSError as e:
+                    raise UnsafeLayerError(f"layer member {m.name!r}: "
+                                           f"{e.strerror or e}") from None
         for rel, mtime in reversed(dir_times):
             with contextlib.suppress(OSError):
                 fd = _linux.openat2(root, rel, os.O_RDONLY | os.O_DIRECTORY, 0, RESOLVE)
