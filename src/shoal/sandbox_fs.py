@@ -115,7 +115,7 @@ class _SandboxFilesystem:
         async with fs_errors():
             async with client.stream("GET", f"{self._base}/file",
                                      params={"path": path, "whole": True}) as r:
-                return b"".join([c async for c in r.aiter_raw()])
+                return await r.aread()
 
     async def read_text(self, path: str, encoding: str = "utf-8") -> str:
         return (await self.read_bytes(path)).decode(encoding)
