@@ -277,3 +277,15 @@ def test_dockerfile_on_the_default_image(app, tmp_path):
     (tmp_path / "Dockerfile").write_text("FROM shoal/debian_slim\nSTOPSIGNAL SIGTERM\n")
     with pytest.raises(InvalidError, match="STOPSIGNAL"):
         shoal.Image.from_dockerfile(tmp_path / "Dockerfile")
+
+
+def test_a_removed_image_is_rebuilt_when_a_resolved_recipe_is_used_again(app):
+    step = marker()
+    img = shoal.Image.debian_slim().run_commands(step).build()
+    shoal_cli("image", "rm", img.object_id)
+    # Same recipe, new object: this process remembers the id, the server no longer has it.
+    sb = shoal.Sandbox.create(app=app, image=shoal.Image.debian_slim().run_commands(step))
+    try:
+        assert run(sb, "test -s /marker && echo ok") == "ok\n"
+    finally:
+        sb.terminate()

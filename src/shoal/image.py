@@ -47,6 +47,9 @@ def _abs(path: str | PurePosixPath, what: str) -> str:
     return p
 
 
+_RESOLVED: dict[str, str] = {}  # recipe -> image id, for recipes without local files
+
+
 class _LocalFiles:
     """Files to add from this machine: packed into a deterministic tar when the image is built,
     so its digest (and so the cache key) depends only on names, modes and contents."""
@@ -258,9 +261,19 @@ class _Image:
         return img.env({"PYTHONPATH": "/root/pysrc"})
 
     # --- building
-    async def _resolve(self) -> str:
-        """Build the image on the server (cached layers are reused); returns its id."""
+    async def _resolve(self, fresh: bool = False) -> str:
+        """Build the image on the server (cached layers are reused); returns its id. A recipe
+        without local files that this process resolved before is not sent again (one round trip
+        less per Sandbox.create) unless `fresh`."""
+        key = None if self._local else json.dumps(self._spec, sort_keys=True)
+        if fresh:
+            _RESOLVED.pop(key, None)
+            if self._spec["base"].get("kind") != "image":
+                self._image_id = None
         if self._image_id:
+            return self._image_id
+        if key in _RESOLVED:
+            self._image_id = _RESOLVED[key]
             return self._image_id
         client = await get_client()
         spec = json.loads(json.dumps(self._spec))
@@ -289,6 +302,8 @@ class _Image:
                     raise err
         if not self._image_id:
             raise ExecutionError("the image build ended without a result; see the server log")
+        if key is not None:
+            _RESOLVED[key] = self._image_id
         return self._image_id
 
     async def build(self) -> "_Image":

@@ -11,7 +11,7 @@ from shoal._client import get_client
 from shoal._sync import synchronize_api
 from shoal.app import _App
 from shoal.container_process import _ContainerProcess
-from shoal.exception import (InvalidError, SandboxTerminatedError,
+from shoal.exception import (InvalidError, NotFoundError, SandboxTerminatedError,
                              SandboxTimeoutError, TimeoutError)
 from shoal.file_io import FileWatchEvent, FileWatchEventType, _FileIO
 from shoal.sandbox_fs import _SandboxFilesystem, watch_events
@@ -143,6 +143,7 @@ class _Sandbox:
             raise InvalidError(f"app must be a shoal.App, got {type(app).__name__}")
 
         started = time.monotonic()
+        image = image or _Image.debian_slim()
         app_id = await app._resolve(create_if_missing=True)
         objs = [o for _, o in vols + nfss]
         await asyncio.gather(*(o._id() for o in objs))
@@ -151,7 +152,7 @@ class _Sandbox:
             "args": _check_args(args, "entrypoint"),
             "name": name,
             "tags": dict(tags or {}),
-            "image_id": await (image or _Image.debian_slim())._resolve(),
+            "image_id": await image._resolve(),
             "env": merge_env(env, secrets),
             "workdir": workdir,
             "timeout": timeout,
@@ -161,9 +162,15 @@ class _Sandbox:
             "resources": {"cpu": cpu, "memory": memory},
             "block_network": True,
         }
-        output.emit("creating sandbox" + (" (building the image if needed)" if image else ""))
+        output.emit("creating sandbox")
         client = await get_client()
-        r = await client.call("POST", "/sandboxes", json=body)
+        try:
+            r = await client.call("POST", "/sandboxes", json=body)
+        except NotFoundError as e:
+            if "image" not in str(e):
+                raise
+            body["image_id"] = await image._resolve(fresh=True)  # removed since we resolved it
+            r = await client.call("POST", "/sandboxes", json=body)
         output.emit(f"sandbox {r['sandbox_id']} started in {time.monotonic() - started:.2f} s")
         return cls(r["sandbox_id"])
 
