@@ -181,22 +181,21 @@ class _AsyncCM:
         return await run_async(self._acm.__aexit__(*exc_info))
 
 
-def _blocking_result(value: Any) -> Any:
+def _translate_result(value: Any, iterate: Callable, manage: type) -> Any:
     if inspect.isasyncgen(value) or (hasattr(value, "__anext__") and
                                      type(value) not in _IMPL_TO_PUBLIC):
-        return _blocking_iter(value)
+        return iterate(value)
     if _is_async_cm(value):
-        return _BlockingCM(value)
+        return manage(value)
     return to_public(value)
+
+
+def _blocking_result(value: Any) -> Any:
+    return _translate_result(value, _blocking_iter, _BlockingCM)
 
 
 def _async_result(value: Any) -> Any:
-    if inspect.isasyncgen(value) or (hasattr(value, "__anext__") and
-                                     type(value) not in _IMPL_TO_PUBLIC):
-        return _async_iter(value)
-    if _is_async_cm(value):
-        return _AsyncCM(value)
-    return to_public(value)
+    return _translate_result(value, _async_iter, _AsyncCM)
 
 
 class FunctionWithAio:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 
 from shoal._client import get_client
 from shoal._sync import synchronize_api

@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError

@@ -19,7 +19,6 @@ import json
 import os
 import posixpath
 import secrets
-import shutil
 import stat as stat_mod
 import time
 from collections.abc import AsyncIterator
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from shoal import _linux
 from shoal.exception import (InvalidError, SandboxFilesystemDirectoryNotEmptyError,
                              SandboxFilesystemFileTooLargeError)
-from shoal.storage.paths import RESOLVE, open_checked
+from shoal.storage.paths import RESOLVE, open_checked, remove_entry
 
 READ_LIMIT = 512 << 20  # read_bytes / read_text; copy_to_local streams without a limit
 MAX_HANDLES = 256  # open FileIO handles per sandbox
@@ -295,16 +294,7 @@ class SandboxFiles:
         with said_as(path):
             pfd, name = self._parent(self.root(sandbox_id).fd, rel)
             try:
-                try:
-                    os.unlink(name, dir_fd=pfd)
-                    return
-                except IsADirectoryError:
-                    pass
-                if recursive:
-                    # rmtree with dir_fd walks by descriptors and never follows links.
-                    shutil.rmtree(name, dir_fd=pfd)
-                else:
-                    os.rmdir(name, dir_fd=pfd)
+                remove_entry(pfd, name, recursive)
             finally:
                 os.close(pfd)
 

@@ -74,3 +74,20 @@ def open_checked(root_fd: int, rel: str, flags: int, allow_dir: bool = False,
         return os.open(f"/proc/self/fd/{pfd}", flags | os.O_CLOEXEC)
     finally:
         os.close(pfd)
+
+
+def remove_entry(dirfd: int, name: str, recursive: bool) -> None:
+    """Remove `name` in `dirfd`: a file or link (never what a link points to), an empty directory,
+    or with `recursive` a whole tree (rmtree with dir_fd walks by descriptors and does not follow
+    links). A non-empty directory without `recursive` is OSError(ENOTEMPTY)."""
+    import shutil
+
+    try:
+        os.unlink(name, dir_fd=dirfd)
+        return
+    except IsADirectoryError:
+        pass
+    if recursive:
+        shutil.rmtree(name, dir_fd=dirfd)
+    else:
+        os.rmdir(name, dir_fd=dirfd)

@@ -29,7 +29,7 @@ from typing import BinaryIO, Protocol
 
 from shoal import _linux
 from shoal.exception import InvalidError
-from shoal.storage.paths import normalize, open_checked, open_in_root, split
+from shoal.storage.paths import normalize, open_checked, open_in_root, remove_entry, split
 
 CHUNK = 4 << 20
 GLOB_CHARS = re.compile(r"[*?\[]")
@@ -391,16 +391,7 @@ class LocalVolumeStorage:
         try:
             with _clear_errors(path):
                 try:
-                    os.unlink(name, dir_fd=dirfd)
-                    return
-                except IsADirectoryError:
-                    pass
-                if recursive:
-                    # rmtree with dir_fd walks by descriptors and does not follow links.
-                    shutil.rmtree(name, dir_fd=dirfd)
-                    return
-                try:
-                    os.rmdir(name, dir_fd=dirfd)
+                    remove_entry(dirfd, name, recursive)
                 except OSError as e:
                     if e.errno == errno.ENOTEMPTY:
                         raise InvalidError(f"{path!r} is a non-empty directory; pass "
