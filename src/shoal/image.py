@@ -265,7 +265,9 @@ class _Image:
         """Build the image on the server (cached layers are reused); returns its id. A recipe
         without local files that this process resolved before is not sent again (one round trip
         less per Sandbox.create) unless `fresh`."""
-        key = None if self._local else json.dumps(self._spec, sort_keys=True)
+        # Registry tags can move, and local files can change: only those recipes are remembered.
+        remember = not self._local and self._spec["base"].get("kind") != "registry"
+        key = json.dumps(self._spec, sort_keys=True) if remember else None
         if fresh:
             _RESOLVED.pop(key, None)
             if self._spec["base"].get("kind") != "image":
@@ -307,8 +309,9 @@ class _Image:
         return self._image_id
 
     async def build(self) -> "_Image":
-        """Build now (otherwise the first sandbox that uses the image builds it)."""
-        await self._resolve()
+        """Build now (otherwise the first sandbox that uses the image builds it); always asks the
+        server, which answers from its cache when nothing changed."""
+        await self._resolve(fresh=True)
         return self
 
     @property
