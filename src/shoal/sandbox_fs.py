@@ -152,7 +152,9 @@ class _SandboxFilesystem:
                         expected = int(r.headers.get("content-length", -1))
                         got = 0
                         async for chunk in r.aiter_raw():
-                            await asyncio.to_thread(out.write, chunk)
+                            # Written on the SDK's own loop thread: a thread hop per ~1 MiB
+                            # chunk cost more than the write (measured, bench/file_bench.py).
+                            out.write(chunk)
                             got += len(chunk)
                 if expected >= 0 and got != expected:
                     raise exc.SandboxFilesystemError(

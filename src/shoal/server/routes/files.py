@@ -14,6 +14,7 @@ from shoal.server.models import FileInfoModel, MkdirBody, OpenBody, RenameFileBo
 from shoal.storage.volumes import iter_fd
 
 router = APIRouter(tags=["sandbox files"])
+INLINE_READ = 256 << 10
 
 
 def _svc(request: Request, sandbox_id: str):
@@ -33,11 +34,18 @@ def fs_list(sandbox_id: str, request: Request, path: str = Query(...)) -> list[d
 
 
 @router.get("/sandboxes/{sandbox_id}/fs/file", response_class=StreamingResponse)
-def fs_read(sandbox_id: str, request: Request, path: str = Query(...), whole: bool = False):
+async def fs_read(sandbox_id: str, request: Request, path: str = Query(...), whole: bool = False):
     """The file's bytes, streamed. `whole=true` (read_bytes/read_text) refuses files over the
     whole-file limit with SandboxFilesystemFileTooLargeError."""
     fd = _svc(request, sandbox_id).open_read(sandbox_id, path, READ_LIMIT if whole else None)
     size = os.fstat(fd).st_size
+    if size <= INLINE_READ:
+        # Small files, the common case for agents: read here and answer in one write, without
+        # the worker-thread hops of a stream (about a third of a small read's latency).
+        try:
+            return Response(os.read(fd, INLINE_READ + 1), media_type="application/octet-stream")
+        finally:
+            os.close(fd)
     return StreamingResponse(iter_fd(fd), media_type="application/octet-stream",
                              headers={"content-length": str(size)})
 
