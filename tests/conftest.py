@@ -22,6 +22,69 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGES = Path(os.environ.get("SHOAL_IMAGES") or Path.home() / ".shoal" / "images")
 
 
+def _orphaned_test_servers() -> list[tuple[int, str]]:
+    """(pid, SHOAL_HOME) of `shoal serve` processes that earlier test sessions left when they were
+    killed before their teardown: a live session's server is its pytest's child, an orphan's
+    parent is PID 1."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text()
+            env = dict(kv.split("=", 1) for kv in (entry / "environ").read_text().split("\0")
+                       if "=" in kv)
+        except OSError:
+            continue
+        if b"serve" not in cmdline or b"shoal" not in cmdline:
+            continue
+        home = env.get("SHOAL_HOME", "")
+        ppid = stat[stat.rfind(")") + 2:].split()[1]
+        if home.startswith("/tmp/shoal-test-") and ppid == "1":
+            found.append((int(entry.name), home))
+    return found
+
+
+def _clean_after_killed_sessions() -> None:
+    """Machines are reused: stop what a killed test session left (servers, their sandboxes, old
+    homes), so this session starts clean and its own leak check means something."""
+    for pid, home in _orphaned_test_servers():
+        env = {**os.environ, "SHOAL_HOME": home}
+        subprocess.run([sys.executable, "-m", "shoal", "stop"], env=env, capture_output=True,
+                       timeout=60)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    cutoff = time.time() - 600
+    for old in Path("/tmp").glob("shoal-test-*"):
+        if old.stat().st_mtime > cutoff or _server_alive(old):
+            continue  # a live session's, or too recent to tell
+        if leftovers(old):
+            # Sandboxes of a session killed mid-run: a server on that home adopts them at start
+            # (reconcile), and `shoal stop` terminates them and cleans their mounts and cgroups.
+            env = {**os.environ, "SHOAL_HOME": str(old)}
+            srv = subprocess.Popen([sys.executable, "-m", "shoal", "serve"], env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 30
+            while not (old / "shoal.sock").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            subprocess.run([sys.executable, "-m", "shoal", "stop"], env=env,
+                           capture_output=True, timeout=120)
+            srv.wait(timeout=30)
+        if not leftovers(old):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _server_alive(home: Path) -> bool:
+    try:
+        os.kill(int((home / "server.pid").read_text()), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def pytest_configure(config):
     # Before any SDK import reads the environment. A short path: Unix socket paths are limited.
     home = Path(tempfile.mkdtemp(prefix="shoal-test-", dir="/tmp"))
@@ -31,11 +94,19 @@ def pytest_configure(config):
     os.environ.pop("SHOAL_SERVER", None)
     os.environ.pop("SHOAL_TOKEN", None)
     config._shoal_home = home
+    if not hasattr(config, "workerinput"):
+        _clean_after_killed_sessions()
 
 
 def shoal_cli(*args: str, env: dict | None = None, check: bool = True, **kw):
     return subprocess.run([sys.executable, "-m", "shoal", *args], env=env or os.environ.copy(),
                           check=check, capture_output=True, text=True, **kw)
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class ServerProcess:
@@ -51,8 +122,11 @@ class ServerProcess:
         paths = config.paths()
         paths.logs.mkdir(parents=True, exist_ok=True)
         log = open(paths.server_log, "ab")
+        # The server dies with this pytest (PR_SET_PDEATHSIG) if the session is killed before
+        # its teardown; a normal teardown stops it with `shoal stop`.
         self.proc = subprocess.Popen([sys.executable, "-m", "shoal", "serve"], stdout=log,
-                                     stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         import httpx
 
         deadline = time.monotonic() + 60

@@ -86,7 +86,7 @@ def _fresh_env(home: str) -> dict:
 
 
 def test_zero_setup_sdk_starts_a_server(server):
-    home = tempfile.mkdtemp(prefix="shoal-zs-", dir="/tmp")
+    home = tempfile.mkdtemp(prefix="shoal-test-zs-", dir="/tmp")
     env = _fresh_env(home)
     try:
         code = ("import shoal\n"
@@ -118,7 +118,7 @@ def test_second_server_on_the_same_home_refuses(server):
 
 
 def test_tcp_requires_the_token(server):
-    home = tempfile.mkdtemp(prefix="shoal-tcp-", dir="/tmp")
+    home = tempfile.mkdtemp(prefix="shoal-test-tcp-", dir="/tmp")
     env = _fresh_env(home)
     port = 20000 + os.getpid() % 10000
     proc = subprocess.Popen([sys.executable, "-m", "shoal", "serve", "--tcp", f"127.0.0.1:{port}",

@@ -138,6 +138,8 @@ async def _upkeep(svc: Services, interval: float) -> None:
             svc.volumes.reap()
             svc.sandboxes.stop_idle()
             ticks += 1
+            if ticks % 10 == 0:
+                svc.sandboxes.reap_strays()
             if ticks % 60 == 0:
                 svc.sandboxes.collect_logs()
         except Exception:

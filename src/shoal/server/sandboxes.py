@@ -12,6 +12,7 @@ its timeout passed in between) — see `reconcile`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import posixpath
@@ -640,6 +641,26 @@ class SandboxService:
             if rec.spec.get("image_id"):
                 images.add(rec.spec["image_id"])
         return layers, images
+
+    @staticmethod
+    def reap_strays() -> None:
+        """Reap runc's own intermediate processes (`runc:[1:CHILD]` ...) that re-parent to this
+        server, a child subreaper, and would stay zombies. Only those: any other child is waited
+        for by whoever started it (asyncio's watcher, or the sandbox's pidfd)."""
+        me = str(os.getpid())
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    stat_line = f.read()
+            except OSError:
+                continue
+            comm = stat_line[stat_line.find("(") + 1:stat_line.rfind(")")]
+            fields = stat_line[stat_line.rfind(")") + 2:].split()
+            if fields[1] == me and fields[0] == "Z" and comm.startswith("runc:["):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(int(entry.name), os.WNOHANG)
 
     def collect_logs(self) -> None:
         cutoff = time.time() - LOG_RETENTION
