@@ -38,6 +38,14 @@ def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = 0) 
         return _check(ret, "openat2", path)
 
 
+def write_all(fd: int, data: bytes) -> int:
+    """os.write until all of `data` is written (a regular file may take it in pieces)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    return len(data)
+
+
 def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
     _check(_libc.mount(source.encode(), target.encode(), fstype.encode(), flags,
                        data.encode() if data else None), "mount", target)

@@ -464,11 +464,7 @@ class AtomicFile:
                               0o644, dir_fd=dirfd)
 
     def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
-            self.written += n
+        self.written += _linux.write_all(self.fd, data)
 
     def commit(self) -> None:
         with said_as(self.shown):

@@ -153,11 +153,7 @@ class VolumeService:
     async def write_file(self, volume_id: str, path: str, body: AsyncIterator[bytes]) -> int:
         normalize(path)
         staged, n = await self.upload(volume_id, body)
-        try:
-            await asyncio.to_thread(self.storage.land, volume_id, staged, path, True)
-        except BaseException:
-            self.storage.discard(volume_id, staged)
-            raise
+        await asyncio.to_thread(self.storage.land_or_discard, volume_id, staged, path)
         return n
 
     def _check_absent(self, volume_id: str, paths) -> None:

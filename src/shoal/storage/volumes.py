@@ -114,6 +114,7 @@ class VolumeStorage(Protocol):
     def new_upload(self, volume_id: str, mode: int | None = None) -> "Upload": ...
     def land(self, volume_id: str, staged: str, path: str, force: bool) -> None: ...
     def discard(self, volume_id: str, staged: str) -> None: ...
+    def land_or_discard(self, volume_id: str, staged: str, path: str) -> None: ...
     def exists(self, volume_id: str, path: str) -> bool: ...
     def remove(self, volume_id: str, path: str, recursive: bool) -> None: ...
     def copy(self, volume_id: str, src_paths: list[str], dst: str, recursive: bool) -> None: ...
@@ -133,11 +134,7 @@ class Upload:
             os.fchmod(self.fd, mode & 0o7777 & ~(stat_mod.S_ISUID | stat_mod.S_ISGID))
 
     def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
-            self.written += n
+        self.written += _linux.write_all(self.fd, data)
 
     def copy_from(self, src_fd: int) -> None:
         size = os.fstat(src_fd).st_size
@@ -377,12 +374,16 @@ class LocalVolumeStorage:
             while chunk := src.read(CHUNK):
                 up.write(chunk)
             staged = up.finish()
+        self.land_or_discard(volume_id, staged, path)
+        return up.written
+
+    def land_or_discard(self, volume_id: str, staged: str, path: str) -> None:
+        """`land` with force; if that fails, the staged file is removed, not left behind."""
         try:
             self.land(volume_id, staged, path, force=True)
         except BaseException:
             self.discard(volume_id, staged)
             raise
-        return up.written
 
     def remove(self, volume_id: str, path: str, recursive: bool = False) -> None:
         """Remove a file, link or empty directory; a non-empty directory only with `recursive`.
@@ -443,11 +444,7 @@ class LocalVolumeStorage:
         with self.new_upload(volume_id, stat_mod.S_IMODE(mode)) as up:
             up.copy_from(src_fd)
             staged = up.finish()
-        try:
-            self.land(volume_id, staged, target, force=True)
-        except BaseException:
-            self.discard(volume_id, staged)
-            raise
+        self.land_or_discard(volume_id, staged, target)
 
     def _copy_tree(self, volume_id: str, src_fd: int, target: str) -> None:
         root = self._root_fd(volume_id)
