@@ -62,11 +62,19 @@ def run_blocking(coro) -> Any:
         coro.close()
         raise RuntimeError("a blocking shoal call was made from inside the SDK's event loop; "
                            "use the .aio variant")
-    fut = asyncio.run_coroutine_threadsafe(coro, loop)
+    task: list[asyncio.Task] = []
+
+    async def runner():
+        task.append(asyncio.current_task())
+        return await coro
+
+    fut = asyncio.run_coroutine_threadsafe(runner(), loop)
     try:
         return fut.result()
     except BaseException as err:
-        fut.cancel()  # Ctrl-C in the caller cancels the work on the loop too
+        # Ctrl-C in the caller cancels the work on the loop too: through the task, on the loop's
+        # thread (cancelling `fut` from here races with its completion there).
+        loop.call_soon_threadsafe(lambda: task and task[0].cancel())
         if is_typed(err):
             # A typed error says what was wrong with the call; the SDK's frames would only hide it.
             raise err.with_traceback(None) from None
