@@ -289,3 +289,21 @@ def test_nfs_api(app, tmp_path):
     shoal.NetworkFileSystem.delete(name)
     with pytest.raises(NotFoundError):
         nfs.listdir("/")
+
+
+def test_landing_without_force_never_replaces_even_when_a_file_appears_late(tmp_path):
+    """The batch checks targets before and at commit; a file created after that check (by a
+    sandbox, say) must still not be replaced: landing itself refuses (RENAME_NOREPLACE)."""
+    from shoal.storage.volumes import LocalVolumeStorage
+
+    storage = LocalVolumeStorage(tmp_path)
+    storage.create("v")
+    (storage.host_path("v") / "late.txt").write_text("the sandbox's")
+    with storage.new_upload("v") as up:
+        up.write(b"the client's")
+        staged = up.finish()
+    with pytest.raises(FileExistsError):
+        storage.land("v", staged, "late.txt", force=False)
+    assert (storage.host_path("v") / "late.txt").read_text() == "the sandbox's"
+    storage.land("v", staged, "late.txt", force=True)
+    assert (storage.host_path("v") / "late.txt").read_text() == "the client's"
