@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -228,6 +227,3 @@ class SqliteStore:
             "WHERE m.volume_id = ? AND s.state = 'running'", (volume_id,))
         return [MountRecord(r["sandbox_id"], r["volume_id"], r["path"], bool(r["read_only"]))
                 for r in rows]
-
-    def now(self) -> float:
-        return time.time()
