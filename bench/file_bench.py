@@ -432,7 +432,7 @@ def main() -> int:
         os.environ.pop(var, None)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    from shoal.images.base import ensure_base_image
+    from shoal.server.images.base import ensure_base_image
 
     machine = machine_info()
     cpu_start = cpu_times()

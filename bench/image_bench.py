@@ -62,7 +62,7 @@ def main() -> int:
         log("image_bench.py needs root")
         return 2
 
-    from shoal.images.base import ensure_base_image, image_dir
+    from shoal.server.images.base import ensure_base_image, image_dir
 
     real_store = Path(args.images).absolute()
     ensure_base_image(real_store, log=log)
@@ -115,7 +115,7 @@ def main() -> int:
             "ratio": round(statistics.median(custom_ms) / statistics.median(default_ms), 2),
         }
 
-        from shoal.images.store import ImageStore
+        from shoal.server.images.store import ImageStore
 
         st = ImageStore(store)
         layers = st.manifest(built.object_id).layers

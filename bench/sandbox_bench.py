@@ -87,9 +87,9 @@ class RawRunc:
     """Containers driven with runc's command line only, as the baseline."""
 
     def __init__(self, workdir: Path, lowerdir: Path):
-        from shoal import _linux
-        from shoal.runtime import tools
-        from shoal.runtime.oci import ContainerSpec, build_config
+        from shoal.server import linux as _linux
+        from shoal.server.host import tools
+        from shoal.server.host.oci import ContainerSpec, build_config
 
         self._linux, self._spec, self._build_config = _linux, ContainerSpec, build_config
         self.tools_dir, has_busybox = tools.prepare(workdir / "tools")
@@ -197,7 +197,7 @@ def remove_cgroups(cid: str | None = None) -> None:
 
 def unmount_all(path: Path) -> bool:
     """Lazily unmount everything at or below `path`; True if nothing is left mounted there."""
-    from shoal import _linux
+    from shoal.server import linux as _linux
 
     for point in _linux.mounts_under(str(path)):
         try:
@@ -450,8 +450,8 @@ def main() -> int:
         os.environ.pop(var, None)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    from shoal import _linux
-    from shoal.images.base import ensure_base_image
+    from shoal.server import linux as _linux
+    from shoal.server.images.base import ensure_base_image
 
     _linux.set_child_subreaper()
     machine = machine_info()

@@ -163,7 +163,7 @@ class ServerProcess:
 
 @pytest.fixture(scope="session")
 def server(pytestconfig):
-    from shoal.images.base import ensure_base_image
+    from shoal.server.images.base import ensure_base_image
 
     ensure_base_image(DEFAULT_IMAGES, log=lambda line: None)
     srv = ServerProcess(pytestconfig._shoal_home)

@@ -13,7 +13,7 @@ import shoal
 from conftest import shoal_cli
 from shoal import config
 from shoal.exception import ExecutionError, InvalidError
-from shoal.images.store import ImageStore
+from shoal.server.images.store import ImageStore
 
 
 def store() -> ImageStore:

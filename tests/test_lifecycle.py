@@ -146,7 +146,7 @@ def test_snapshots_do_not_contain_volumes_and_are_shared(app):
     sbs = [shoal.Sandbox.create(app=app, image=image) for _ in range(3)]
     try:
         assert sbs[0].exec("bash", "-c", "ls /data 2>/dev/null | wc -l").stdout.read() == "0\n"
-        from shoal.images.store import ImageStore
+        from shoal.server.images.store import ImageStore
 
         store = ImageStore(config.paths().images)
         layer = store.layer_path(store.manifest(image.object_id).layers[-1])

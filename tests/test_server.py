@@ -59,9 +59,9 @@ def test_graceful_stop_keeps_sandboxes_for_the_next_server(server, app):
 def test_leftovers_of_a_crashed_create_are_cleaned(server, app):
     """A container and an overlay mount that no database row knows of (as a crash between
     `runc run` and the insert would leave) are removed by the next server."""
-    from shoal.images.base import rootfs_if_built
-    from shoal.runtime.oci import ContainerSpec, build_config
-    from shoal.runtime.rootfs import Rootfs
+    from shoal.server.images.base import rootfs_if_built
+    from shoal.server.host.oci import ContainerSpec, build_config
+    from shoal.server.host.rootfs import Rootfs
 
     paths = config.paths()
     sid = "sb-" + "0" * 22

@@ -294,7 +294,7 @@ def test_nfs_api(app, tmp_path):
 def test_landing_without_force_never_replaces_even_when_a_file_appears_late(tmp_path):
     """The batch checks targets before and at commit; a file created after that check (by a
     sandbox, say) must still not be replaced: landing itself refuses (RENAME_NOREPLACE)."""
-    from shoal.storage.volumes import LocalVolumeStorage
+    from shoal.server.storage.volumes import LocalVolumeStorage
 
     storage = LocalVolumeStorage(tmp_path)
     storage.create("v")

@@ -5,7 +5,7 @@
     print(sb.open("/tmp/notes.txt").read())
 
 Each operation is one call to the server, which holds the open file; paths resolve inside the
-sandbox (see `shoal.server.files`). Sandbox-side errors are the built-in ones: FileNotFoundError,
+sandbox (see `shoal.server.host.runc_files`). Sandbox-side errors are the built-in ones: FileNotFoundError,
 IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError.
 """
 

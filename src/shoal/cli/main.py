@@ -182,7 +182,7 @@ def image_prune() -> None:
 @image.command("build-default")
 def image_build_default() -> None:
     """Build the default image (Debian bookworm + Python) into the image store, if missing."""
-    from shoal.images.base import ensure_base_image
+    from shoal.server.images.base import ensure_base_image
 
     path = ensure_base_image(config.paths().images, log=lambda line: click.echo(line, err=True))
     click.echo(str(path))

@@ -20,14 +20,14 @@ from fastapi.responses import JSONResponse
 
 from shoal import exception as exc
 from shoal.config import Paths
-from shoal.runtime import tools
-from shoal.runtime.runc import RuncRuntime, remove_cgroup_parent
-from shoal.server.images import ImageService
+from shoal.server.host import tools
+from shoal.server.host.runc import RuncRuntime, remove_cgroup_parent
+from shoal.server.control.images import ImageService
 from shoal.server.routes import apps, files, images, sandboxes, volumes
-from shoal.server.sandboxes import SandboxService
-from shoal.server.volumes import VolumeService
-from shoal.storage.state import SqliteStore
-from shoal.storage.volumes import LocalVolumeStorage
+from shoal.server.control.sandboxes import SandboxService
+from shoal.server.control.volumes import VolumeService
+from shoal.server.storage.state import SqliteStore
+from shoal.server.storage.volumes import LocalVolumeStorage
 
 log = logging.getLogger("shoal.server")
 API_VERSION = "1"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import uvicorn
 
-from shoal import _linux
+from shoal.server import linux as _linux
 from shoal.config import Paths
 from shoal.server.app import create_app
 

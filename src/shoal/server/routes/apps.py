@@ -7,8 +7,8 @@ from fastapi import APIRouter, Request
 
 from shoal.exception import NotFoundError
 from shoal.server.models import AppInfo, AppLookup
-from shoal.server.volumes import check_name
-from shoal.storage.state import AppRecord
+from shoal.server.control.volumes import check_name
+from shoal.server.storage.state import AppRecord
 
 router = APIRouter(tags=["apps"])
 

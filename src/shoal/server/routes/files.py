@@ -9,9 +9,9 @@ import os
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from shoal.server.files import READ_LIMIT
+from shoal.server.host.runc_files import READ_LIMIT
 from shoal.server.models import FileInfoModel, MkdirBody, OpenBody, RenameFileBody, SeekBody
-from shoal.storage.volumes import iter_fd
+from shoal.server.storage.volumes import iter_fd
 
 router = APIRouter(tags=["sandbox files"])
 INLINE_READ = 256 << 10

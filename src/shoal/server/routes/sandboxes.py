@@ -8,7 +8,7 @@ from fastapi.responses import StreamingResponse
 from shoal.exception import InvalidError
 from shoal.server.models import (CreateSandbox, ExecInfo, ExecRequest, SandboxInfo, TagsBody,
                                  WaitResult)
-from shoal.storage.state import SandboxRecord
+from shoal.server.storage.state import SandboxRecord
 
 router = APIRouter(tags=["sandboxes"])
 MAX_WAIT = 60.0  # long-poll bound; clients loop

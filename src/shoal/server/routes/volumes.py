@@ -10,8 +10,8 @@ from fastapi.responses import StreamingResponse
 from shoal.exception import InvalidError
 from shoal.server.models import (BatchCreate, BatchInfo, CopyRequest, FileEntryModel, RenameRequest,
                                  VolumeCreate, VolumeInfo, VolumeLookup)
-from shoal.storage.state import VolumeRecord
-from shoal.storage.volumes import iter_fd
+from shoal.server.storage.state import VolumeRecord
+from shoal.server.storage.volumes import iter_fd
 
 router = APIRouter(tags=["volumes"])
 KINDS = {"volumes": "volume", "nfs": "nfs"}

@@ -24,10 +24,10 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from shoal import _linux
+from shoal.server import linux as _linux
 from shoal.exception import (InvalidError, SandboxFilesystemDirectoryNotEmptyError,
                              SandboxFilesystemFileTooLargeError)
-from shoal.storage.paths import RESOLVE, open_checked, remove_entry
+from shoal.server.storage.paths import RESOLVE, open_checked, remove_entry
 
 READ_LIMIT = 512 << 20  # read_bytes / read_text; copy_to_local streams without a limit
 MAX_HANDLES = 256  # open FileIO handles per sandbox

@@ -26,20 +26,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shoal import _linux
+from shoal.server import linux as _linux
 from shoal.exception import (AlreadyExistsError, ExecutionError, InvalidError, NotFoundError,
                              SandboxTerminatedError)
-from shoal.runtime import tools
-from shoal.runtime.base import ExecIO, Runtime, RuntimeError_
-from shoal.runtime.oci import ContainerSpec, Limits, Mount
-from shoal.images.users import resolve_user
-from shoal.runtime.rootfs import Rootfs
-from shoal.server.files import RESOLVE_SANDBOX, SandboxFiles, sandbox_rel
-from shoal.server.images import ImageService
+from shoal.server.host import tools
+from shoal.server.host.base import ExecIO, Runtime, RuntimeError_
+from shoal.server.host.oci import ContainerSpec, Limits, Mount
+from shoal.server.images.users import resolve_user
+from shoal.server.host.rootfs import Rootfs
+from shoal.server.host.runc_files import RESOLVE_SANDBOX, SandboxFiles, sandbox_rel
+from shoal.server.control.images import ImageService
 from shoal.server.models import CreateSandbox, ExecRequest
 from shoal.server.streams import OutputBuffer, tail_file
-from shoal.server.volumes import VolumeService, new_id
-from shoal.storage.state import MountRecord, SandboxRecord, StateStore
+from shoal.server.control.volumes import VolumeService, new_id
+from shoal.server.storage.state import MountRecord, SandboxRecord, StateStore
 
 log = logging.getLogger("shoal.sandboxes")
 

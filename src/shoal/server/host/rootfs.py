@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from shoal import _linux
+from shoal.server import linux as _linux
 
 
 class Rootfs:

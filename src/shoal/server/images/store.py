@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from shoal import _linux
+from shoal.server import linux as _linux
 
 MAX_MOUNT_LAYERS = 24  # lowerdir= must fit in one page of mount options; deeper chains flatten
 

@@ -17,7 +17,7 @@ import stat
 import tarfile
 from typing import BinaryIO
 
-from shoal import _linux
+from shoal.server import linux as _linux
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"

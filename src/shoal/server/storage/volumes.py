@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from shoal import _linux
+from shoal.server import linux as _linux
 from shoal.exception import InvalidError
-from shoal.storage.paths import normalize, open_checked, open_in_root, remove_entry, split
+from shoal.server.storage.paths import normalize, open_checked, open_in_root, remove_entry, split
 
 CHUNK = 4 << 20
 GLOB_CHARS = re.compile(r"[*?\[]")

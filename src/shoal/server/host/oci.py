@@ -10,7 +10,7 @@ from __future__ import annotations
 import resource
 from dataclasses import dataclass, field
 
-from shoal.runtime import tools
+from shoal.server.host import tools
 
 # Docker's default capability set: enough for package managers and `chown`, nothing that touches the
 # host kernel (no SYS_ADMIN, SYS_PTRACE, SYS_MODULE, NET_ADMIN, ...).

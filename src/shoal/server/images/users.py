@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from shoal.storage.paths import open_checked
+from shoal.server.storage.paths import open_checked
 
 
 def resolve_user(rootfs: Path, user: str | None) -> tuple[int, int]:

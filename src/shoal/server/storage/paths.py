@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from shoal import _linux
+from shoal.server import linux as _linux
 from shoal.exception import InvalidError
 
 RESOLVE = _linux.RESOLVE_IN_ROOT | _linux.RESOLVE_NO_MAGICLINKS | _linux.RESOLVE_NO_XDEV

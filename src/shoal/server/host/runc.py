@@ -8,8 +8,8 @@ import os
 import signal as _signal
 from pathlib import Path
 
-from shoal.runtime.base import ContainerState, ExecIO, RuntimeError_
-from shoal.runtime.oci import ContainerSpec, build_config, process_env
+from shoal.server.host.base import ContainerState, ExecIO, RuntimeError_
+from shoal.server.host.oci import ContainerSpec, build_config, process_env
 
 CGROUP_PARENT = "shoal"
 CGROUP_ROOT = Path("/sys/fs/cgroup")

@@ -16,13 +16,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from shoal.exception import ExecutionError, InvalidError, NotFoundError
-from shoal.images import base as base_image
-from shoal.images.build import Builder, BuildError, RecipeError
-from shoal.images.registry import RegistryError, RegistryPuller
-from shoal.images.store import ImageConfig, ImageStore, Manifest, MAX_MOUNT_LAYERS, digest
-from shoal.images.unpack import UnsafeLayerError
+from shoal.server.images import base as base_image
+from shoal.server.images.build import Builder, BuildError, RecipeError
+from shoal.server.images.registry import RegistryError, RegistryPuller
+from shoal.server.images.store import ImageConfig, ImageStore, Manifest, MAX_MOUNT_LAYERS, digest
+from shoal.server.images.unpack import UnsafeLayerError
 
-log = logging.getLogger("shoal.images")
+log = logging.getLogger("shoal.server.images")
 IMAGE_ID = re.compile(r"^im-[0-9a-f]{22}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 DEFAULT_RECIPE = {"base": {"kind": "debian_slim"}, "steps": []}

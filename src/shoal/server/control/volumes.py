@@ -20,9 +20,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from shoal.exception import AlreadyExistsError, ConflictError, InvalidError, NotFoundError
-from shoal.storage.paths import normalize
-from shoal.storage.state import StateStore, VolumeRecord
-from shoal.storage.volumes import VolumeStorage
+from shoal.server.storage.paths import normalize
+from shoal.server.storage.state import StateStore, VolumeRecord
+from shoal.server.storage.volumes import VolumeStorage
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 KINDS = ("volume", "nfs")

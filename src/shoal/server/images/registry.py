@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 import httpx
 
-from shoal.images.store import ImageConfig, ImageStore
-from shoal.images.unpack import unpack
+from shoal.server.images.store import ImageConfig, ImageStore
+from shoal.server.images.unpack import unpack
 
 Log = Callable[[str], None]
 MANIFEST_TYPES = ", ".join([

@@ -25,12 +25,12 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from shoal.images.store import ImageConfig, ImageStore, Manifest, digest
-from shoal.images.unpack import unpack
-from shoal.runtime import tools
-from shoal.runtime.oci import ContainerSpec, Limits, Mount
-from shoal.images.users import resolve_user
-from shoal.runtime.rootfs import Rootfs
+from shoal.server.images.store import ImageConfig, ImageStore, Manifest, digest
+from shoal.server.images.unpack import unpack
+from shoal.server.host import tools
+from shoal.server.host.oci import ContainerSpec, Limits, Mount
+from shoal.server.images.users import resolve_user
+from shoal.server.host.rootfs import Rootfs
 
 Log = Callable[[str], None]
 STEP_TIMEOUT = float(os.environ.get("SHOAL_BUILD_TIMEOUT", "1800"))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from shoal.runtime.oci import ContainerSpec
+from shoal.server.host.oci import ContainerSpec
 
 
 class RuntimeError_(Exception):
