@@ -2,10 +2,13 @@
 
 Three steps are measured on both sides, N times each (medians and p90 are reported):
 
-1. create -> first output
-   shoal: `Sandbox.create(app=app)` until `sb.exec("echo", "hi").stdout.read()` returns "hi\\n".
+1. create -> first output, cold
+   shoal: `Sandbox.create(app=app, memory=2048)` (the default limit, spelled out, so the warm pool
+   does not serve it) until `sb.exec("echo", "hi").stdout.read()` returns "hi\\n".
    raw:   overlay mount + config.json + `runc run --detach` + `runc exec <id> echo hi`.
    Tearing the sandbox down happens after the clock stops.
+1b. create -> first output, warm: `Sandbox.create(app=app)` served by the warm pool, then the same
+   exec; after each sample the benchmark waits until the pool has refilled (`/health`).
 2. exec round trip, in one sandbox started beforehand
    shoal: `p = sb.exec("echo", "hi"); p.stdout.read(); p.wait()`.
    raw:   `runc exec <id> echo hi`, capturing stdout.
@@ -50,7 +53,8 @@ from pathlib import Path
 CGROUP_PARENT = "shoal-bench"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 STEPS = {
-    "create_first_output": "create -> first output",
+    "create_first_output": "create -> first output (cold)",
+    "warm_first_output": "create -> first output (warm pool)",
     "exec_round_trip": "exec round trip",
     "end_to_end": "end to end (create, exec, terminate)",
 }
@@ -217,11 +221,28 @@ class ShoalSide:
         self.app = shoal.App.lookup("bench", create_if_missing=True)
         self.live: set = set()
 
-    def create(self, laps: Laps):
-        sb = self.shoal.Sandbox.create(app=self.app)
+    def create(self, laps: Laps, warm: bool = False):
+        sb = self.shoal.Sandbox.create(app=self.app) if warm else \
+            self.shoal.Sandbox.create(app=self.app, memory=2048)
         laps.lap("Sandbox.create")
         self.live.add(sb)
         return sb
+
+    def pool_idle(self) -> int:
+        from shoal._client import get_client
+        from shoal._sync import run_blocking
+
+        async def health() -> dict:
+            return await (await get_client()).call("GET", "/health")
+
+        return run_blocking(health()).get("pool_idle", 0)
+
+    def wait_pool(self, want: int = 1, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while self.pool_idle() < want:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the warm pool did not refill within 30 s")
+            time.sleep(0.01)
 
     def exec_echo(self, sb, laps: Laps, wait: bool = False) -> None:
         p = sb.exec("echo", "hi")
@@ -276,6 +297,15 @@ def measure_round(shoal: ShoalSide, raw: RawRunc, shoal_sb, raw_cid: str,
         raw.destroy(cid, Laps())
         return laps
 
+    def shoal_warm_output() -> Laps:
+        shoal.wait_pool()
+        laps = Laps()
+        sb = shoal.create(laps, warm=True)
+        shoal.exec_echo(sb, laps)
+        shoal.terminate(sb)
+        shoal.wait_pool()
+        return laps
+
     def shoal_exec() -> Laps:
         laps = Laps()
         shoal.exec_echo(shoal_sb, laps, wait=True)
@@ -302,6 +332,7 @@ def measure_round(shoal: ShoalSide, raw: RawRunc, shoal_sb, raw_cid: str,
 
     plan = {
         "create_first_output": (shoal_first_output, raw_first_output),
+        "warm_first_output": (shoal_warm_output, raw_first_output),
         "exec_round_trip": (shoal_exec, raw_exec),
         "end_to_end": (shoal_end_to_end, raw_end_to_end),
     }

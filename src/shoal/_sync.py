@@ -189,6 +189,13 @@ class _AsyncCM:
         return await run_async(self._acm.__aexit__(*exc_info))
 
 
+def _blocking_next(self):
+    try:
+        return run_blocking(self._impl.__anext__())
+    except StopAsyncIteration:
+        raise StopIteration from None
+
+
 def _translate_result(value: Any, iterate: Callable, manage: type) -> Any:
     if inspect.isasyncgen(value) or (hasattr(value, "__anext__") and
                                      type(value) not in _IMPL_TO_PUBLIC):
@@ -282,6 +289,9 @@ def synchronize_api(impl_cls: type, name: str | None = None) -> type:
     if hasattr(impl_cls, "__aiter__"):
         ns["__iter__"] = lambda self: _blocking_iter(self._impl.__aiter__())
         ns["__aiter__"] = lambda self: _async_iter(self._impl.__aiter__())
+    if hasattr(impl_cls, "__anext__"):
+        ns["__next__"] = _blocking_next
+        ns["__anext__"] = lambda self: run_async(self._impl.__anext__())
     if hasattr(impl_cls, "__aenter__"):
         ns["__enter__"] = lambda self: (run_blocking(self._impl.__aenter__()), self)[1]
         ns["__exit__"] = lambda self, *e: run_blocking(self._impl.__aexit__(*e))

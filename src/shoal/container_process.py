@@ -1,24 +1,195 @@
-"""A process started with `Sandbox.exec` (Modal's `modal.container_process.ContainerProcess`)."""
+"""A process started with `Sandbox.exec` (Modal's `modal.container_process.ContainerProcess`).
+
+`exec` is one HTTP request: its response carries the process's id, then its stdout and stderr as
+they are written, then its exit code (frames of u8 kind, u32 length, payload). A task on the SDK's
+loop reads that response into one bounded buffer per stream, which `stdout`/`stderr` read from. If
+the connection breaks (the server restarted), the task asks again from the byte offsets it has,
+so no output is lost or repeated. A buffer over its limit pauses the task, which pauses the
+process: the back-pressure of a pipe.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import struct
+from collections import deque
 
+import httpx
+
+from shoal import exception as exc
 from shoal._client import get_client
 from shoal._sync import synchronize_api
 from shoal.io_streams import _StreamReader, _StreamWriter
+
+BUFFER_LIMIT = 16 << 20  # bytes of unread output held per stream before the process is paused
+RECONNECT_FOR = 60.0  # seconds to keep trying after the connection to the server broke
+FRAME_START, FRAME_STDOUT, FRAME_STDERR, FRAME_EXIT, FRAME_ERROR = range(5)
+
+
+class _Channel:
+    """Output of one stream, fed by the exec's reader task, read by a StreamReader."""
+
+    def __init__(self) -> None:
+        self.chunks: deque[bytes] = deque()
+        self.size = 0
+        self.offset = 0  # bytes received so far (the position to resume from)
+        self.closed = False
+        self.error: BaseException | None = None
+        self.changed = asyncio.Condition()
+
+    async def put(self, data: bytes) -> None:
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.size < BUFFER_LIMIT)
+            self.chunks.append(data)
+            self.size += len(data)
+            self.offset += len(data)
+            self.changed.notify_all()
+
+    def full(self) -> bool:
+        return self.size >= BUFFER_LIMIT
+
+    async def close(self, error: BaseException | None = None) -> None:
+        async with self.changed:
+            self.closed = True
+            self.error = self.error or error
+            self.changed.notify_all()
+
+    async def get(self) -> bytes:
+        """Next chunk; b"" at the end of the stream."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.chunks or self.closed)
+            if not self.chunks:
+                if self.error is not None:
+                    raise self.error
+                return b""
+            data = self.chunks.popleft()
+            self.size -= len(data)
+            self.changed.notify_all()
+            return data
+
+
+async def _frames(resp: httpx.Response):
+    """(kind, payload) frames of an exec stream."""
+    buf = bytearray()
+    async for chunk in resp.aiter_raw():
+        buf += chunk
+        while len(buf) >= 5:
+            kind, size = struct.unpack(">BI", buf[:5])
+            if len(buf) < 5 + size:
+                break
+            payload = bytes(buf[5:5 + size])
+            del buf[:5 + size]
+            yield kind, payload
+    if buf:
+        raise httpx.ReadError("the exec stream ended inside a frame")
 
 
 class _ContainerProcess:
     """Handle to a running command: `stdout`, `stderr`, `stdin`, `wait()`, `poll()`,
     `returncode`. Exit codes follow the shell: 124 after the exec's `timeout`, 137 when killed."""
 
-    def __init__(self, exec_id: str, text: bool = True):
+    def __init__(self, exec_id: str, text: bool = True, resp: httpx.Response | None = None,
+                 captured: tuple[str, ...] = ("stdout", "stderr")):
         self._exec_id = exec_id
         self._returncode: int | None = None
-        base = f"/execs/{exec_id}"
-        self._stdout = _StreamReader(f"{base}/output/stdout", text=text)
-        self._stderr = _StreamReader(f"{base}/output/stderr", text=text)
-        self._stdin = _StreamWriter(f"{base}/stdin")
+        self._exited = asyncio.Event()
+        self._channels = {s: _Channel() for s in ("stdout", "stderr")}
+        for s in ("stdout", "stderr"):
+            if s not in captured:
+                self._channels[s].closed = True
+        self._stdout = _StreamReader(channel=self._channels["stdout"], text=text, fd=1)
+        self._stderr = _StreamReader(channel=self._channels["stderr"], text=text, fd=2)
+        self._stdin = _StreamWriter(f"/execs/{exec_id}/stdin", offsets=True)
+        self._reader = asyncio.get_running_loop().create_task(
+            self._read_output(resp), name=f"shoal-exec-{exec_id}") if resp is not None else None
+
+    @classmethod
+    async def _start(cls, sandbox_id: str, body: dict, text: bool) -> "_ContainerProcess":
+        client = await get_client()
+        req = client.http.build_request("POST", f"/sandboxes/{sandbox_id}/exec", json=body)
+        try:
+            resp = await client.http.send(req, stream=True)
+        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as e:
+            raise exc.ConnectionError(f"lost the shoal server ({e})") from None
+        try:
+            if resp.status_code >= 400:
+                from shoal._client import _error_from
+
+                raise _error_from(resp.status_code, await resp.aread())
+            frames = _frames(resp)
+            kind, payload = await frames.__anext__()
+            if kind != FRAME_START:
+                raise exc.RemoteError("the server's exec stream did not start with the exec id")
+            start = json.loads(payload)
+        except BaseException:
+            await resp.aclose()
+            raise
+        captured = tuple(s for s in ("stdout", "stderr") if body.get(s) == "pipe")
+        proc = cls(start["exec_id"], text, None, captured)
+        proc._reader = asyncio.get_running_loop().create_task(
+            proc._read_output(resp, frames), name=f"shoal-exec-{proc._exec_id}")
+        return proc
+
+    async def _read_output(self, resp: httpx.Response | None, frames=None) -> None:
+        """Move the exec stream into the channels; resume from offsets if the connection breaks."""
+        deadline = None
+        error: BaseException | None = None
+        try:
+            while True:
+                try:
+                    if resp is None:
+                        resp = await self._reopen()
+                        frames = _frames(resp)
+                    async for kind, payload in frames or _frames(resp):
+                        deadline = None
+                        if kind in (FRAME_STDOUT, FRAME_STDERR):
+                            await self._channels["stdout" if kind == FRAME_STDOUT
+                                                 else "stderr"].put(payload)
+                        elif kind == FRAME_EXIT:
+                            self._returncode = json.loads(payload)["returncode"]
+                            self._exited.set()
+                        elif kind == FRAME_ERROR:
+                            err = json.loads(payload)["error"]
+                            raise exc.from_wire(err["type"], err["message"], err.get("errno"))
+                    if self._exited.is_set():
+                        return
+                    raise httpx.ReadError("the exec stream ended before the exit code")
+                except (httpx.TransportError, exc.ConnectionError) as e:
+                    loop = asyncio.get_running_loop()
+                    deadline = deadline or loop.time() + RECONNECT_FOR
+                    if loop.time() > deadline:
+                        raise exc.ConnectionError(f"lost the shoal server while reading the "
+                                                  f"output of {self._exec_id}: {e}") from None
+                    await asyncio.sleep(0.2)
+                finally:
+                    if resp is not None:
+                        await resp.aclose()
+                    resp = frames = None
+        except Exception as e:
+            error = e
+        finally:
+            # Readers see the end of the streams (or the error) however this task ends.
+            for ch in self._channels.values():
+                ch.closed = True
+                ch.error = ch.error or error
+                if not ch.changed.locked():
+                    async with ch.changed:
+                        ch.changed.notify_all()
+
+    async def _reopen(self) -> httpx.Response:
+        client = await get_client()
+        req = client.http.build_request(
+            "GET", f"/execs/{self._exec_id}/stream",
+            params={s: ch.offset for s, ch in self._channels.items()})
+        resp = await client.http.send(req, stream=True)
+        if resp.status_code >= 400:
+            from shoal._client import _error_from
+
+            body = await resp.aread()
+            await resp.aclose()
+            raise _error_from(resp.status_code, body)
+        return resp
 
     @property
     def object_id(self) -> str:
@@ -50,14 +221,24 @@ class _ContainerProcess:
 
     async def poll(self) -> int | None:
         """The exit code if the process has ended, else None (does not block)."""
-        if self._returncode is None:
+        if self._returncode is None and not self._exited.is_set():
             await self._wait(0)
         return self._returncode
 
     async def wait(self) -> int:
         """Wait for the process to end; returns its exit code."""
         while self._returncode is None:
-            await self._wait(60)
+            reader_stuck = self._reader is None or self._reader.done() or any(
+                ch.full() for ch in self._channels.values())
+            if reader_stuck:
+                # The exit code is behind output nobody has read yet (or the stream is gone):
+                # ask for it directly.
+                await self._wait(60)
+                continue
+            try:
+                await asyncio.wait_for(asyncio.shield(self._exited.wait()), 0.5)
+            except asyncio.TimeoutError:
+                pass
         return self._returncode
 
     def __repr__(self) -> str:

@@ -16,8 +16,11 @@ from shoal.exception import InvalidError
 
 
 class _StreamReader:
-    def __init__(self, path: str, text: bool = True, resumable: bool = False):
+    def __init__(self, path: str | None = None, text: bool = True, resumable: bool = False,
+                 channel=None, fd: int | None = None):
         self._path = path
+        self._channel = channel  # an exec's output, fed by its ContainerProcess
+        self._fd = fd if fd is not None else (2 if path and path.endswith("stderr") else 1)
         self._text = text
         self._resumable = resumable  # sandbox entrypoint logs can be re-read from an offset
         self._offset = 0
@@ -25,8 +28,13 @@ class _StreamReader:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = "" if text else b""
         self._eof = False
+        self._lines = None
 
     async def _raw(self) -> AsyncIterator[bytes]:
+        if self._channel is not None:
+            while data := await self._channel.get():
+                yield data
+            return
         client = await get_client()
         params = {"offset": self._offset} if self._resumable else {}
         async with client.stream("GET", self._path, params=params) as resp:
@@ -75,14 +83,22 @@ class _StreamReader:
                 return
             self._pending += piece
 
+    async def __anext__(self):
+        """The next line (Modal's `next(p.stdout)`); StopAsyncIteration at the end."""
+        if self._lines is None:
+            self._lines = self.__aiter__()
+        return await self._lines.__anext__()
+
     @property
     def file_descriptor(self) -> int:
-        return 1 if self._path.endswith("stdout") else 2
+        return self._fd
 
 
 class _StreamWriter:
-    def __init__(self, path: str):
+    def __init__(self, path: str, offsets: bool = False):
         self._path = path
+        self._offsets = offsets  # send each write's stream position, so a retry cannot repeat it
+        self._sent = 0
         self._buffer = bytearray()
         self._eof = False
         self._closed = False
@@ -114,8 +130,12 @@ class _StreamWriter:
         step = 8 << 20
         for start in range(0, max(len(data), 1), step):
             last = start + step >= len(data)
-            await client.call("POST", self._path, content=data[start:start + step],
-                              params={"eof": "true" if (self._eof and last) else "false"})
+            piece = data[start:start + step]
+            params = {"eof": "true" if (self._eof and last) else "false"}
+            if self._offsets:
+                params["offset"] = self._sent
+            await client.call("POST", self._path, content=piece, params=params)
+            self._sent += len(piece)
         if self._eof:
             self._closed = True
 

@@ -280,9 +280,7 @@ class _Sandbox:
             "stdout": stdout.wire(),
             "stderr": stderr.wire(),
         }
-        client = await get_client()
-        r = await client.call("POST", f"/sandboxes/{self._sandbox_id}/exec", json=body)
-        return _ContainerProcess(r["exec_id"], text=text)
+        return await _ContainerProcess._start(self._sandbox_id, body, text)
 
     async def _wait_once(self, timeout: float) -> bool:
         client = await get_client()

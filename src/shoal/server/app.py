@@ -21,9 +21,11 @@ from fastapi.responses import JSONResponse
 from shoal import exception as exc
 from shoal.config import Paths
 from shoal.server.host import tools
+from shoal.server.host.runc_host import RuncHost
 from shoal.server.host.runc import RuncRuntime, remove_cgroup_parent
 from shoal.server.control.images import ImageService
 from shoal.server.routes import apps, files, images, sandboxes, volumes
+from shoal.server.control import pool
 from shoal.server.control.sandboxes import SandboxService
 from shoal.server.control.volumes import VolumeService
 from shoal.server.storage.state import SqliteStore
@@ -55,10 +57,10 @@ def build_services(paths: Paths) -> Services:
     storage = LocalVolumeStorage(paths.volumes)
     storage.remove_leftovers()
     vols = VolumeService(store, storage)
-    runtime = RuncRuntime(paths.runc_root)
     tools_dir, _ = tools.prepare(paths.home / "tools")
-    images = ImageService(paths.images, runtime, tools_dir)
-    sbx = SandboxService(store, runtime, vols, images, paths.sandboxes, tools_dir)
+    images = ImageService(paths.images, RuncRuntime(paths.runc_root), tools_dir)
+    host = RuncHost(paths.sandboxes, paths.runc_root, tools_dir)
+    sbx = SandboxService(store, host, vols, images, pool.parse_sizes(None))
     return Services(store, vols, sbx, images)
 
 
@@ -75,7 +77,7 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
     async def lifespan(app: FastAPI):
         svc = build_services(paths)
         app.state.svc = svc
-        await svc.sandboxes.reconcile()
+        await svc.sandboxes.start()
         svc.volumes.reap()
         task = asyncio.ensure_future(_upkeep(svc, upkeep_interval))
         log.info("shoal server ready (home %s)", paths.home)
@@ -83,7 +85,9 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
             yield
         finally:
             task.cancel()
-            svc.sandboxes.detach_all()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await svc.sandboxes.close()
             if not svc.sandboxes.live:
                 remove_cgroup_parent()
             svc.store.close()
@@ -96,8 +100,10 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
         app.include_router(router)
 
     @app.get("/health", tags=["server"])
-    def health() -> dict:
-        return {"ok": True, "version": API_VERSION, "pid": os.getpid()}
+    def health(request: Request) -> dict:
+        pool = request.app.state.svc.sandboxes.pool
+        return {"ok": True, "version": API_VERSION, "pid": os.getpid(),
+                "pool_idle": pool.total() if pool is not None else 0}
 
     async def on_error(request: Request, err: Exception):
         errno = message = None
@@ -139,8 +145,8 @@ async def _upkeep(svc: Services, interval: float) -> None:
             svc.sandboxes.stop_idle()
             ticks += 1
             if ticks % 10 == 0:
-                svc.sandboxes.reap_strays()
+                await svc.sandboxes.host.upkeep()
             if ticks % 60 == 0:
-                svc.sandboxes.collect_logs()
+                await svc.sandboxes.collect_logs()
         except Exception:
             log.exception("upkeep")

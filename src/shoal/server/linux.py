@@ -30,12 +30,17 @@ def _check(ret: int, what: str, path: str | None = None) -> int:
 def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = 0) -> int:
     """openat2(2): with RESOLVE_IN_ROOT, `..` and absolute symlinks stop at `dirfd`."""
     how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
-    while True:
+    # The kernel answers EAGAIN when a rename raced the lookup. A sandbox renaming in a loop could
+    # make that endless, so the retries are bounded; the caller gets EAGAIN ("try again").
+    for _ in range(OPENAT2_RETRIES):
         ret = _libc.syscall(SYS_openat2, dirfd, path.encode(), ctypes.byref(how),
                             ctypes.sizeof(how))
-        if ret < 0 and ctypes.get_errno() == errno.EAGAIN:
-            continue  # the kernel asks for a retry when a rename raced the lookup
-        return _check(ret, "openat2", path)
+        if ret >= 0 or ctypes.get_errno() != errno.EAGAIN:
+            break
+    return _check(ret, "openat2", path)
+
+
+OPENAT2_RETRIES = 64
 
 
 def write_all(fd: int, data: bytes) -> int:

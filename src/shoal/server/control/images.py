@@ -111,20 +111,14 @@ class ImageService:
         return await asyncio.to_thread(self.store.mount_layers, m.layers)
 
     # --- snapshots
-    async def snapshot(self, upper: Path, parent: Manifest) -> str:
-        """Copy a (paused) sandbox's upper dir into a new layer over `parent`'s layers. The copy
-        keeps overlayfs whiteouts (0/0 device nodes) and opaque-directory xattrs, so deletions
-        carry over. The image appears under its id only when complete."""
+    async def snapshot(self, parent: Manifest, export) -> str:
+        """A new image: `parent`'s layers plus one layer that `export(dir)` fills with a
+        sandbox's changes (an overlay upper directory: whiteouts and opaque-directory xattrs carry
+        deletions). The image appears under its id only when complete."""
         work = self.store.scratch()
         try:
-            proc = await asyncio.create_subprocess_exec(
-                "cp", "-a", "--reflink=auto", f"{upper}/.", str(work / "rootfs"),
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-            _, err = await proc.communicate()
-            if proc.returncode != 0:
-                raise ExecutionError(f"snapshot copy failed: {err.decode(errors='replace')}")
-            for name in (".shoal", ".shoal-build"):  # shoal's mount points, not the sandbox's
-                await asyncio.to_thread(subprocess.run, ["rm", "-rf", str(work / "rootfs" / name)])
+            (work / "rootfs").mkdir(exist_ok=True)
+            await export(work / "rootfs")
             layer_id = f"layers/snap-{secrets.token_hex(13)}"
             self.store.commit_layer(layer_id, work / "rootfs", {"snapshot_of": parent.id})
         finally:

@@ -1,12 +1,15 @@
 """The life of a sandbox: create, exec, wait, terminate, time out, and survive a server restart.
 
-State of running sandboxes lives in two places: the database (what exists, for everyone) and
-`self.live` (handles that only this process can hold: pidfds, pipes, timers). Everything here runs
-on the server's event loop, so neither needs a lock; the database has its own.
+This service is orchestration and a state machine; everything that touches a sandbox goes through
+the `SandboxHost` seam (`server/host/base.py`), so it runs unchanged over runc, gVisor or the
+in-memory `FakeHost` of the unit tests.
 
-A sandbox outlives its client and the server: the server is a child subreaper, so a sandbox's init
-is its child while it runs, and a restarted server adopts what the last one left (or ends it, when
-its timeout passed in between) — see `reconcile`.
+State lives in three places: the database (what exists, for everyone), the host (the sandboxes
+themselves, and in each one's agent its exec sessions and their output), and `self.live` / 
+`self.execs` here (timers, probe tasks, waiters: what only this process needs, rebuilt by
+`reconcile` after a restart). Everything here runs on the server's event loop: no locks.
+Background work is started with `_spawn`, which keeps, names and logs every task; `close` drains
+them.
 """
 
 from __future__ import annotations
@@ -18,27 +21,19 @@ import os
 import posixpath
 import re
 import secrets
-import shutil
-import signal
-import stat
-import sys
 import time
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from shoal.server import linux as _linux
 from shoal.exception import (AlreadyExistsError, ExecutionError, InvalidError, NotFoundError,
                              SandboxTerminatedError)
-from shoal.server.host import tools
-from shoal.server.host.base import ExecIO, Runtime, RuntimeError_
-from shoal.server.host.oci import ContainerSpec, Limits, Mount
-from shoal.server.images.users import resolve_user
-from shoal.server.host.rootfs import Rootfs
-from shoal.server.host.runc_files import RESOLVE_SANDBOX, SandboxFiles, sandbox_rel
 from shoal.server.control.images import ImageService
-from shoal.server.models import CreateSandbox, ExecRequest
-from shoal.server.streams import OutputBuffer, tail_file
 from shoal.server.control.volumes import VolumeService, new_id
+from shoal.server.host.base import (ExecSpec, HostError, HostEvent, SandboxGone, SandboxHost,
+                                    SandboxSpec)
+from shoal.server.host.oci import Limits, Mount
+from shoal.server.control.pool import WarmPool
+from shoal.server.models import CreateSandbox, ExecRequest, Resources
 from shoal.server.storage.state import MountRecord, SandboxRecord, StateStore
 
 log = logging.getLogger("shoal.sandboxes")
@@ -47,13 +42,10 @@ RC_TIMEOUT = 124  # as `timeout(1)` and Modal
 RC_KILLED = 137  # 128 + SIGKILL
 MAX_TIMEOUT = 24 * 3600
 RESERVED_MOUNT_PREFIXES = ("/proc", "/sys", "/dev", "/.shoal")
-NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
 LOG_RETENTION = 3600.0  # seconds an ended sandbox's output stays readable
-
-
-def exit_code(status: int) -> int:
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
+EXEC_RETENTION = 600.0  # seconds a finished exec's output stays readable
+STREAMS = ("stdout", "stderr")
 
 
 def check_workdir(path: str) -> str:
@@ -71,19 +63,21 @@ def check_abs_path(path: str, what: str) -> str:
     return posixpath.normpath(path)
 
 
+def exec_sandbox(exec_id: str) -> str:
+    """The sandbox an exec id belongs to: exec ids embed it, so they resolve after a restart."""
+    if not re.fullmatch(r"ex-[0-9a-f]{22}-[0-9a-f]{8}", exec_id or ""):
+        raise NotFoundError(f"exec {exec_id!r} not found")
+    return "sb-" + exec_id[3:25]
+
+
 @dataclass
 class LiveSandbox:
     """What this server process holds for a running sandbox."""
     id: str
-    pid: int
-    dir: Path
-    rootfs: Rootfs
-    exited: asyncio.Event = field(default_factory=asyncio.Event)
-    pidfd: int | None = None
-    stdin_fd: int | None = None
     timer: asyncio.TimerHandle | None = None
     end_reason: str | None = None  # set by whoever ends it first (terminate, timeout)
     finalized: bool = False
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
     last_active: float = field(default_factory=time.monotonic)
     running_execs: int = 0
     idle_timeout: float | None = None
@@ -95,41 +89,66 @@ class LiveSandbox:
 
 
 @dataclass
-class ExecSession:
+class ExecRecord:
     id: str
     sandbox_id: str
-    proc: asyncio.subprocess.Process | None  # None: the command was not found, nothing ran
-    pid_file: Path
-    stdout: OutputBuffer | None
-    stderr: OutputBuffer | None
+    streams: tuple[str, ...]  # the captured ones ("stdout", "stderr")
     done: asyncio.Event = field(default_factory=asyncio.Event)
     returncode: int | None = None
     timed_out: bool = False
-    tasks: list[asyncio.Task] = field(default_factory=list)
-
-    def kill(self) -> None:
-        try:
-            pid = int(self.pid_file.read_text())
-            os.kill(pid, signal.SIGKILL)  # the process itself: killing runc would not reach it
-        except (OSError, ValueError):
-            pass
 
 
 class SandboxService:
-    def __init__(self, store: StateStore, runtime: Runtime, volumes: VolumeService,
-                 images: ImageService, root: Path, tools_dir: Path):
+    def __init__(self, store: StateStore, host: SandboxHost, volumes: VolumeService,
+                 images: ImageService, pool_sizes: dict[str, int] | None = None):
         self.store = store
-        self.runtime = runtime
+        self.host = host
         self.volumes = volumes
         self.images = images
-        self.root = root
-        self.tools_dir, has_busybox = tools.prepare(tools_dir)
-        self.idle_args = tools.idle_args(has_busybox)
         self.live: dict[str, LiveSandbox] = {}
         self.ended: dict[str, asyncio.Event] = {}  # set when a sandbox ends; for waiters
-        self.execs: dict[str, ExecSession] = {}
-        self.files = SandboxFiles(lambda sid: self.runtime.open_root(self._running(sid).pid))
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.execs: dict[str, ExecRecord] = {}
+        self.tasks: set[asyncio.Task] = set()
+        self.pool = WarmPool(host, images, pool_sizes) if pool_sizes else None
+
+    # --- owned background work
+    def _spawn(self, coro: Coroutine, name: str) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self.tasks.add(task)
+
+        def done(t: asyncio.Task) -> None:
+            self.tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("background task %s failed", name, exc_info=t.exception())
+        task.add_done_callback(done)
+        return task
+
+    async def start(self) -> None:
+        """Reconcile with what the host has, then follow its events."""
+        await self.reconcile()
+        self._spawn(self._follow_events(), "host-events")
+        if self.pool is not None:
+            self._spawn(self.pool.run(), "warm-pool")
+
+    async def _follow_events(self) -> None:
+        async for event in self.host.events():
+            live = self.live.get(event.sandbox_id)
+            if live is not None:
+                await self._finalize(live, event)
+            elif self.pool is not None and self.pool.owns(event.sandbox_id):
+                await self.pool.lost(event.sandbox_id)
+
+    async def close(self) -> None:
+        """Server shutdown: sandboxes keep running for the next server; our tasks end."""
+        for live in self.live.values():
+            if live.timer:
+                live.timer.cancel()
+        for t in list(self.tasks):
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.pool is not None:
+            await self.pool.close()
+        await self.host.close()
 
     # --- queries
     def get(self, sandbox_id: str) -> SandboxRecord:
@@ -150,6 +169,16 @@ class SandboxService:
     def ended_event(self, sandbox_id: str) -> asyncio.Event:
         """Set when the sandbox has ended (for waiters and streams)."""
         return self.ended.setdefault(sandbox_id, asyncio.Event())
+
+    @contextlib.contextmanager
+    def _gone_as_terminated(self, sandbox_id: str):
+        try:
+            yield
+        except SandboxGone:
+            raise SandboxTerminatedError(f"sandbox {sandbox_id} has finished; create a new "
+                                         "one") from None
+        except HostError as e:
+            raise ExecutionError(str(e)) from None
 
     # --- create
     def _validate(self, req: CreateSandbox) -> None:
@@ -211,97 +240,58 @@ class SandboxService:
         if args and image.config.entrypoint:
             args = [*image.config.entrypoint, *args]
 
-        sid = new_id("sb")
-        sdir = self.root / sid
-        sdir.mkdir(parents=True)
-        rootfs = Rootfs(sdir)
+        # A warm sandbox serves a request that asks for nothing it was not started with.
+        fits = not args and not req.mounts and req.resources == Resources()
+        pooled = self.pool.claim(image.id, fits) if self.pool is not None else None
+        sid = pooled or new_id("sb")
         now = time.time()
         spec = {**req.model_dump(), "env": env, "workdir": workdir, "image_id": image.id,
-                "layers": image.layers}
+                "layers": image.layers, "user": image.config.user}
         rec = SandboxRecord(id=sid, app_id=req.app_id, name=req.name, state="running", spec=spec,
                             created_at=now, deadline=now + req.timeout, tags=dict(req.tags))
         # Recorded before anything runs, so a crash from here on is found by `reconcile`.
         self.store.sandbox_insert(rec, [MountRecord(sid, v.id, posixpath.normpath(m.path),
                                                     m.read_only) for m, v in vols])
-        live = LiveSandbox(sid, 0, sdir, rootfs)
+        live = LiveSandbox(sid, idle_timeout=req.idle_timeout)
         self.live[sid] = live
-        stdin_r = stdout = stderr = -1
+        hspec = SandboxSpec(
+            id=sid, layers=layers, args=args, env=env, workdir=workdir or "/",
+            user=image.config.user,
+            limits=Limits(memory_mib=req.resources.memory or Limits.memory_mib,
+                          cpu=req.resources.cpu, pids=req.resources.pids or Limits.pids),
+            mounts=[Mount(str(self.volumes.storage.host_path(v.id)), posixpath.normpath(m.path),
+                          m.read_only) for m, v in vols])
         try:
-            merged = rootfs.mount(layers)
-            try:
-                user = resolve_user(merged, image.config.user)
-            except ValueError as e:
-                raise InvalidError(f"image {image.id}: {e}") from None
-            limits = Limits(
-                memory_mib=req.resources.memory or Limits.memory_mib,
-                cpu=req.resources.cpu,
-                pids=req.resources.pids or Limits.pids,
-            )
-            cspec = ContainerSpec(
-                id=sid, rootfs=str(merged), args=args or self.idle_args,
-                env=env, cwd=workdir or "/", limits=limits,
-                mounts=[Mount(str(self.volumes.storage.host_path(v.id)),
-                              posixpath.normpath(m.path), m.read_only) for m, v in vols],
-                tools_dir=str(self.tools_dir), user=user)
-            # The workdir is created by runc, inside the container's root: never on the host,
-            # where the image's absolute symlinks (/var/run -> /run) would lead out of it.
-            stdin_r, live.stdin_fd = os.pipe()
-            os.set_blocking(live.stdin_fd, False)
-            stdout = os.open(sdir / "stdout", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            stderr = os.open(sdir / "stderr", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            try:
-                live.pid = await self.runtime.start(cspec, sdir / "bundle", stdin_r, stdout,
-                                                    stderr)
-            except RuntimeError_ as e:
-                detail = (sdir / "stderr").read_text(errors="replace").strip()
-                raise ExecutionError(f"the sandbox failed to start: {detail or e}") from None
-        except BaseException:
+            if pooled is None:
+                await self.host.create(hspec)
+            elif workdir and workdir != (image.config.workdir or "/"):
+                await self.host.mkdir(sid, workdir, True, True)  # as runc does for a new one
+        except BaseException as e:
             live.end_reason = "failed-to-start"
-            await self._finalize(live, returncode=None)
+            live.exited.set()
+            await self._finalize(live, HostEvent(sid, "exited", None))
+            if isinstance(e, HostError):
+                raise ExecutionError(str(e)) from None
+            if isinstance(e, ValueError):
+                raise InvalidError(f"image {image.id}: {e}") from None
             raise
-        finally:
-            for fd in (stdin_r, stdout, stderr):
-                if fd >= 0:
-                    os.close(fd)
-        self.store.sandbox_update(sid, pid=live.pid)
-        live.idle_timeout = req.idle_timeout
-        self._watch(live, deadline=rec.deadline)
-        self._start_probe(live, req)
+        self._arm(live, rec.deadline)
+        self._start_probe(live, req.readiness_probe)
         return self.get(sid)
 
-    def _watch(self, live: LiveSandbox, deadline: float | None) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            live.pidfd = os.pidfd_open(live.pid)
-        except ProcessLookupError:
-            loop.call_soon(self._on_exit, live)
-        else:
-            loop.add_reader(live.pidfd, self._on_exit, live)
+    def _arm(self, live: LiveSandbox, deadline: float | None) -> None:
         if deadline is not None:
             delay = max(0.0, deadline - time.time())
-            live.timer = loop.call_later(delay, lambda: asyncio.ensure_future(
-                self._stop(live.id, "timeout")))
+            live.timer = asyncio.get_running_loop().call_later(
+                delay, lambda: self._spawn(self._stop(live.id, "timeout"), f"timeout-{live.id}"))
 
-    def _on_exit(self, live: LiveSandbox) -> None:
-        if live.pidfd is not None:
-            asyncio.get_running_loop().remove_reader(live.pidfd)
-        if live.exited.is_set():
-            return
-        returncode = None
-        try:
-            pid, status = os.waitpid(live.pid, os.WNOHANG)
-            if pid:
-                returncode = exit_code(status)
-        except ChildProcessError:
-            pass  # adopted from an earlier server: not our child, its status is not ours to read
-        live.exited.set()
-        asyncio.ensure_future(self._finalize(live, returncode))
-
-    async def _finalize(self, live: LiveSandbox, returncode: int | None) -> None:
+    async def _finalize(self, live: LiveSandbox, event: HostEvent) -> None:
         if live.finalized:
             return
         live.finalized = True
-        reason = live.end_reason or "exited"
+        live.exited.set()
+        reason = live.end_reason or ("oom" if event.oom else "exited")
+        returncode = event.returncode
         if reason in ("timeout", "idle-timeout"):
             returncode = RC_TIMEOUT
         elif reason == "terminated":
@@ -310,23 +300,17 @@ class SandboxService:
             live.timer.cancel()
         if live.probe_task:
             live.probe_task.cancel()
-        self.files.forget(live.id)
-        if live.pidfd is not None:
-            os.close(live.pidfd)
-            live.pidfd = None
-        if live.stdin_fd is not None:
-            os.close(live.stdin_fd)
-            live.stdin_fd = None
         try:
-            await self.runtime.delete(live.id)
+            await self.host.destroy(live.id)
         except Exception:
-            log.exception("deleting container %s", live.id)
-        live.rootfs.destroy()
-        shutil.rmtree(live.dir / "bundle", ignore_errors=True)
-        live.exited.set()
+            log.exception("destroying sandbox %s", live.id)
         self.store.sandbox_update(live.id, state="terminated", returncode=returncode,
                                   ended_at=time.time(), end_reason=reason)
         self.live.pop(live.id, None)
+        for rec in self.execs.values():
+            if rec.sandbox_id == live.id and not rec.done.is_set():
+                rec.returncode = RC_KILLED
+                rec.done.set()
         for m in self.store.mounts_of(live.id):
             self.volumes.collect(m.volume_id)  # a deferred volume deletion may now proceed
         self.ended_event(live.id).set()
@@ -337,13 +321,12 @@ class SandboxService:
         if live is None or live.exited.is_set():
             return
         live.end_reason = live.end_reason or reason
-        await self.runtime.kill(sandbox_id, signal.SIGKILL)
+        await self.host.kill(sandbox_id)
         try:
             await asyncio.wait_for(live.exited.wait(), 10)
         except asyncio.TimeoutError:
-            log.warning("sandbox %s did not exit 10 s after SIGKILL; deleting it", sandbox_id)
-            live.exited.set()
-            await self._finalize(live, None)
+            log.warning("sandbox %s did not exit 10 s after SIGKILL; removing it", sandbox_id)
+            await self._finalize(live, HostEvent(sandbox_id, "exited", None))
         await self.ended_event(sandbox_id).wait()
 
     # --- tags, names
@@ -363,51 +346,46 @@ class SandboxService:
     # --- snapshots
     async def snapshot(self, sandbox_id: str) -> str:
         """The sandbox's root filesystem now (its image plus what it changed) as a new image.
-        Volumes are not part of it. The sandbox is frozen while its layer is copied."""
+        Volumes are not part of it. The sandbox is frozen while its changes are copied."""
         live = self._running(sandbox_id)
         live.touch()
         parent = self.images.manifest(self.get(sandbox_id).spec["image_id"])
-        await self.runtime.pause(sandbox_id)
-        try:
-            return await self.images.snapshot(live.rootfs.upper, parent)
-        finally:
-            await self.runtime.resume(sandbox_id)
+        with self._gone_as_terminated(sandbox_id):
+            return await self.images.snapshot(
+                parent, lambda dest: self.host.export_changes(sandbox_id, dest))
 
     # --- readiness
-    def _start_probe(self, live: LiveSandbox, req: CreateSandbox) -> None:
-        probe = req.readiness_probe
+    def _start_probe(self, live: LiveSandbox, probe) -> None:
         if probe is None:
             live.ready.set()
             return
 
         async def run() -> None:
             while not live.exited.is_set():
-                if await self._probe_once(live, probe):
-                    live.ready.set()
-                    return
+                try:
+                    if await self._probe_once(live, probe):
+                        live.ready.set()
+                        return
+                except (SandboxGone, HostError):
+                    pass
                 await asyncio.sleep(probe.interval_ms / 1000)
 
-        live.probe_task = asyncio.ensure_future(run())
+        live.probe_task = self._spawn(run(), f"probe-{live.id}")
 
     async def _probe_once(self, live: LiveSandbox, probe) -> bool:
         if probe.tcp_port is not None:
-            # Connect from inside the sandbox's network namespace (it has only loopback).
-            code = ("import socket,sys\n"
-                    f"s=socket.socket(); s.settimeout(1); s.connect(('127.0.0.1', {probe.tcp_port}))")
-            proc = await asyncio.create_subprocess_exec(
-                "nsenter", f"--net=/proc/{live.pid}/ns/net", "--", sys.executable, "-c", code,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL)
-            return await proc.wait() == 0
-        pid_file = live.dir / f"probe-{secrets.token_hex(4)}.pid"
+            return await self.host.probe_tcp(live.id, probe.tcp_port)
+        rec = self.get(live.id)
+        eid = self._new_exec_id(live.id)
+        await self.host.exec(live.id, ExecSpec(
+            eid, list(probe.exec_args), rec.spec.get("env", {}), rec.spec.get("workdir") or "/",
+            stdin="null", stdout="null", stderr="null"))
         try:
-            proc = await self.runtime.exec(
-                live.id, list(probe.exec_args), self.get(live.id).spec.get("env", {}), None,
-                ExecIO(asyncio.subprocess.DEVNULL, asyncio.subprocess.DEVNULL,
-                       asyncio.subprocess.DEVNULL), pid_file)
-            return await proc.wait() == 0
+            code, _ = await self.host.exec_wait(live.id, eid)
         finally:
-            pid_file.unlink(missing_ok=True)
+            with contextlib.suppress(SandboxGone, HostError, OSError):
+                await self.host.exec_forget(live.id, eid)
+        return code == 0
 
     async def wait_ready(self, sandbox_id: str, timeout: float) -> bool:
         live = self._running(sandbox_id)
@@ -432,7 +410,7 @@ class SandboxService:
         for live in list(self.live.values()):
             if (live.idle_timeout is not None and live.running_execs == 0
                     and now - live.last_active > live.idle_timeout):
-                asyncio.ensure_future(self._stop(live.id, "idle-timeout"))
+                self._spawn(self._stop(live.id, "idle-timeout"), f"idle-{live.id}")
 
     # --- terminate / wait
     async def terminate(self, sandbox_id: str) -> SandboxRecord:
@@ -443,34 +421,35 @@ class SandboxService:
     async def wait(self, sandbox_id: str, timeout: float) -> SandboxRecord:
         rec = self.get(sandbox_id)
         if rec.state == "running":
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.ended_event(sandbox_id).wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
         return self.get(sandbox_id)
 
     # --- entrypoint stdio
-    def output(self, sandbox_id: str, stream: str, offset: int):
+    def output(self, sandbox_id: str, stream: str, offset: int) -> AsyncIterator[bytes]:
         rec = self.get(sandbox_id)
-        if stream not in ("stdout", "stderr"):
+        if stream not in STREAMS:
             raise InvalidError(f"stream must be stdout or stderr, got {stream!r}")
         finished = self.ended_event(sandbox_id)
         if rec.state != "running":
             finished.set()
-        return tail_file(self.root / sandbox_id / stream, offset, finished)
+        return self.host.read_log(sandbox_id, stream, offset, finished)
 
     async def write_stdin(self, sandbox_id: str, data: bytes, eof: bool) -> None:
         live = self._running(sandbox_id)
-        if live.stdin_fd is None:
-            raise InvalidError("the sandbox's stdin was closed (write_eof, or a server restart)")
         live.touch()
-        await _write_all_nonblocking(live.stdin_fd, data)
-        if eof:
-            os.close(live.stdin_fd)
-            live.stdin_fd = None
+        with self._gone_as_terminated(sandbox_id):
+            try:
+                await self.host.write_stdin(sandbox_id, data, eof)
+            except BrokenPipeError as e:
+                raise InvalidError(str(e)) from None
 
     # --- exec
-    async def exec(self, sandbox_id: str, req: ExecRequest) -> ExecSession:
+    @staticmethod
+    def _new_exec_id(sandbox_id: str) -> str:
+        return f"ex-{sandbox_id[3:]}-{secrets.token_hex(4)}"
+
+    async def exec(self, sandbox_id: str, req: ExecRequest) -> ExecRecord:
         live = self._running(sandbox_id)
         if not req.args or not all(isinstance(a, str) and "\x00" not in a for a in req.args):
             raise InvalidError("exec needs at least one argument, all strings without NUL bytes")
@@ -478,160 +457,161 @@ class SandboxService:
             check_workdir(req.workdir)
         if req.timeout is not None and req.timeout <= 0:
             raise InvalidError(f"timeout must be positive, got {req.timeout}")
-        modes = {"pipe": asyncio.subprocess.PIPE, "devnull": asyncio.subprocess.DEVNULL}
+        modes = {"pipe": "pipe", "devnull": "null"}
         if req.stdout not in modes or req.stderr not in (*modes, "stdout"):
             raise InvalidError("stdout must be 'pipe' or 'devnull'; stderr 'pipe', 'devnull' or "
                                "'stdout'")
+        for k, v in req.env.items():
+            if not k or "=" in k or "\x00" in k or "\x00" in v:
+                raise InvalidError(f"invalid environment variable {k!r}")
         spec = self.get(sandbox_id).spec
         env = {**spec.get("env", {}), **req.env}
         workdir = req.workdir or spec.get("workdir") or "/"
-        eid = new_id("ex")
-        pid_file = live.dir / f"exec-{eid}.pid"
+        eid = self._new_exec_id(sandbox_id)
         live.touch()
-        missing = self._missing_command(sandbox_id, req.args[0], env, workdir)
-        if missing:
-            return await self._not_run(eid, sandbox_id, pid_file, req, *missing)
-        stderr_mode = asyncio.subprocess.STDOUT if req.stderr == "stdout" else modes[req.stderr]
-        proc = await self.runtime.exec(
-            sandbox_id, list(req.args), env, workdir,
-            ExecIO(asyncio.subprocess.PIPE, modes[req.stdout], stderr_mode), pid_file)
+        stderr = "stdout" if req.stderr == "stdout" else modes[req.stderr]
+        with self._gone_as_terminated(sandbox_id):
+            await self.host.exec(sandbox_id, ExecSpec(
+                eid, list(req.args), env, workdir, stdin="pipe", stdout=modes[req.stdout],
+                stderr=stderr, timeout=req.timeout))
+        streams = tuple(s for s, mode in (("stdout", req.stdout), ("stderr", req.stderr))
+                        if mode == "pipe")
+        rec = self._track(eid, sandbox_id, streams)
         live.running_execs += 1
-        sess = ExecSession(eid, sandbox_id, proc, pid_file,
-                           OutputBuffer() if proc.stdout else None,
-                           OutputBuffer() if proc.stderr else None)
-        if sess.stdout:
-            sess.tasks.append(asyncio.ensure_future(sess.stdout.pump(proc.stdout)))
-        if sess.stderr:
-            sess.tasks.append(asyncio.ensure_future(sess.stderr.pump(proc.stderr)))
-        sess.tasks.append(asyncio.ensure_future(self._exec_wait(sess, req.timeout)))
-        self.execs[eid] = sess
-        return sess
+        return rec
 
-    def _missing_command(self, sandbox_id: str, argv0: str, env: dict[str, str],
-                         workdir: str) -> tuple[int, str] | None:
-        """(exit code, message) as a shell would give them if `argv0` cannot run, else None.
-        Looked up in the sandbox's root, with its PATH."""
+    def _track(self, eid: str, sandbox_id: str, streams: tuple[str, ...]) -> ExecRecord:
+        rec = self.execs[eid] = ExecRecord(eid, sandbox_id, streams)
+        self._spawn(self._watch_exec(rec), f"exec-{eid}")
+        return rec
+
+    async def _watch_exec(self, rec: ExecRecord) -> None:
         try:
-            root = self.files.root(sandbox_id).fd
-        except OSError:
-            return None  # let the runtime report it
-        if "/" in argv0:
-            candidates = [posixpath.join(workdir, argv0)]
-        else:
-            path_var = env.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-            candidates = [posixpath.join(d or ".", argv0) for d in path_var.split(":")]
-            candidates = [c if c.startswith("/") else posixpath.join(workdir, c)
-                          for c in candidates]
-        found_non_exec = False
-        for cand in candidates:
-            try:
-                fd = _linux.openat2(root, sandbox_rel(cand), os.O_PATH, 0, RESOLVE_SANDBOX)
-            except (OSError, InvalidError):
-                continue
-            try:
-                st = os.fstat(fd)
-            finally:
-                os.close(fd)
-            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
-                return None
-            found_non_exec = True
-        if found_non_exec:
-            return 126, f"{argv0}: Permission denied\n"
-        if "/" in argv0:
-            return 127, f"{argv0}: No such file or directory\n"
-        return 127, f"{argv0}: command not found\n"
-
-    async def _not_run(self, eid: str, sandbox_id: str, pid_file: Path, req: ExecRequest,
-                       returncode: int, message: str) -> ExecSession:
-        stdout = OutputBuffer() if req.stdout == "pipe" else None
-        stderr = OutputBuffer() if req.stderr == "pipe" else None
-        target = stdout if req.stderr == "stdout" else stderr
-        if target is not None:
-            await target.put(message.encode())
-        for buf in (stdout, stderr):
-            if buf:
-                await buf.close()
-        sess = ExecSession(eid, sandbox_id, None, pid_file, stdout, stderr, returncode=returncode)
-        sess.done.set()
-        self.execs[eid] = sess
-        asyncio.get_running_loop().call_later(600, self.execs.pop, eid, None)
-        return sess
-
-    async def _exec_wait(self, sess: ExecSession, timeout: float | None) -> None:
-        try:
-            await asyncio.wait_for(sess.proc.wait(), timeout)
-        except asyncio.TimeoutError:
-            sess.timed_out = True
-            sess.kill()
-            await sess.proc.wait()
-        sess.returncode = RC_TIMEOUT if sess.timed_out else sess.proc.returncode
-        sess.pid_file.unlink(missing_ok=True)
-        live = self.live.get(sess.sandbox_id)
-        if live:
-            live.running_execs -= 1
-            live.touch()
-        sess.done.set()
+            rec.returncode, rec.timed_out = await self.host.exec_wait(rec.sandbox_id, rec.id)
+        except (SandboxGone, HostError, OSError):
+            rec.returncode = RC_KILLED
+        finally:
+            rec.done.set()
+            live = self.live.get(rec.sandbox_id)
+            if live:
+                live.running_execs = max(0, live.running_execs - 1)
+                live.touch()
         # Forget the session a while after it ended, once its client has had time to read it.
-        asyncio.get_running_loop().call_later(600, self.execs.pop, sess.id, None)
+        await asyncio.sleep(EXEC_RETENTION)
+        self.execs.pop(rec.id, None)
+        with contextlib.suppress(SandboxGone, HostError, OSError):
+            if rec.sandbox_id in self.live:
+                await self.host.exec_forget(rec.sandbox_id, rec.id)
 
-    def get_exec(self, exec_id: str) -> ExecSession:
-        sess = self.execs.get(exec_id)
-        if sess is None:
-            raise NotFoundError(f"exec {exec_id} not found (it ended more than 10 minutes ago, or "
-                                "the server restarted)")
-        return sess
+    def get_exec(self, exec_id: str) -> ExecRecord:
+        rec = self.execs.get(exec_id)
+        if rec is not None:
+            return rec
+        # Not known to this process: an exec of a sandbox adopted after a restart lives on in
+        # the sandbox's agent.
+        sandbox_id = exec_sandbox(exec_id)
+        if sandbox_id not in self.live:
+            raise NotFoundError(f"exec {exec_id} not found (it ended more than 10 minutes ago, "
+                                "or its sandbox ended)")
+        return self._track(exec_id, sandbox_id, STREAMS)
 
     async def exec_wait(self, exec_id: str, timeout: float) -> int | None:
-        sess = self.get_exec(exec_id)
-        try:
-            await asyncio.wait_for(asyncio.shield(sess.done.wait()), timeout)
-        except asyncio.TimeoutError:
-            return None
-        return sess.returncode
+        rec = self.get_exec(exec_id)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(rec.done.wait()), timeout)
+        return rec.returncode if rec.done.is_set() else None
 
-    async def exec_stdin(self, exec_id: str, data: bytes, eof: bool) -> None:
-        sess = self.get_exec(exec_id)
-        stdin = sess.proc.stdin if sess.proc else None
-        if stdin is None or stdin.is_closing():
-            raise InvalidError("stdin of this process is closed")
+    async def exec_stdin(self, exec_id: str, data: bytes, eof: bool, offset: int | None) -> int:
+        rec = self.get_exec(exec_id)
+        self.touch(rec.sandbox_id)
+        if offset is None:
+            offset = -1  # the agent appends at its current position
         try:
-            if data:
-                stdin.write(data)
-                await stdin.drain()
-            if eof:
-                stdin.close()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the process has exited or closed its stdin: like a pipe, the data is dropped
+            return await self.host.exec_stdin(rec.sandbox_id, exec_id, offset, data, eof)
+        except (SandboxGone, HostError):
+            if rec.done.is_set():
+                return 0  # like a pipe whose reader is gone: the data is dropped
+            raise SandboxTerminatedError("the sandbox has finished") from None
+        except OSError as e:
+            raise InvalidError(f"stdin of this process: {e.strerror or e}") from None
+
+    async def exec_output(self, exec_id: str, offsets: dict[str, int]
+                          ) -> AsyncIterator[tuple[str, bytes | int]]:
+        """("stdout"|"stderr", bytes) as the process writes them, from `offsets`, then
+        ("exit", returncode)."""
+        rec = self.get_exec(exec_id)
+        sid = rec.sandbox_id
+        pos = {s: offsets.get(s, 0) for s in rec.streams}
+
+        def read(stream: str) -> asyncio.Task:
+            return asyncio.ensure_future(self.host.exec_read(sid, exec_id, stream, pos[stream]))
+
+        pending = {read(s): s for s in rec.streams}
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    stream = pending.pop(task)
+                    try:
+                        data, eof = task.result()
+                    except (SandboxGone, HostError):
+                        eof, data = True, b""
+                    except OSError as e:
+                        raise InvalidError(f"{stream} of exec {exec_id}: {e.strerror or e}") \
+                            from None
+                    if data:
+                        pos[stream] += len(data)
+                        self.touch(sid)
+                        yield stream, data
+                    if not eof:
+                        pending[read(stream)] = stream
+            await rec.done.wait()
+            yield "exit", rec.returncode
+        finally:
+            for task in pending:
+                task.cancel()
+
+    # --- files
+    async def files(self, sandbox_id: str, op: str, *args):
+        """Run file operation `op` of the host on a running sandbox."""
+        self._running(sandbox_id).touch()
+        with self._gone_as_terminated(sandbox_id):
+            return await getattr(self.host, op)(sandbox_id, *args)
 
     # --- restart and shutdown
     async def reconcile(self) -> None:
-        """Adopt or end what an earlier server left: running rows, containers, mounts, cgroups."""
-        known = {c.id: c for c in await self.runtime.list()}
+        """Adopt or end what an earlier server left: running rows, containers, mounts, logs."""
+        known = await self.host.sandboxes()
         for rec in self.store.sandbox_list(state="running"):
-            state = known.pop(rec.id, None)
-            live = LiveSandbox(rec.id, rec.pid, self.root / rec.id, Rootfs(self.root / rec.id))
+            known.discard(rec.id)
+            live = LiveSandbox(rec.id, idle_timeout=rec.spec.get("idle_timeout"))
             self.live[rec.id] = live
             expired = rec.deadline is not None and rec.deadline <= time.time()
-            if state and state.status == "running" and not expired and live.rootfs.is_mounted():
-                log.info("adopting sandbox %s (pid %s)", rec.id, state.pid)
-                live.pid = state.pid
-                self._watch(live, rec.deadline)
+            if not expired and await self.host.adopt(rec.id):
+                log.info("adopting sandbox %s", rec.id)
+                live.ready.set()
+                self._arm(live, rec.deadline)
                 continue
-            if state and state.status == "running":
-                await self.runtime.kill(rec.id, signal.SIGKILL)
+            await self.host.kill(rec.id)
             live.end_reason = "timeout" if expired else "server-restart"
-            live.exited.set()
-            await self._finalize(live, None)
+            await self._finalize(live, HostEvent(rec.id, "exited", None))
         for orphan in known:  # a container with no row: created by a crashed create
             if orphan.startswith("sb-"):
-                await self.runtime.kill(orphan, signal.SIGKILL)
-                await self.runtime.delete(orphan)
-        for sdir in self.root.iterdir():
-            if sdir.name not in self.live:
-                Rootfs(sdir).destroy()
-                rec = self.store.sandbox_get(sdir.name)
-                if rec is None or (rec.ended_at or 0) < time.time() - LOG_RETENTION:
-                    shutil.rmtree(sdir, ignore_errors=True)
+                await self.host.kill(orphan)
+                await self.host.destroy(orphan)
+        await self.collect_logs(startup=True)
+
+    async def collect_logs(self, startup: bool = False) -> None:
+        """Remove the logs of sandboxes that ended over LOG_RETENTION ago (and, at start, of
+        sandboxes no row knows)."""
+        cutoff = time.time() - LOG_RETENTION
+        for sid in await self.host.sandbox_logs():
+            if sid in self.live:
+                continue
+            rec = self.store.sandbox_get(sid)
+            if (rec is None and startup) or (rec is not None and rec.state != "running"
+                                             and (rec.ended_at or 0) < cutoff):
+                await self.host.forget(sid)
 
     def layers_in_use(self) -> tuple[set[str], set[str]]:
         """(layer ids, image ids) of running sandboxes: never pruned or removed."""
@@ -642,59 +622,7 @@ class SandboxService:
                 images.add(rec.spec["image_id"])
         return layers, images
 
-    @staticmethod
-    def reap_strays() -> None:
-        """Reap runc's own intermediate processes (`runc:[1:CHILD]` ...) that re-parent to this
-        server, a child subreaper, and would stay zombies. Only those: any other child is waited
-        for by whoever started it (asyncio's watcher, or the sandbox's pidfd)."""
-        me = str(os.getpid())
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/stat") as f:
-                    stat_line = f.read()
-            except OSError:
-                continue
-            comm = stat_line[stat_line.find("(") + 1:stat_line.rfind(")")]
-            fields = stat_line[stat_line.rfind(")") + 2:].split()
-            if fields[1] == me and fields[0] == "Z" and comm.startswith("runc:["):
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(int(entry.name), os.WNOHANG)
-
-    def collect_logs(self) -> None:
-        cutoff = time.time() - LOG_RETENTION
-        for rec in self.store.sandbox_list(state="terminated"):
-            if rec.ended_at and rec.ended_at < cutoff and (self.root / rec.id).exists():
-                shutil.rmtree(self.root / rec.id, ignore_errors=True)
-
     async def terminate_all(self) -> int:
         ids = list(self.live)
         await asyncio.gather(*(self._stop(i, "terminated") for i in ids), return_exceptions=True)
         return len(ids)
-
-    def detach_all(self) -> None:
-        """Server shutdown: stop watching, leave the sandboxes running for the next server."""
-        loop = asyncio.get_running_loop()
-        for live in self.live.values():
-            if live.pidfd is not None:
-                loop.remove_reader(live.pidfd)
-                os.close(live.pidfd)
-                live.pidfd = None
-            if live.timer:
-                live.timer.cancel()
-        for sess in self.execs.values():
-            for t in sess.tasks:
-                t.cancel()
-
-
-async def _write_all_nonblocking(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view)
-            view = view[n:]
-        except BlockingIOError:
-            await asyncio.sleep(0.005)
-        except BrokenPipeError:
-            return

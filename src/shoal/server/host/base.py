@@ -1,18 +1,38 @@
-"""The seam between the server and an OCI runtime. The server only talks to `Runtime`; runc is the
-one implementation today, runsc (gVisor) plugs in beside it."""
+"""The sandbox host: the one seam between the control plane and whatever runs sandboxes.
+
+The control plane (`server/control/`) asks a `SandboxHost` to create, run commands in, read and write
+files of, snapshot and destroy sandboxes, all named by their id. What crosses the seam is data: ids,
+specs, bytes, exit codes, file metadata. No host pid, file descriptor, path into a sandbox or
+`asyncio.subprocess.Process` does — those stay inside the implementation (`runc_host.RuncHost`
+today; gVisor and remote machines plug in beside it). Inputs the control plane owns do cross as
+paths: the image layers to stack and the volume directories to mount.
+
+Every method may raise `HostError` (the runtime failed: the message says how), `OSError` subclasses
+for file operations (`FileNotFoundError`, ...; the message names the sandbox path), or
+`SandboxGone` when the sandbox is no longer running. `fake.FakeHost` implements the same contract in
+memory, for the control plane's unit tests.
+"""
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from shoal.server.host.oci import ContainerSpec
+from shoal.server.host.oci import Limits, Mount
 
 
 class RuntimeError_(Exception):
-    """The runtime refused or failed an operation; the message is the runtime's own."""
+    """The OCI runtime refused or failed an operation; the message is the runtime's own."""
+
+
+class HostError(Exception):
+    """The host could not do what was asked (a runtime call failed or timed out)."""
+
+
+class SandboxGone(Exception):
+    """The sandbox is not running on this host (any more)."""
 
 
 @dataclass
@@ -23,37 +43,144 @@ class ContainerState:
 
 
 @dataclass
-class ExecIO:
-    """File descriptors (or asyncio.subprocess.PIPE / DEVNULL) for an exec'd process."""
-    stdin: int
-    stdout: int
-    stderr: int
+class SandboxSpec:
+    """What a sandbox is made of, in terms every host understands."""
+    id: str
+    layers: list[Path]  # image layers, top first
+    args: list[str]  # the entrypoint; empty: idle until terminated
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str = "/"
+    user: str | None = None  # the image's USER ("name", "uid", "name:group", "uid:gid")
+    limits: Limits = field(default_factory=Limits)
+    mounts: list[Mount] = field(default_factory=list)
+    hostname: str = "sandbox"
+    log_limit: int = 64 << 20  # bytes of entrypoint output kept per stream
 
 
-class Runtime(Protocol):
+@dataclass
+class ExecSpec:
+    exec_id: str
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str = "/"
+    user: tuple[int, int] | None = None  # None: the sandbox's user
+    stdin: str = "pipe"  # pipe | null
+    stdout: str = "pipe"  # pipe | null
+    stderr: str = "pipe"  # pipe | null | stdout
+    timeout: float | None = None  # seconds; then SIGKILL and exit code 124
+    pty: tuple[int, int] | None = None  # (rows, cols)
+
+
+@dataclass
+class HostEvent:
+    sandbox_id: str
+    kind: str  # "exited"
+    returncode: int | None  # None: unknown (a sandbox adopted from an earlier server)
+    oom: bool = False
+
+
+class SandboxHost(Protocol):
     name: str
 
-    async def start(self, spec: ContainerSpec, bundle: Path, stdin: int, stdout: int,
-                    stderr: int) -> int:
-        """Create and start the container; return the host pid of its init."""
+    # --- life
+    async def create(self, spec: SandboxSpec) -> None:
+        """Start the sandbox; returns once its agent answers. On failure nothing is left."""
 
-    async def exec(self, container_id: str, argv: list[str], env: dict[str, str], cwd: str | None,
-                   io: ExecIO, pid_file: Path) -> asyncio.subprocess.Process:
-        """Start `argv` inside the container; the process's host pid is written to `pid_file`."""
+    async def adopt(self, sandbox_id: str) -> bool:
+        """After a server restart: take over a sandbox an earlier server started. False when it
+        no longer runs (then `destroy` it)."""
 
-    async def kill(self, container_id: str, signal: int) -> None: ...
+    async def kill(self, sandbox_id: str) -> None:
+        """End every process of the sandbox now; an "exited" event follows."""
 
-    async def pause(self, container_id: str) -> None:
-        """Freeze every process of the container (for a consistent snapshot)."""
+    async def destroy(self, sandbox_id: str) -> None:
+        """Remove everything the sandbox had on this host (after kill). Idempotent."""
 
-    async def resume(self, container_id: str) -> None: ...
+    def events(self) -> AsyncIterator[HostEvent]:
+        """Exits (and out-of-memory kills) of sandboxes, as they happen."""
 
-    async def delete(self, container_id: str) -> None:
-        """Forget a stopped container and remove its cgroups."""
+    async def sandboxes(self) -> set[str]:
+        """Ids of the sandboxes this host has anything of (running or left over), logs aside."""
 
-    async def state(self, container_id: str) -> ContainerState | None: ...
+    async def sandbox_logs(self) -> set[str]:
+        """Ids of sandboxes whose logs this host keeps."""
 
-    async def list(self) -> list[ContainerState]: ...
+    async def forget(self, sandbox_id: str) -> None:
+        """Remove an ended sandbox's last traces (its logs)."""
 
-    def open_root(self, pid: int) -> int:
-        """A descriptor of the sandbox's root as its processes see it, for the file API."""
+    async def upkeep(self) -> None:
+        """Periodic housekeeping (reaping the runtime's stray processes, ...)."""
+
+    async def close(self) -> None:
+        """Server shutdown: stop watching; sandboxes keep running for the next server."""
+
+    # --- the entrypoint's stdio
+    async def write_stdin(self, sandbox_id: str, data: bytes, eof: bool) -> None: ...
+
+    def read_log(self, sandbox_id: str, stream: str, offset: int,
+                 finished) -> AsyncIterator[bytes]:
+        """The entrypoint's `stream` from `offset`, following it until `finished` (an
+        asyncio.Event) is set. Works after the sandbox ended, until `forget`."""
+
+    # --- commands
+    async def exec(self, sandbox_id: str, spec: ExecSpec) -> None: ...
+
+    async def exec_read(self, sandbox_id: str, exec_id: str, stream: str,
+                        offset: int) -> tuple[bytes, bool]:
+        """Bytes of `stream` at `offset` once there are some (or b"", True at its end)."""
+
+    async def exec_wait(self, sandbox_id: str, exec_id: str) -> tuple[int, bool]:
+        """(exit code, timed out) once the command has ended and its output is readable."""
+
+    async def exec_stdin(self, sandbox_id: str, exec_id: str, offset: int, data: bytes,
+                         eof: bool) -> int:
+        """Write `data` at stdin position `offset` (bytes already written are skipped)."""
+
+    async def exec_signal(self, sandbox_id: str, exec_id: str, signo: int) -> None: ...
+
+    async def exec_resize(self, sandbox_id: str, exec_id: str, rows: int, cols: int) -> None: ...
+
+    async def exec_forget(self, sandbox_id: str, exec_id: str) -> None: ...
+
+    # --- files (paths as the sandbox sees them)
+    async def stat(self, sandbox_id: str, path: str) -> dict: ...
+
+    async def listdir(self, sandbox_id: str, path: str) -> list[dict]: ...
+
+    async def read_file(self, sandbox_id: str, path: str,
+                        limit: int | None) -> tuple[int, AsyncIterator[bytes]]:
+        """(size, chunks); files over `limit` raise SandboxFilesystemFileTooLargeError."""
+
+    async def write_file(self, sandbox_id: str, path: str, chunks: AsyncIterator[bytes],
+                         parents: bool) -> int:
+        """Replace `path` atomically with the chunks; returns the bytes written."""
+
+    async def mkdir(self, sandbox_id: str, path: str, parents: bool, exist_ok: bool) -> None: ...
+
+    async def remove(self, sandbox_id: str, path: str, recursive: bool) -> None: ...
+
+    async def rename(self, sandbox_id: str, src: str, dst: str, overwrite: bool) -> None: ...
+
+    async def watch(self, sandbox_id: str, path: str, recursive: bool, timeout: float | None,
+                    finished) -> AsyncIterator[dict]:
+        """Events {"paths": [...], "type": ...}; errors (a missing path) are raised before the
+        first event."""
+
+    async def handle_open(self, sandbox_id: str, path: str, mode: str) -> str: ...
+
+    async def handle_read(self, sandbox_id: str, handle: str, n: int, line: bool) -> bytes: ...
+
+    async def handle_write(self, sandbox_id: str, handle: str, data: bytes) -> int: ...
+
+    async def handle_seek(self, sandbox_id: str, handle: str, offset: int, whence: int) -> int: ...
+
+    async def handle_flush(self, sandbox_id: str, handle: str) -> int: ...
+
+    async def handle_close(self, sandbox_id: str, handle: str) -> None: ...
+
+    # --- probes and snapshots
+    async def probe_tcp(self, sandbox_id: str, port: int) -> bool: ...
+
+    async def export_changes(self, sandbox_id: str, dest: Path) -> None:
+        """Copy what the sandbox changed in its root filesystem, as an overlay layer (whiteouts
+        for deletions), into `dest` — consistently: the sandbox is frozen meanwhile."""

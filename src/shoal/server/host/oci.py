@@ -85,6 +85,7 @@ class ContainerSpec:
     tools_dir: str = ""  # host dir with `init` (and `busybox`), mounted read-only at /.shoal
     network: str = "none"  # "none": own namespace, loopback only; "host": image builds only
     user: tuple[int, int] = (0, 0)  # uid, gid of the process
+    init: bool = True  # start `args` under the static tini; False: args[0] is its own init
 
 
 def seccomp_profile() -> dict:
@@ -169,7 +170,7 @@ def build_config(spec: ContainerSpec, cgroups_path: str) -> dict:
         "process": {
             "terminal": False,
             "user": {"uid": spec.user[0], "gid": spec.user[1]},
-            "args": [tools.INIT, "--", *spec.args],
+            "args": [tools.INIT, "--", *spec.args] if spec.init else list(spec.args),
             "env": process_env(spec.env),
             "cwd": spec.cwd,
             "capabilities": {"bounding": caps, "effective": caps, "permitted": caps,

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal as _signal
 from pathlib import Path
 
-from shoal.server.host.base import ContainerState, ExecIO, RuntimeError_
-from shoal.server.host.oci import ContainerSpec, build_config, process_env
+from shoal.server.host.base import ContainerState, RuntimeError_
+from shoal.server.host.oci import ContainerSpec, build_config
 
 CGROUP_PARENT = "shoal"
+CALL_TIMEOUT = 30.0  # seconds for a runc command; a hung one is killed and reported
+START_TIMEOUT = 60.0
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -26,11 +29,11 @@ class RuncRuntime:
     def _cmd(self, *args: str) -> list[str]:
         return [self.binary, "--root", str(self.root), *args]
 
-    async def _run(self, *args: str, check: bool = True) -> str:
+    async def _run(self, *args: str, check: bool = True, timeout: float = CALL_TIMEOUT) -> str:
         proc = await asyncio.create_subprocess_exec(
             *self._cmd(*args), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await proc.communicate()
+        out, err = await _bounded(proc, proc.communicate(), timeout, f"runc {args[0]}")
         if check and proc.returncode != 0:
             raise RuntimeError_(f"runc {args[0]}: {err.decode(errors='replace').strip()}")
         return out.decode()
@@ -47,7 +50,7 @@ class RuncRuntime:
             *self._cmd("run", "--detach", "--bundle", str(bundle), "--pid-file", str(pid_file),
                        spec.id),
             stdin=stdin, stdout=stdout, stderr=stderr)
-        rc = await proc.wait()
+        rc = await _bounded(proc, proc.wait(), START_TIMEOUT, "runc run")
         if rc != 0:
             raise RuntimeError_(f"runc run exited with {rc}")
         return int(pid_file.read_text())
@@ -62,17 +65,6 @@ class RuncRuntime:
         return await asyncio.create_subprocess_exec(
             *self._cmd("run", "--bundle", str(bundle), spec.id),
             stdin=asyncio.subprocess.DEVNULL, stdout=stdout, stderr=stderr)
-
-    async def exec(self, container_id: str, argv: list[str], env: dict[str, str], cwd: str | None,
-                   io: ExecIO, pid_file: Path) -> asyncio.subprocess.Process:
-        args = ["exec", "--pid-file", str(pid_file)]
-        for item in process_env(env):
-            args += ["--env", item]
-        if cwd:
-            args += ["--cwd", cwd]
-        args += [container_id, *argv]
-        return await asyncio.create_subprocess_exec(
-            *self._cmd(*args), stdin=io.stdin, stdout=io.stdout, stderr=io.stderr)
 
     async def kill(self, container_id: str, signal: int = _signal.SIGKILL) -> None:
         await self._run("kill", container_id, str(int(signal)), check=False)
@@ -91,19 +83,27 @@ class RuncRuntime:
         proc = await asyncio.create_subprocess_exec(
             *self._cmd("state", container_id), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-        out, _ = await proc.communicate()
+        out, _ = await _bounded(proc, proc.communicate(), CALL_TIMEOUT, "runc state")
         if proc.returncode != 0:
             return None
         data = json.loads(out)
         return ContainerState(data["id"], data["status"], int(data.get("pid") or 0))
 
-    def open_root(self, pid: int) -> int:
-        return open_root(pid)
-
     async def list(self) -> list[ContainerState]:
         out = await self._run("list", "--format", "json", check=False)
         items = json.loads(out or "null") or []
         return [ContainerState(i["id"], i["status"], int(i.get("pid") or 0)) for i in items]
+
+
+async def _bounded(proc: asyncio.subprocess.Process, aw, timeout: float, what: str):
+    """Await `aw` (the process's completion); past `timeout`, kill the process and fail."""
+    try:
+        return await asyncio.wait_for(aw, timeout)
+    except asyncio.TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise RuntimeError_(f"{what} did not finish within {timeout:.0f} s") from None
 
 
 def remove_cgroups(container_id: str) -> None:
@@ -138,9 +138,3 @@ def remove_cgroup_parent() -> None:
             (controller / CGROUP_PARENT).rmdir()
         except OSError:
             pass  # absent, or still holds a sandbox of another server
-
-
-def open_root(pid: int) -> int:
-    """The container's root directory as its init sees it (its mount namespace, volumes
-    included), as an O_PATH descriptor to resolve sandbox paths from."""
-    return os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -20,6 +20,7 @@ import os
 import posixpath
 import secrets
 import stat as stat_mod
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from shoal.server import linux as _linux
 from shoal.exception import (InvalidError, SandboxFilesystemDirectoryNotEmptyError,
                              SandboxFilesystemFileTooLargeError)
+from shoal.server.host.base import SandboxGone
 from shoal.server.storage.paths import RESOLVE, open_checked, remove_entry
 
 READ_LIMIT = 512 << 20  # read_bytes / read_text; copy_to_local streams without a limit
@@ -120,13 +122,41 @@ class Handle:
     path: str
 
 
-@dataclass
 class SandboxRoot:
-    """What the file service holds for one running sandbox."""
-    fd: int
-    handles: dict[str, Handle] = field(default_factory=dict)
+    """What the file service holds for one running sandbox: a descriptor of its root, opened
+    while the sandbox was known to run, and its open FileIO handles.
+
+    File operations run in worker threads while the event loop ends sandboxes. A thread uses the
+    descriptor only between `use()`'s enter and exit, and `close()` waits for every user to leave
+    before closing it, so a descriptor number can never be reused under an operation (which would
+    send it to another sandbox).
+    """
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.handles: dict[str, Handle] = {}
+        self.mu = threading.Condition()
+        self.users = 0  # guarded by mu
+        self.closing = False  # guarded by mu
+
+    @contextlib.contextmanager
+    def use(self):
+        with self.mu:
+            if self.closing:
+                raise SandboxGone("the sandbox has ended")
+            self.users += 1
+        try:
+            yield self.fd
+        finally:
+            with self.mu:
+                self.users -= 1
+                self.mu.notify_all()
 
     def close(self) -> None:
+        """Blocking: waits for operations in flight."""
+        with self.mu:
+            self.closing = True
+            self.mu.wait_for(lambda: self.users == 0)
         for h in self.handles.values():
             with contextlib.suppress(OSError):
                 h.file.close()
@@ -136,21 +166,31 @@ class SandboxRoot:
 
 
 class SandboxFiles:
-    def __init__(self, open_root):
-        # open_root(sandbox_id) -> descriptor of the running sandbox's root (raises if it ended)
-        self.open_root = open_root
-        self.roots: dict[str, SandboxRoot] = {}  # event loop only
+    """Blocking file operations on running sandboxes' roots; callers run them in threads through
+    `call`, which holds the sandbox's root for the operation's duration."""
+
+    def __init__(self):
+        self.roots: dict[str, SandboxRoot] = {}  # changed on the event loop only
+
+    def add(self, sandbox_id: str, root_fd: int) -> None:
+        self.roots[sandbox_id] = SandboxRoot(root_fd)
+
+    def take(self, sandbox_id: str) -> SandboxRoot | None:
+        """Forget a sandbox; the caller closes the returned root (blocking) off the loop."""
+        return self.roots.pop(sandbox_id, None)
+
+    def call(self, sandbox_id: str, fn, *args):
+        root = self.roots.get(sandbox_id)
+        if root is None:
+            raise SandboxGone("the sandbox has ended")
+        with root.use():
+            return fn(sandbox_id, *args)
 
     def root(self, sandbox_id: str) -> SandboxRoot:
         root = self.roots.get(sandbox_id)
         if root is None:
-            root = self.roots[sandbox_id] = SandboxRoot(self.open_root(sandbox_id))
+            raise SandboxGone("the sandbox has ended")
         return root
-
-    def forget(self, sandbox_id: str) -> None:
-        root = self.roots.pop(sandbox_id, None)
-        if root:
-            root.close()
 
     # --- low-level resolution
     @staticmethod

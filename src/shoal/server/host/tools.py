@@ -1,5 +1,5 @@
-"""Host binaries every sandbox gets, read-only, at /.shoal: a static init (tini) as PID 1, and a
-static busybox so that a sandbox with no command can idle even in an image without `sleep`."""
+"""Host binaries every sandbox gets, read-only, at /.shoal: the agent (`shoal-agent`, PID 1 of
+every sandbox), a static init (tini) for image-build containers, and a static busybox so that a sandbox with no command can idle even in an image without `sleep`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ INIT_SOURCE = os.environ.get("SHOAL_INIT", "/usr/bin/tini-static")
 BUSYBOX_SOURCE = os.environ.get("SHOAL_BUSYBOX", "/bin/busybox")
 MOUNT_POINT = "/.shoal"
 INIT = f"{MOUNT_POINT}/init"
+AGENT = f"{MOUNT_POINT}/agent"
 BUSYBOX = f"{MOUNT_POINT}/busybox"
 
 
@@ -32,7 +33,10 @@ def prepare(dest: Path) -> tuple[Path, bool]:
     if not init_src.exists():
         raise FileNotFoundError(f"{INIT_SOURCE} is missing: install Debian's tini package "
                                 "(bash scripts/install.sh)")
-    pairs = [(init_src, dest / "init")]
+    from shoal.server.agent import ensure_built
+
+    pairs = [(init_src, dest / "init"), (ensure_built(), dest / "agent")]
+    (dest / "run").mkdir(exist_ok=True)  # where each sandbox's own run/ dir is mounted
     busybox_src = Path(BUSYBOX_SOURCE)
     if busybox_src.exists() and _is_static(busybox_src):
         pairs.append((busybox_src, dest / "busybox"))

@@ -29,7 +29,7 @@ from shoal.server.images.store import ImageConfig, ImageStore, Manifest, digest
 from shoal.server.images.unpack import unpack
 from shoal.server.host import tools
 from shoal.server.host.oci import ContainerSpec, Limits, Mount
-from shoal.server.images.users import resolve_user
+from shoal.server.host.users import resolve_user
 from shoal.server.host.rootfs import Rootfs
 
 Log = Callable[[str], None]

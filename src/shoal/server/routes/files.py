@@ -3,50 +3,43 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
+import json
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from shoal.server.host.runc_files import READ_LIMIT
 from shoal.server.models import FileInfoModel, MkdirBody, OpenBody, RenameFileBody, SeekBody
-from shoal.server.storage.volumes import iter_fd
 
 router = APIRouter(tags=["sandbox files"])
 INLINE_READ = 256 << 10
 
 
-def _svc(request: Request, sandbox_id: str):
-    sandboxes = request.app.state.svc.sandboxes
-    sandboxes.touch(sandbox_id)
-    return sandboxes.files
+def _files(request: Request):
+    return request.app.state.svc.sandboxes.files
 
 
 @router.get("/sandboxes/{sandbox_id}/fs/stat", response_model=FileInfoModel)
-def fs_stat(sandbox_id: str, request: Request, path: str = Query(...)) -> dict:
-    return _svc(request, sandbox_id).stat(sandbox_id, path)
+async def fs_stat(sandbox_id: str, request: Request, path: str = Query(...)) -> dict:
+    return await _files(request)(sandbox_id, "stat", path)
 
 
 @router.get("/sandboxes/{sandbox_id}/fs/list", response_model=list[FileInfoModel])
-def fs_list(sandbox_id: str, request: Request, path: str = Query(...)) -> list[dict]:
-    return _svc(request, sandbox_id).list(sandbox_id, path)
+async def fs_list(sandbox_id: str, request: Request, path: str = Query(...)) -> list[dict]:
+    return await _files(request)(sandbox_id, "listdir", path)
 
 
 @router.get("/sandboxes/{sandbox_id}/fs/file", response_class=StreamingResponse)
 async def fs_read(sandbox_id: str, request: Request, path: str = Query(...), whole: bool = False):
     """The file's bytes, streamed. `whole=true` (read_bytes/read_text) refuses files over the
     whole-file limit with SandboxFilesystemFileTooLargeError."""
-    fd = _svc(request, sandbox_id).open_read(sandbox_id, path, READ_LIMIT if whole else None)
-    size = os.fstat(fd).st_size
+    size, chunks = await _files(request)(sandbox_id, "read_file", path,
+                                         READ_LIMIT if whole else None)
     if size <= INLINE_READ:
-        # Small files, the common case for agents: read here and answer in one write, without
-        # the worker-thread hops of a stream (about a third of a small read's latency).
-        try:
-            return Response(os.read(fd, INLINE_READ + 1), media_type="application/octet-stream")
-        finally:
-            os.close(fd)
-    return StreamingResponse(iter_fd(fd), media_type="application/octet-stream",
+        # Small files, the common case for agents: answered in one write, not streamed.
+        data = b"".join([c async for c in chunks])
+        return Response(data, media_type="application/octet-stream")
+    return StreamingResponse(chunks, media_type="application/octet-stream",
                              headers={"content-length": str(size)})
 
 
@@ -54,82 +47,76 @@ async def fs_read(sandbox_id: str, request: Request, path: str = Query(...), who
 async def fs_write(sandbox_id: str, request: Request, path: str = Query(...),
                    parents: bool = True) -> dict:
     """Replace (or create) the file with the request body, atomically."""
-    files = _svc(request, sandbox_id)
-    out = files.begin_write(sandbox_id, path, parents)
-    try:
-        async for chunk in request.stream():
-            out.write(chunk)
-        await asyncio.to_thread(out.commit)
-    finally:
-        out.close()
-    return {"bytes": out.written}
+    n = await _files(request)(sandbox_id, "write_file", path, request.stream(), parents)
+    return {"bytes": n}
 
 
 @router.post("/sandboxes/{sandbox_id}/fs/mkdir")
-def fs_mkdir(sandbox_id: str, body: MkdirBody, request: Request) -> dict:
-    _svc(request, sandbox_id).mkdir(sandbox_id, body.path, body.parents, body.exist_ok)
+async def fs_mkdir(sandbox_id: str, body: MkdirBody, request: Request) -> dict:
+    await _files(request)(sandbox_id, "mkdir", body.path, body.parents, body.exist_ok)
     return {}
 
 
 @router.delete("/sandboxes/{sandbox_id}/fs/file")
-def fs_remove(sandbox_id: str, request: Request, path: str = Query(...),
-              recursive: bool = False) -> dict:
-    _svc(request, sandbox_id).remove(sandbox_id, path, recursive)
+async def fs_remove(sandbox_id: str, request: Request, path: str = Query(...),
+                    recursive: bool = False) -> dict:
+    await _files(request)(sandbox_id, "remove", path, recursive)
     return {}
 
 
 @router.post("/sandboxes/{sandbox_id}/fs/rename")
-def fs_rename(sandbox_id: str, body: RenameFileBody, request: Request) -> dict:
-    _svc(request, sandbox_id).rename(sandbox_id, body.src, body.dst, body.overwrite)
+async def fs_rename(sandbox_id: str, body: RenameFileBody, request: Request) -> dict:
+    await _files(request)(sandbox_id, "rename", body.src, body.dst, body.overwrite)
     return {}
 
 
 @router.get("/sandboxes/{sandbox_id}/fs/watch", response_class=StreamingResponse)
-def fs_watch(sandbox_id: str, request: Request, path: str = Query(...),
-             recursive: bool = False, timeout: float | None = None):
+async def fs_watch(sandbox_id: str, request: Request, path: str = Query(...),
+                   recursive: bool = False, timeout: float | None = None):
     """Newline-delimited JSON events `{"paths": [...], "type": ...}` until `timeout` seconds pass,
     the sandbox ends, or the client disconnects."""
-    watch = _svc(request, sandbox_id).open_watch(sandbox_id, path, recursive)
     ended = request.app.state.svc.sandboxes.ended_event(sandbox_id)
-    return StreamingResponse(watch.stream(timeout, ended), media_type="application/x-ndjson")
+    events = await _files(request)(sandbox_id, "watch", path, recursive, timeout, ended)
+
+    async def lines():
+        async for event in events:
+            yield (json.dumps(event) + "\n").encode()
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
 @router.post("/sandboxes/{sandbox_id}/fs/handles")
-def fh_open(sandbox_id: str, body: OpenBody, request: Request) -> dict:
-    return {"handle": _svc(request, sandbox_id).handle_open(sandbox_id, body.path, body.mode)}
+async def fh_open(sandbox_id: str, body: OpenBody, request: Request) -> dict:
+    return {"handle": await _files(request)(sandbox_id, "handle_open", body.path, body.mode)}
 
 
 @router.post("/sandboxes/{sandbox_id}/fs/handles/{handle}/read")
-def fh_read(sandbox_id: str, handle: str, request: Request, n: int = -1,
-            line: bool = False) -> Response:
-    h = _svc(request, sandbox_id).handle(sandbox_id, handle)
-    data = h.file.readline(n) if line else h.file.read(n if n >= 0 else None)
+async def fh_read(sandbox_id: str, handle: str, request: Request, n: int = -1,
+                  line: bool = False) -> Response:
+    data = await _files(request)(sandbox_id, "handle_read", handle, n, line)
     return Response(data, media_type="application/octet-stream")
 
 
 @router.post("/sandboxes/{sandbox_id}/fs/handles/{handle}/write")
 async def fh_write(sandbox_id: str, handle: str, request: Request) -> dict:
-    h = _svc(request, sandbox_id).handle(sandbox_id, handle)
     n = 0
     async for chunk in request.stream():
-        n += h.file.write(chunk)
+        if chunk:
+            n += await _files(request)(sandbox_id, "handle_write", handle, chunk)
     return {"written": n}
 
 
 @router.post("/sandboxes/{sandbox_id}/fs/handles/{handle}/seek")
-def fh_seek(sandbox_id: str, handle: str, body: SeekBody, request: Request) -> dict:
-    h = _svc(request, sandbox_id).handle(sandbox_id, handle)
-    return {"position": h.file.seek(body.offset, body.whence)}
+async def fh_seek(sandbox_id: str, handle: str, body: SeekBody, request: Request) -> dict:
+    return {"position": await _files(request)(sandbox_id, "handle_seek", handle, body.offset,
+                                              body.whence)}
 
 
 @router.post("/sandboxes/{sandbox_id}/fs/handles/{handle}/flush")
-def fh_flush(sandbox_id: str, handle: str, request: Request) -> dict:
-    h = _svc(request, sandbox_id).handle(sandbox_id, handle)
-    h.file.flush()
-    return {"position": h.file.tell()}
+async def fh_flush(sandbox_id: str, handle: str, request: Request) -> dict:
+    return {"position": await _files(request)(sandbox_id, "handle_flush", handle)}
 
 
 @router.delete("/sandboxes/{sandbox_id}/fs/handles/{handle}")
-def fh_close(sandbox_id: str, handle: str, request: Request) -> dict:
-    _svc(request, sandbox_id).handle_close(sandbox_id, handle)
+async def fh_close(sandbox_id: str, handle: str, request: Request) -> dict:
+    await _files(request)(sandbox_id, "handle_close", handle)
     return {}

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import json
+import struct
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from shoal.exception import InvalidError
-from shoal.server.models import (CreateSandbox, ExecInfo, ExecRequest, SandboxInfo, TagsBody,
+from shoal.exception import Error, InvalidError
+from shoal.server.models import (CreateSandbox, ExecRequest, SandboxInfo, TagsBody,
                                  WaitResult)
 from shoal.server.storage.state import SandboxRecord
 
@@ -72,28 +73,61 @@ async def sandbox_stdin(sandbox_id: str, request: Request, eof: bool = False) ->
     return {}
 
 
-@router.post("/sandboxes/{sandbox_id}/exec", response_model=ExecInfo)
-async def sandbox_exec(sandbox_id: str, body: ExecRequest, request: Request) -> ExecInfo:
-    sess = await _svc(request).exec(sandbox_id, body)
-    return ExecInfo(exec_id=sess.id, sandbox_id=sandbox_id)
+def _frame(kind: int, payload: bytes) -> bytes:
+    return struct.pack(">BI", kind, len(payload)) + payload
 
 
-@router.get("/execs/{exec_id}/output/{stream}", response_class=StreamingResponse)
-def exec_output(exec_id: str, stream: str, request: Request):
-    sess = _svc(request).get_exec(exec_id)
-    buf = {"stdout": sess.stdout, "stderr": sess.stderr}.get(stream, False)
-    if buf is False:
-        raise InvalidError(f"stream must be stdout or stderr, got {stream!r}")
-    if buf is None:
-        raise InvalidError(f"{stream} of this process was not captured (StreamType.DEVNULL or "
-                           "STDOUT)")
-    return _stream(buf.iterate())
+async def _exec_frames(svc, exec_id: str, offsets: dict[str, int], start: dict | None):
+    """The exec stream's body: frames of (u8 kind, u32 big-endian length, payload) — kind 0 the
+    start ({"exec_id"}), 1 stdout bytes, 2 stderr bytes, 3 the exit ({"returncode"}), 4 an error
+    ({"error": {"type", "message"}}) that ends the stream."""
+    if start is not None:
+        yield _frame(FRAME_START, json.dumps(start).encode())
+    try:
+        async for stream, data in svc.exec_output(exec_id, offsets):
+            if stream == "exit":
+                yield _frame(FRAME_EXIT, json.dumps({"returncode": data}).encode())
+            else:
+                yield _frame(FRAME_STDOUT if stream == "stdout" else FRAME_STDERR, data)
+    except Error as e:
+        yield _frame(FRAME_ERROR, json.dumps({"error": {"type": type(e).__name__,
+                                                        "message": str(e)}}).encode())
+
+
+FRAME_START, FRAME_STDOUT, FRAME_STDERR, FRAME_EXIT, FRAME_ERROR = range(5)
+
+
+@router.post("/sandboxes/{sandbox_id}/exec", response_class=StreamingResponse,
+             responses={200: {"content": {"application/x-shoal-exec": {}},
+                              "description": "the exec stream (see _exec_frames)"}})
+async def sandbox_exec(sandbox_id: str, body: ExecRequest, request: Request):
+    """Start a command and stream its output and exit code in the same response: one round trip
+    for a command that needs no stdin."""
+    svc = _svc(request)
+    rec = await svc.exec(sandbox_id, body)
+    return StreamingResponse(_exec_frames(svc, rec.id, {}, {"exec_id": rec.id,
+                                                             "sandbox_id": sandbox_id}),
+                             media_type="application/x-shoal-exec")
+
+
+@router.get("/execs/{exec_id}/stream", response_class=StreamingResponse)
+async def exec_stream(exec_id: str, request: Request, stdout: int = Query(0, ge=0),
+                      stderr: int = Query(0, ge=0)):
+    """The exec stream again, from byte offsets of stdout and stderr (after a lost connection or
+    a server restart)."""
+    svc = _svc(request)
+    svc.get_exec(exec_id)
+    return StreamingResponse(_exec_frames(svc, exec_id, {"stdout": stdout, "stderr": stderr},
+                                          None), media_type="application/x-shoal-exec")
 
 
 @router.post("/execs/{exec_id}/stdin")
-async def exec_stdin(exec_id: str, request: Request, eof: bool = False) -> dict:
-    await _svc(request).exec_stdin(exec_id, await request.body(), eof)
-    return {}
+async def exec_stdin(exec_id: str, request: Request, eof: bool = False,
+                     offset: int | None = Query(None, ge=0)) -> dict:
+    """Write to the command's stdin. With `offset` (its position in the stdin stream), bytes the
+    process already got are skipped, so a retried write is not written twice."""
+    accepted = await _svc(request).exec_stdin(exec_id, await request.body(), eof, offset)
+    return {"offset": accepted}
 
 
 @router.get("/execs/{exec_id}/wait", response_model=WaitResult)

@@ -1,0 +1,536 @@
+"""`SandboxHost` for runc: overlay roots, `runc run`, the agent inside, host-side file access.
+
+Per sandbox this host holds (event loop only, no lock needed):
+- the container's init (the agent, PID 1) as a pidfd: the server is a child subreaper, so init is
+  its child and its exit status is the entrypoint's;
+- a connection to the agent (`agent_client`), opened again on demand after it drops;
+- a descriptor of the sandbox's root (`/proc/<init>/root`, opened while init was known to run) for
+  the file API, held by `runc_files.SandboxFiles`, which makes it safe against descriptor reuse.
+
+Commands run through the agent (one socket round trip, no `runc exec`), so neither their
+environment nor their arguments ever appear on a host command line. Files are read and written
+from the host through the root descriptor with openat2(RESOLVE_IN_ROOT) — faster than through the
+agent for large files, and proven by the isolation tests; the agent serves files for runtimes
+where the host cannot see the sandbox's root (gVisor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shoal.server.host import agent_client, tools
+from shoal.server.host.base import (HostError, HostEvent, RuntimeError_, SandboxGone, SandboxSpec,
+                                    ExecSpec)
+from shoal.server.host.oci import DEFAULT_PATH, ContainerSpec, Mount
+from shoal.server.host.rootfs import Rootfs
+from shoal.server.host.runc import RuncRuntime
+from shoal.server.host.runc_files import SandboxFiles
+from shoal.server.host.users import resolve_user
+
+log = logging.getLogger("shoal.host.runc")
+
+RUN_DIR = "run"  # per sandbox, bind-mounted at /.shoal/run: the agent's socket
+AGENT_SOCKET = f"{tools.MOUNT_POINT}/run/agent.sock"
+AGENT_TIMEOUT = 10.0  # seconds for a new sandbox's agent to answer
+CALL_TIMEOUT = 30.0  # seconds for an agent call that is not a long poll
+READ_MAX = 1 << 20
+
+
+def exit_code(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+@dataclass
+class _Sandbox:
+    id: str
+    dir: Path
+    rootfs: Rootfs
+    pid: int = 0
+    pidfd: int | None = None
+    stdin_fd: int | None = None
+    agent: agent_client.AgentClient | None = None
+    agent_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    exited: bool = False
+    exit_event: asyncio.Event = field(default_factory=asyncio.Event)
+    memory_cgroup: Path | None = None
+    user: tuple[int, int] = (0, 0)  # of the entrypoint and of commands
+
+
+class RuncHost:
+    name = "runc"
+
+    def __init__(self, root: Path, runc_root: Path, tools_dir: Path):
+        self.root = root  # sandboxes/<id>/: rootfs, bundle, run/, logs
+        self.runtime = RuncRuntime(runc_root)
+        self.tools_dir = tools_dir
+        self.files = SandboxFiles()
+        self.live: dict[str, _Sandbox] = {}
+        self._events: asyncio.Queue[HostEvent] = asyncio.Queue()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # --- life
+    async def create(self, spec: SandboxSpec) -> None:
+        sdir = self.root / spec.id
+        sdir.mkdir(parents=True)
+        run_dir = sdir / RUN_DIR
+        run_dir.mkdir(mode=0o700)
+        sb = _Sandbox(spec.id, sdir, Rootfs(sdir))
+        self.live[spec.id] = sb
+        stdin_r = stdout = stderr = -1
+        try:
+            merged = await asyncio.to_thread(sb.rootfs.mount, spec.layers)
+            sb.user = uid, gid = resolve_user(merged, spec.user)  # ValueError: a bad USER
+            (sdir / "user").write_text(f"{uid}:{gid}")
+            args = [tools.AGENT, "--socket", AGENT_SOCKET, "--uid", str(uid), "--gid", str(gid),
+                    "--log-limit", str(spec.log_limit), "--", *spec.args]
+            cspec = ContainerSpec(
+                id=spec.id, rootfs=str(merged), args=args, env=spec.env, cwd=spec.workdir,
+                hostname=spec.hostname, limits=spec.limits,
+                mounts=[*spec.mounts, Mount(str(run_dir), f"{tools.MOUNT_POINT}/run",
+                                            read_only=False)],
+                tools_dir=str(self.tools_dir), user=(0, 0), init=False)
+            stdin_r, sb.stdin_fd = os.pipe()
+            os.set_blocking(sb.stdin_fd, False)
+            stdout = os.open(sdir / "stdout", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            stderr = os.open(sdir / "stderr", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                sb.pid = await self.runtime.start(cspec, sdir / "bundle", stdin_r, stdout, stderr)
+            except RuntimeError_ as e:
+                detail = (sdir / "stderr").read_text(errors="replace").strip()
+                raise HostError(f"the sandbox failed to start: {detail or e}") from None
+            self._hold_root(sb)
+            sb.memory_cgroup = _memory_cgroup(sb.pid)
+            self._watch(sb)
+            await self._first_contact(sb)
+        except BaseException:
+            await self.kill(spec.id)
+            await self.destroy(spec.id)
+            raise
+        finally:
+            for fd in (stdin_r, stdout, stderr):
+                if fd >= 0:
+                    os.close(fd)
+
+    async def _first_contact(self, sb: _Sandbox) -> None:
+        """Wait for the new sandbox's agent to answer — or for the sandbox to end first (an
+        entrypoint that exits at once is a normal sandbox, not a failed start)."""
+        connect = asyncio.ensure_future(self._agent(sb, timeout=AGENT_TIMEOUT))
+        ended = asyncio.ensure_future(sb.exit_event.wait())
+        try:
+            await asyncio.wait({connect, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+        if connect.done() and (sb.exited or connect.exception() is None):
+            connect.exception()  # retrieved: a sandbox that ended has no agent to reach
+            return
+        if not connect.done():
+            connect.cancel()
+            with contextlib.suppress(asyncio.CancelledError, SandboxGone, HostError):
+                await connect
+            return
+        # The agent's socket went away: an agent that exited with its entrypoint does that just
+        # before its pidfd reports the exit.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(sb.exit_event.wait(), 2)
+        if not sb.exited:
+            raise connect.exception()
+
+    async def adopt(self, sandbox_id: str) -> bool:
+        state = await self.runtime.state(sandbox_id)
+        sdir = self.root / sandbox_id
+        sb = _Sandbox(sandbox_id, sdir, Rootfs(sdir))
+        if state is None or state.status != "running" or not sb.rootfs.is_mounted():
+            return False
+        sb.pid = state.pid
+        with contextlib.suppress(OSError, ValueError):
+            uid, gid = (sdir / "user").read_text().split(":")
+            sb.user = int(uid), int(gid)
+        self.live[sandbox_id] = sb
+        self._hold_root(sb)
+        sb.memory_cgroup = _memory_cgroup(sb.pid)
+        self._watch(sb)
+        return True
+
+    def _hold_root(self, sb: _Sandbox) -> None:
+        """Open the sandbox's root for the file API while its init is known to be ours and alive
+        (it is not reaped before `_watch`); an init that already exited has no root to hold."""
+        try:
+            fd = os.open(f"/proc/{sb.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
+            return
+        self.files.add(sb.id, fd)
+
+    def _watch(self, sb: _Sandbox) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            sb.pidfd = os.pidfd_open(sb.pid)
+        except ProcessLookupError:
+            loop.call_soon(self._on_exit, sb)
+        else:
+            loop.add_reader(sb.pidfd, self._on_exit, sb)
+
+    def _on_exit(self, sb: _Sandbox) -> None:
+        if sb.pidfd is not None:
+            asyncio.get_running_loop().remove_reader(sb.pidfd)
+            os.close(sb.pidfd)
+            sb.pidfd = None
+        if sb.exited:
+            return
+        sb.exited = True
+        sb.exit_event.set()
+        returncode = None
+        try:
+            pid, status = os.waitpid(sb.pid, os.WNOHANG)
+            if pid:
+                returncode = exit_code(status)
+        except ChildProcessError:
+            pass  # adopted from an earlier server: not our child, its status is not ours to read
+        oom = _oom_killed(sb.memory_cgroup)
+        self._events.put_nowait(HostEvent(sb.id, "exited", returncode, oom))
+
+    async def events(self) -> AsyncIterator[HostEvent]:
+        while True:
+            yield await self._events.get()
+
+    async def kill(self, sandbox_id: str) -> None:
+        try:
+            await self.runtime.kill(sandbox_id, signal.SIGKILL)
+        except RuntimeError_ as e:
+            log.warning("kill %s: %s", sandbox_id, e)
+
+    async def destroy(self, sandbox_id: str) -> None:
+        sb = self.live.pop(sandbox_id, None)
+        if sb is not None:
+            if sb.pidfd is not None:
+                asyncio.get_running_loop().remove_reader(sb.pidfd)
+                os.close(sb.pidfd)
+                sb.pidfd = None
+            if sb.stdin_fd is not None:
+                os.close(sb.stdin_fd)
+                sb.stdin_fd = None
+            if sb.agent is not None:
+                await sb.agent.close()
+        root = self.files.take(sandbox_id)
+        if root is not None:
+            await asyncio.to_thread(root.close)
+        try:
+            await self.runtime.delete(sandbox_id)
+        except RuntimeError_ as e:
+            log.warning("delete %s: %s", sandbox_id, e)
+        sdir = self.root / sandbox_id
+        await asyncio.to_thread(_remove_sandbox_files, sdir)
+
+    async def forget(self, sandbox_id: str) -> None:
+        await asyncio.to_thread(shutil.rmtree, self.root / sandbox_id, True)
+
+    async def sandboxes(self) -> set[str]:
+        found = {c.id for c in await self.runtime.list()}
+        found.update(p.name for p in self.root.iterdir()
+                     if Rootfs(p).is_mounted() or (p / "bundle").exists())
+        return found
+
+    async def sandbox_logs(self) -> set[str]:
+        return {p.name for p in self.root.iterdir()}
+
+    async def upkeep(self) -> None:
+        await asyncio.to_thread(_reap_runc_strays)
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sb in self.live.values():
+            if sb.pidfd is not None:
+                loop.remove_reader(sb.pidfd)
+                os.close(sb.pidfd)
+                sb.pidfd = None
+            if sb.agent is not None:
+                await sb.agent.close()
+
+    # --- the agent
+    def _running(self, sandbox_id: str) -> _Sandbox:
+        sb = self.live.get(sandbox_id)
+        if sb is None or sb.exited:
+            raise SandboxGone(f"sandbox {sandbox_id} is not running")
+        return sb
+
+    async def _agent(self, sb: _Sandbox, timeout: float = CALL_TIMEOUT) -> agent_client.AgentClient:
+        if sb.agent is not None and not sb.agent.closed.done():
+            return sb.agent
+        async with sb.agent_lock:
+            if sb.agent is None or sb.agent.closed.done():
+                try:
+                    sb.agent = await agent_client.connect(sb.dir / RUN_DIR, timeout=timeout)
+                except (agent_client.AgentConnectionError, OSError) as e:
+                    if sb.exited:
+                        raise SandboxGone(f"sandbox {sb.id} is not running") from None
+                    raise HostError(f"the agent of sandbox {sb.id} does not answer: {e}") from None
+            return sb.agent
+
+    async def _call(self, sandbox_id: str, method: str, *args, **kw):
+        sb = self._running(sandbox_id)
+        agent = await self._agent(sb)
+        try:
+            return await getattr(agent, method)(*args, **kw)
+        except agent_client.AgentConnectionError as e:
+            if sb.exited or sandbox_id not in self.live:
+                raise SandboxGone(f"sandbox {sandbox_id} is not running") from None
+            raise HostError(f"lost the agent of sandbox {sandbox_id}: {e}") from None
+
+    # --- the entrypoint's stdio
+    async def write_stdin(self, sandbox_id: str, data: bytes, eof: bool) -> None:
+        sb = self._running(sandbox_id)
+        if sb.stdin_fd is None:
+            raise BrokenPipeError("the sandbox's stdin was closed (write_eof, or a server restart)")
+        await _write_all_nonblocking(sb.stdin_fd, data)
+        if eof:
+            os.close(sb.stdin_fd)
+            sb.stdin_fd = None
+
+    def read_log(self, sandbox_id: str, stream: str, offset: int, finished) -> AsyncIterator[bytes]:
+        return _tail_file(self.root / sandbox_id / stream, offset, finished)
+
+    # --- commands
+    async def exec(self, sandbox_id: str, spec: ExecSpec) -> None:
+        uid, gid = spec.user or self._running(sandbox_id).user
+        env = {"PATH": DEFAULT_PATH, "HOME": "/root", "TERM": "xterm", "LANG": "C.UTF-8",
+               **spec.env}
+        await self._call(sandbox_id, "exec", spec.exec_id, spec.argv, env, cwd=spec.cwd,
+                         uid=uid, gid=gid, stdin=spec.stdin,
+                         stdout=spec.stdout, stderr=spec.stderr,
+                         timeout_ms=None if spec.timeout is None else int(spec.timeout * 1000),
+                         pty=spec.pty)
+
+    async def exec_read(self, sandbox_id: str, exec_id: str, stream: str,
+                        offset: int) -> tuple[bytes, bool]:
+        return await self._call(sandbox_id, "read", exec_id, stream, offset, READ_MAX)
+
+    async def exec_wait(self, sandbox_id: str, exec_id: str) -> tuple[int, bool]:
+        return await self._call(sandbox_id, "wait", exec_id)
+
+    async def exec_stdin(self, sandbox_id: str, exec_id: str, offset: int, data: bytes,
+                         eof: bool) -> int:
+        return await self._call(sandbox_id, "stdin", exec_id, offset, data, eof)
+
+    async def exec_signal(self, sandbox_id: str, exec_id: str, signo: int) -> None:
+        await self._call(sandbox_id, "signal", exec_id, signo)
+
+    async def exec_resize(self, sandbox_id: str, exec_id: str, rows: int, cols: int) -> None:
+        await self._call(sandbox_id, "resize", exec_id, rows, cols)
+
+    async def exec_forget(self, sandbox_id: str, exec_id: str) -> None:
+        await self._call(sandbox_id, "forget", exec_id)
+
+    # --- files, from the host through the root descriptor
+    async def _files(self, sandbox_id: str, fn, *args):
+        self._running(sandbox_id)
+        return await asyncio.to_thread(self.files.call, sandbox_id, fn, *args)
+
+    async def stat(self, sandbox_id: str, path: str) -> dict:
+        return await self._files(sandbox_id, self.files.stat, path)
+
+    async def listdir(self, sandbox_id: str, path: str) -> list[dict]:
+        return await self._files(sandbox_id, self.files.list, path)
+
+    async def read_file(self, sandbox_id: str, path: str,
+                        limit: int | None) -> tuple[int, AsyncIterator[bytes]]:
+        fd = await self._files(sandbox_id, self.files.open_read, path, limit)
+        size = os.fstat(fd).st_size
+        return size, _iter_fd(fd)
+
+    async def write_file(self, sandbox_id: str, path: str, chunks: AsyncIterator[bytes],
+                         parents: bool) -> int:
+        out = await self._files(sandbox_id, self.files.begin_write, path, parents)
+        try:
+            async for chunk in chunks:
+                await asyncio.to_thread(out.write, chunk) if len(chunk) > (256 << 10) \
+                    else out.write(chunk)
+            await asyncio.to_thread(out.commit)
+        finally:
+            out.close()
+        return out.written
+
+    async def mkdir(self, sandbox_id: str, path: str, parents: bool, exist_ok: bool) -> None:
+        await self._files(sandbox_id, self.files.mkdir, path, parents, exist_ok)
+
+    async def remove(self, sandbox_id: str, path: str, recursive: bool) -> None:
+        await self._files(sandbox_id, self.files.remove, path, recursive)
+
+    async def rename(self, sandbox_id: str, src: str, dst: str, overwrite: bool) -> None:
+        await self._files(sandbox_id, self.files.rename, src, dst, overwrite)
+
+    async def watch(self, sandbox_id: str, path: str, recursive: bool, timeout: float | None,
+                    finished) -> AsyncIterator[dict]:
+        w = await self._files(sandbox_id, self.files.open_watch, path, recursive)
+
+        async def events():
+            async for line in w.stream(timeout, finished):
+                yield json.loads(line)
+        return events()
+
+    async def handle_open(self, sandbox_id: str, path: str, mode: str) -> str:
+        return await self._files(sandbox_id, self.files.handle_open, path, mode)
+
+    def _handle_op(self, sandbox_id: str, handle: str, op: str, *args):
+        h = self.files.handle(sandbox_id, handle)
+        if op == "read":
+            n, line = args
+            return h.file.readline(n) if line else h.file.read(n if n >= 0 else None)
+        if op == "write":
+            return h.file.write(args[0])
+        if op == "seek":
+            return h.file.seek(*args)
+        if op == "flush":
+            h.file.flush()
+            return h.file.tell()
+        raise ValueError(op)
+
+    async def handle_read(self, sandbox_id: str, handle: str, n: int, line: bool) -> bytes:
+        return await self._files(sandbox_id, self._handle_op, handle, "read", n, line)
+
+    async def handle_write(self, sandbox_id: str, handle: str, data: bytes) -> int:
+        return await self._files(sandbox_id, self._handle_op, handle, "write", data)
+
+    async def handle_seek(self, sandbox_id: str, handle: str, offset: int, whence: int) -> int:
+        return await self._files(sandbox_id, self._handle_op, handle, "seek", offset, whence)
+
+    async def handle_flush(self, sandbox_id: str, handle: str) -> int:
+        return await self._files(sandbox_id, self._handle_op, handle, "flush")
+
+    async def handle_close(self, sandbox_id: str, handle: str) -> None:
+        await self._files(sandbox_id, self.files.handle_close, handle)
+
+    # --- probes and snapshots
+    async def probe_tcp(self, sandbox_id: str, port: int) -> bool:
+        return await self._call(sandbox_id, "probe_tcp", port, 1000)
+
+    async def export_changes(self, sandbox_id: str, dest: Path) -> None:
+        sb = self._running(sandbox_id)
+        await self.runtime.pause(sandbox_id)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "cp", "-a", "--reflink=auto", f"{sb.rootfs.upper}/.", str(dest),
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            try:
+                async with asyncio.timeout(600):
+                    _, err = await proc.communicate()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                raise HostError("copying the sandbox's changes took over 10 minutes") from None
+            if proc.returncode != 0:
+                raise HostError(f"copying the sandbox's changes failed: "
+                                f"{err.decode(errors='replace').strip()}")
+        finally:
+            await self.runtime.resume(sandbox_id)
+        # shoal's own mount points, not the sandbox's files
+        for name in (tools.MOUNT_POINT.lstrip("/"), ".shoal-build"):
+            await asyncio.to_thread(shutil.rmtree, dest / name, True)
+
+
+def _remove_sandbox_files(sdir: Path) -> None:
+    """Everything of a sandbox but its logs (kept for readers until `forget`)."""
+    Rootfs(sdir).destroy()
+    for name in ("bundle", RUN_DIR):
+        shutil.rmtree(sdir / name, ignore_errors=True)
+
+
+def _memory_cgroup(pid: int) -> Path | None:
+    try:
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if "memory" in controllers.split(","):
+                return Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+            if controllers == "" and Path("/sys/fs/cgroup/cgroup.controllers").exists():
+                return Path("/sys/fs/cgroup") / path.lstrip("/")
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _oom_killed(cgroup: Path | None) -> bool:
+    """Whether the kernel's OOM killer killed a process of the sandbox (cgroup v1 memory.oom_control
+    or v2 memory.events)."""
+    if cgroup is None:
+        return False
+    for name in ("memory.oom_control", "memory.events"):
+        with contextlib.suppress(OSError, ValueError):
+            for line in (cgroup / name).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill" and int(value) > 0:
+                    return True
+    return False
+
+
+def _reap_runc_strays() -> None:
+    """Reap runc's own intermediate processes (`runc:[1:CHILD]` ...) that re-parent to the server,
+    a child subreaper, and would stay zombies. Only those: any other child is waited for by whoever
+    started it (asyncio's watcher, or a sandbox's pidfd)."""
+    me = str(os.getpid())
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                stat_line = f.read()
+        except OSError:
+            continue
+        comm = stat_line[stat_line.find("(") + 1:stat_line.rfind(")")]
+        fields = stat_line[stat_line.rfind(")") + 2:].split()
+        if fields[1] == me and fields[0] == "Z" and comm.startswith("runc:["):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(int(entry.name), os.WNOHANG)
+
+
+async def _write_all_nonblocking(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+            view = view[n:]
+        except BlockingIOError:
+            await asyncio.sleep(0.005)
+        except BrokenPipeError:
+            return
+
+
+async def _iter_fd(fd: int) -> AsyncIterator[bytes]:
+    try:
+        while data := await asyncio.to_thread(os.read, fd, 1 << 20):
+            yield data
+    finally:
+        os.close(fd)
+
+
+async def _tail_file(path: Path, offset: int, finished: asyncio.Event,
+                     poll: float = 0.02) -> AsyncIterator[bytes]:
+    """A log file's bytes from `offset` as they are written, until `finished` is set and the file
+    is read to its end."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        os.lseek(fd, offset, os.SEEK_SET)
+        while True:
+            data = os.read(fd, 64 << 10)
+            if data:
+                yield data
+                continue
+            if finished.is_set():
+                while data := os.read(fd, 64 << 10):  # what the writer wrote before it went
+                    yield data
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(finished.wait()), poll)
+    finally:
+        os.close(fd)
+

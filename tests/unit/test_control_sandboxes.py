@@ -1,0 +1,310 @@
+"""The sandbox service as a state machine, against the in-memory FakeHost: milliseconds a test,
+no containers. What runc and gVisor must do is in the end-to-end tests; this is what the control
+plane does with what a host tells it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from shoal.exception import (AlreadyExistsError, ExecutionError, InvalidError, NotFoundError,
+                             SandboxTerminatedError)
+from shoal.server.control.sandboxes import SandboxService, exec_sandbox
+from shoal.server.control.volumes import VolumeService
+from shoal.server.host.base import HostError
+from shoal.server.host.fake import FakeHost
+from shoal.server.images.store import ImageConfig, Manifest
+from shoal.server.models import CreateSandbox, ExecRequest, ProbeSpec
+from shoal.server.storage.state import AppRecord, SqliteStore
+from shoal.server.storage.volumes import LocalVolumeStorage
+
+
+class FakeImages:
+    def __init__(self) -> None:
+        self.image = Manifest("im-test", ["layers/a"], ImageConfig(env={"A": "1"}), time.time())
+        self.snapshots = 0
+
+    def manifest(self, image_id: str) -> Manifest:
+        if image_id != self.image.id:
+            raise NotFoundError(image_id)
+        return self.image
+
+    async def default(self) -> Manifest:
+        return self.image
+
+    async def mount_layers(self, m: Manifest) -> list[Path]:
+        return [Path("/nonexistent/layer")]
+
+    async def snapshot(self, parent: Manifest, export) -> str:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            await export(Path(d))
+            self.snapshots += 1
+            return f"im-snap{self.snapshots}"
+
+
+@pytest.fixture
+def env(tmp_path):
+    """(service, host, app id), inside a running event loop."""
+    store = SqliteStore(tmp_path / "state.db")
+    store.app_create(AppRecord("ap-1", "tests", time.time()))
+    vols = VolumeService(store, LocalVolumeStorage(tmp_path / "volumes"))
+    host = FakeHost()
+    svc = SandboxService(store, host, vols, FakeImages())
+    return svc, host
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 10))
+
+
+def create(**kw) -> CreateSandbox:
+    return CreateSandbox(app_id="ap-1", **kw)
+
+
+async def started(svc: SandboxService) -> SandboxService:
+    await svc.start()
+    return svc
+
+
+async def drain(svc: SandboxService, exec_id: str) -> tuple[bytes, bytes, int]:
+    out = {"stdout": b"", "stderr": b""}
+    code = None
+    async for stream, data in svc.exec_output(exec_id, {}):
+        if stream == "exit":
+            code = data
+        else:
+            out[stream] += data
+    return out["stdout"], out["stderr"], code
+
+
+def test_create_records_then_runs_and_exit_finalizes(env):
+    svc, host = env
+
+    async def go():
+        await started(svc)
+        rec = await svc.create(create(args=["sleep"]))
+        assert rec.state == "running" and host.boxes[rec.id].spec.env == {"A": "1"}
+        host.exit(rec.id, 3)
+        done = await svc.wait(rec.id, 5)
+        assert (done.state, done.returncode, done.end_reason) == ("terminated", 3, "exited")
+        assert ("destroy", rec.id) in host.calls and rec.id not in svc.live
+        await svc.close()
+    run(go())
+
+
+def test_oom_is_the_end_reason(env):
+    svc, host = env
+
+    async def go():
+        await started(svc)
+        rec = await svc.create(create())
+        host.exit(rec.id, 137, oom=True)
+        done = await svc.wait(rec.id, 5)
+        assert (done.returncode, done.end_reason) == (137, "oom")
+        await svc.close()
+    run(go())
+
+
+def test_terminate_is_137_and_timeout_is_124(env):
+    svc, host = env
+
+    async def go():
+        await started(svc)
+        a = await svc.create(create())
+        assert (await svc.terminate(a.id)).returncode == 137
+        b = await svc.create(create(timeout=0.05))
+        done = await svc.wait(b.id, 5)
+        assert (done.returncode, done.end_reason) == (124, "timeout")
+        await svc.close()
+    run(go())
+
+
+def test_failed_create_leaves_a_terminated_row_and_no_live_state(env):
+    svc, host = env
+
+    async def go():
+        await started(svc)
+        host.fail_create = HostError("runc said no")
+        with pytest.raises(ExecutionError, match="runc said no"):
+            await svc.create(create())
+        [rec] = svc.store.sandbox_list()
+        assert (rec.state, rec.end_reason) == ("terminated", "failed-to-start")
+        assert not svc.live and ("destroy", rec.id) in host.calls
+        await svc.close()
+    run(go())
+
+
+def test_bad_requests_are_refused_before_the_host_is_asked(env):
+    svc, host = env
+
+    async def go():
+        await started(svc)
+        for bad in (create(timeout=0), create(name="a\n"), create(name=".."[:1] * 65),
+                    create(workdir="/proc/x"), create(env={"A=B": "1"}),
+                    create(args=["a\x00b"])):
+            with pytest.raises(InvalidError):
+                await svc.create(bad)
+        assert not [c for c in host.calls if c[0] == "create"]
+        await svc.close()
+    run(go())
+
+
+def test_names_are_unique_among_running_sandboxes(env):
+    svc, host = env
+
+    async def go():
+        await started(svc)
+        a = await svc.create(create(name="web"))
+        with pytest.raises(AlreadyExistsError):
+            await svc.create(create(name="web"))
+        await svc.terminate(a.id)
+        await svc.create(create(name="web"))
+        await svc.close()
+    run(go())
+
+
+def test_exec_streams_output_then_exit_code(env):
+    svc, host = env
+
+    async def go():
+        await started(svc)
+        sb = await svc.create(create())
+        rec = await svc.exec(sb.id, ExecRequest(args=["echo", "hi"]))
+        assert exec_sandbox(rec.id) == sb.id
+        assert await drain(svc, rec.id) == (b"hi\n", b"", 0)
+        rec = await svc.exec(sb.id, ExecRequest(args=["fail", "4"], stderr="stdout"))
+        assert await drain(svc, rec.id) == (b"failed\n", b"", 4)
+        assert await svc.exec_wait(rec.id, 1) == 4
+        spec = host.boxes[sb.id].execs[rec.id].spec
+        assert spec.env == {"A": "1"} and spec.stderr == "stdout"
+        await svc.close()
+    run(go())
+
+
+def test_exec_on_an_ended_sandbox_is_terminated_error(env):
+    svc, host = env
+
+    async def go():
+        await started(svc)
+        sb = await svc.create(create())
+        await svc.terminate(sb.id)
+        with pytest.raises(SandboxTerminatedError):
+            await svc.exec(sb.id, ExecRequest(args=["echo"]))
+        with pytest.raises(NotFoundError):
+            svc.get_exec("ex-nonsense")
+        await svc.close()
+    run(go())
+
+
+def test_running_exec_ends_with_its_sandbox(env):
+    svc, host = env
+
+    async def go():
+        await started(svc)
+        sb = await svc.create(create())
+        rec = await svc.exec(sb.id, ExecRequest(args=["sleep"]))
+        assert await svc.exec_wait(rec.id, 0) is None
+        await svc.terminate(sb.id)
+        assert await svc.exec_wait(rec.id, 1) == 137
+        await svc.close()
+    run(go())
+
+
+def test_stdin_offsets_make_retries_harmless(env):
+    svc, host = env
+
+    async def go():
+        await started(svc)
+        sb = await svc.create(create())
+        rec = await svc.exec(sb.id, ExecRequest(args=["cat"]))
+        assert await svc.exec_stdin(rec.id, b"abc", False, 0) == 3
+        assert await svc.exec_stdin(rec.id, b"abc", False, 0) == 3  # the retry
+        assert await svc.exec_stdin(rec.id, b"de", False, 3) == 5
+        assert bytes(host.boxes[sb.id].execs[rec.id].stdin) == b"abcde"
+        await svc.close()
+    run(go())
+
+
+def test_idle_timeout_spares_sandboxes_with_running_commands(env):
+    svc, host = env
+
+    async def go():
+        await started(svc)
+        idle = await svc.create(create(idle_timeout=0.05))
+        busy = await svc.create(create(idle_timeout=0.05))
+        await svc.exec(busy.id, ExecRequest(args=["sleep"]))
+        await asyncio.sleep(0.1)
+        svc.stop_idle()
+        done = await svc.wait(idle.id, 5)
+        assert (done.end_reason, done.returncode) == ("idle-timeout", 124)
+        assert svc.get(busy.id).state == "running"
+        await svc.close()
+    run(go())
+
+
+def test_readiness_probe_waits_for_the_port(env):
+    svc, host = env
+
+    async def go():
+        await started(svc)
+        sb = await svc.create(create(readiness_probe=ProbeSpec(tcp_port=8000, interval_ms=10)))
+        assert await svc.wait_ready(sb.id, 0.05) is False
+        host.open_ports.add(8000)
+        assert await svc.wait_ready(sb.id, 2) is True
+        await svc.close()
+    run(go())
+
+
+def test_reconcile_adopts_running_and_ends_the_rest(env):
+    svc, host = env
+
+    async def go():
+        await started(svc)
+        keep = await svc.create(create())
+        lost = await svc.create(create())
+        expired = await svc.create(create(timeout=60))
+        await svc.close()
+        host.boxes[lost.id].running = False  # died while no server ran
+        svc.store.sandbox_update(expired.id, deadline=time.time() - 1)
+        host.boxes["sb-" + "0" * 22] = host.boxes[keep.id].__class__(host.boxes[keep.id].spec)
+
+        again = SandboxService(svc.store, host, svc.volumes, svc.images)
+        await again.start()
+        assert set(again.live) == {keep.id}
+        assert again.get(lost.id).end_reason == "server-restart"
+        assert (again.get(expired.id).end_reason, again.get(expired.id).returncode) == \
+            ("timeout", 124)
+        assert "sb-" + "0" * 22 not in host.boxes  # an orphan no row knows
+        await again.close()
+    run(go())
+
+
+def test_snapshot_exports_through_the_host(env):
+    svc, host = env
+
+    async def go():
+        await started(svc)
+        sb = await svc.create(create())
+        host.boxes[sb.id].files["/etc/x"] = b"1"
+        assert await svc.snapshot(sb.id) == "im-snap1"
+        await svc.close()
+    run(go())
+
+
+def test_background_tasks_are_drained_on_close(env):
+    svc, host = env
+
+    async def go():
+        await started(svc)
+        sb = await svc.create(create(timeout=30, readiness_probe=ProbeSpec(tcp_port=1,
+                                                                            interval_ms=10)))
+        await svc.exec(sb.id, ExecRequest(args=["sleep"]))
+        assert svc.tasks
+        await svc.close()
+        assert not svc.tasks
+    run(go())
