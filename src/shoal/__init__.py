@@ -14,6 +14,7 @@ images/ and cli/, which the SDK never imports.
 
 from shoal import exception
 from shoal.app import App
+from shoal.client import Client
 from shoal.container_process import ContainerProcess
 from shoal.image import Image
 from shoal.io_streams import StreamReader, StreamWriter
@@ -29,7 +30,7 @@ from shoal.volume import FileEntry, FileEntryType, Volume
 __version__ = "0.1.0"
 
 __all__ = [
-    "App", "ContainerProcess", "FileEntry", "FileEntryType", "FileIO", "FileInfo", "FileType",
+    "App", "Client", "ContainerProcess", "FileEntry", "FileEntryType", "FileIO", "FileInfo", "FileType",
     "Image", "NetworkFileSystem", "Probe", "Sandbox", "SandboxFilesystem", "Secret", "StreamReader", "StreamType", "StreamWriter", "Volume", "enable_output",
     "exception",
 ]
