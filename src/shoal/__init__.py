@@ -14,7 +14,10 @@ images/ and cli/, which the SDK never imports.
 
 from shoal import exception
 from shoal.app import App
+from shoal.client import Client
 from shoal.container_process import ContainerProcess
+from shoal.dict import Dict
+from shoal.queue import Queue
 from shoal.image import Image
 from shoal.io_streams import StreamReader, StreamWriter
 from shoal.network_file_system import NetworkFileSystem
@@ -29,7 +32,7 @@ from shoal.volume import FileEntry, FileEntryType, Volume
 __version__ = "0.1.0"
 
 __all__ = [
-    "App", "ContainerProcess", "FileEntry", "FileEntryType", "FileIO", "FileInfo", "FileType",
+    "App", "Client", "Dict", "Queue", "ContainerProcess", "FileEntry", "FileEntryType", "FileIO", "FileInfo", "FileType",
     "Image", "NetworkFileSystem", "Probe", "Sandbox", "SandboxFilesystem", "Secret", "StreamReader", "StreamType", "StreamWriter", "Volume", "enable_output",
     "exception",
 ]

@@ -54,20 +54,33 @@ def _json_or_shell(rest: str) -> list[str]:
     return ["/bin/sh", "-c", rest]
 
 
-def parse_dockerfile(path: Path, context: Path | None, build_args: dict[str, str], secrets):
-    from shoal.image import _Image
-
+def parse_dockerfile(path: Path, context: Path | None, build_args: dict[str, str],
+                     step_env: dict[str, str] | None, registry_secret=None,
+                     force_build: bool = False):
     if not path.is_file():
         raise FileNotFoundError(f"no such Dockerfile: {path}")
-    context = context or path.parent
-    img = None
+    img = apply_dockerfile(path.read_text(), path.name, context or path.parent, build_args,
+                           step_env, registry_secret=registry_secret, force_build=force_build)
+    if img is None:
+        raise InvalidError(f"{path}: no FROM instruction")
+    return img
+
+
+def apply_dockerfile(text: str, name: str, context: Path, build_args: dict[str, str],
+                     step_env: dict[str, str] | None, image=None, registry_secret=None,
+                     force_build: bool = False):
+    """The image `text`'s instructions make. With `image` (Image.dockerfile_commands), they
+    extend it, and `FROM base` names it; `step_env` is the environment of the RUN steps only."""
+    from shoal.image import _Image
+
+    img = image
     args: dict[str, str] = {}
     env: dict[str, str] = {}
     workdir = "/"
-    for lineno, line in _logical_lines(path.read_text()):
+    for lineno, line in _logical_lines(text):
         word, _, rest = line.partition(" ")
         instr, rest = word.upper(), rest.strip()
-        where = f"{path.name}:{lineno}"
+        where = f"{name}:{lineno}"
         scope = {**args, **env}
         if instr == "ARG":
             name, _, default = rest.partition("=")
@@ -75,15 +88,20 @@ def parse_dockerfile(path: Path, context: Path | None, build_args: dict[str, str
                                                                      scope))
             continue
         if instr == "FROM":
-            if img is not None:
-                raise InvalidError(f"{where}: multi-stage builds (a second FROM) are not supported")
             ref = _subst(rest.split()[0], scope) if rest else ""
+            if image is not None and ref == "base" and img is image:
+                continue  # Modal's dockerfile_commands convention: the image being extended
+            if img is not None and img is not image:
+                raise InvalidError(f"{where}: multi-stage builds (a second FROM) are not supported")
+            if image is not None:
+                raise InvalidError(f"{where}: dockerfile_commands extend an image; only "
+                                   "`FROM base` may appear")
             if ref in ("shoal/debian_slim", "shoal:debian_slim"):
                 img = _Image.debian_slim()
             elif ref == "scratch":
                 raise InvalidError(f"{where}: FROM scratch is not supported")
             else:
-                img = _Image.from_registry(ref)
+                img = _Image.from_registry(ref, registry_secret)
             continue
         if img is None:
             raise InvalidError(f"{where}: {instr} before FROM")
@@ -96,7 +114,7 @@ def parse_dockerfile(path: Path, context: Path | None, build_args: dict[str, str
                 cmd = rest
             exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in args.items())
             cd = f"cd {shlex.quote(workdir)} && " if workdir != "/" else ""
-            img = img.run_commands(exports + cd + cmd, secrets=secrets or ())
+            img = img.run_commands(exports + cd + cmd, env=step_env, force_build=force_build)
         elif instr == "ENV":
             pairs = {}
             if "=" in rest.split()[0]:
@@ -148,6 +166,4 @@ def parse_dockerfile(path: Path, context: Path | None, build_args: dict[str, str
             continue
         else:
             raise InvalidError(f"{where}: the {instr} instruction is not supported")
-    if img is None:
-        raise InvalidError(f"{path}: no FROM instruction")
     return img

@@ -168,6 +168,10 @@ async def _async_iter(agen: AsyncIterator):
 
 
 class _BlockingCM:
+    """What a blocking call that makes a context manager returns. It also works with `async with`
+    (`async with Volume.ephemeral() as vol:`), as Modal's do: entering and leaving then await the
+    SDK loop instead of blocking the caller's."""
+
     def __init__(self, acm: Any):
         self._acm = acm
 
@@ -176,6 +180,12 @@ class _BlockingCM:
 
     def __exit__(self, *exc_info):
         return run_blocking(self._acm.__aexit__(*exc_info))
+
+    async def __aenter__(self):
+        return to_public(await run_async(self._acm.__aenter__()))
+
+    async def __aexit__(self, *exc_info):
+        return await run_async(self._acm.__aexit__(*exc_info))
 
 
 class _AsyncCM:

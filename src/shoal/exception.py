@@ -111,6 +111,108 @@ class DeprecationError(UserWarning):
     """Kept for Modal compatibility."""
 
 
+# --- The rest of Modal's exception classes, with Modal's hierarchy. shoal raises those that have
+# a meaning here (PermissionDeniedError, ResourceExhaustedError, RequestSizeError, ImageBuildError,
+# ClientClosed, SerializationError, DeserializationError); the others exist so that `except` clauses
+# written for Modal keep working.
+
+
+class PermissionDeniedError(Error):
+    """The server does not allow this call (e.g. a read-only volume or a refused token)."""
+
+
+class ResourceExhaustedError(Error):
+    """A limit was reached (e.g. a Queue or Dict is full, a value is too large to store)."""
+
+
+class RequestSizeError(Error):
+    """The request is larger than the server accepts."""
+
+
+class UnimplementedError(Error):
+    """The server does not implement this call."""
+
+
+class ServiceError(Error):
+    """The server could not complete the call (transient); try again."""
+
+
+class DataLossError(Error):
+    """Stored data was lost or corrupted."""
+
+
+class ImageBuildError(RemoteError):
+    """An image build failed (Modal's name; shoal raises ExecutionError for a failed step)."""
+
+
+class ClientClosed(Error):
+    """The Client was closed and cannot make calls."""
+
+
+class SerializationError(Error):
+    """A value could not be pickled (for a Dict or Queue)."""
+
+
+class DeserializationError(Error):
+    """A stored value could not be unpickled here (a class missing on this side?)."""
+
+
+class VersionError(Error):
+    """The client and the server speak incompatible versions."""
+
+
+class InternalFailure(Error):
+    """A retryable internal failure."""
+
+
+class LogsFetchError(Error):
+    """The logs could not be fetched."""
+
+
+class SnapshotCreationError(Error):
+    """A snapshot could not be made."""
+
+
+class WorkspaceManagementError(Error):
+    """Modal workspace management; never raised by shoal (it has no workspaces)."""
+
+
+class FunctionTimeoutError(TimeoutError):
+    """Modal Functions' timeout; never raised by shoal (it has no Functions)."""
+
+
+class MountUploadTimeoutError(TimeoutError):
+    """An upload of local files did not finish in time."""
+
+
+class InteractiveTimeoutError(TimeoutError):
+    """An interactive session did not start in time."""
+
+
+class OutputExpiredError(TimeoutError):
+    """The output of a call is no longer available."""
+
+
+class ModuleNotMountable(Exception):
+    """A local module cannot be added to an image (Modal's name)."""
+
+
+class InputCancellation(BaseException):
+    """Modal Functions' input cancellation; never raised by shoal."""
+
+
+class AsyncUsageWarning(UserWarning):
+    """A blocking call was made from async code; use the `.aio` variant."""
+
+
+class InternalAPIWarning(UserWarning):
+    """An internal API was used."""
+
+
+class ServerWarning(UserWarning):
+    """A warning sent by the server."""
+
+
 def _all_error_types() -> dict[str, type[BaseException]]:
     found: dict[str, type[BaseException]] = {}
     for name, obj in globals().items():
@@ -141,5 +243,6 @@ def is_typed(err: BaseException) -> bool:
 
 
 __all__ = [n for n, o in dict(globals()).items()
-           if isinstance(o, type) and issubclass(o, (Error, UserWarning)) and not n.startswith("_")]
+           if isinstance(o, type) and issubclass(o, BaseException) and not n.startswith("_")
+           and o.__module__ == __name__]
 del builtins

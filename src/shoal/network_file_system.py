@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from shoal._client import get_client
 from shoal._sync import synchronize_api
+from shoal.client import check_client
 from shoal.exception import InvalidError
 from shoal.volume import _file_chunks, _StorageObject, _VolumeManager
 
@@ -20,6 +22,18 @@ class _NetworkFileSystem(_StorageObject):
 
     _prefix = "/nfs"
     _label = "network file system"
+
+    @classmethod
+    def from_name(cls, name: str, *, environment_name: str | None = None,
+                  create_if_missing: bool = False, client=None):
+        """A handle to the named network file system, looked up on first use.
+
+        Raises NotFoundError on first use if it does not exist (unless `create_if_missing`).
+
+            nfs = shoal.NetworkFileSystem.from_name("scratch", create_if_missing=True)
+        """
+        return super().from_name(name, environment_name=environment_name,
+                                 create_if_missing=create_if_missing, client=client)
 
     async def write_file(self, remote_path: str, fp: BinaryIO, progress_cb=None) -> int:
         """Write the contents of the binary file object `fp` to `remote_path` atomically: readers
@@ -59,16 +73,45 @@ class _NetworkFileSystem(_StorageObject):
 
         await asyncio.gather(*(one(f) for f in sorted(local.rglob("*")) if f.is_file()))
 
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def ephemeral(cls, client=None, environment_name: str | None = None,
+                        _heartbeat_sleep: float | None = None):
+        """An unnamed network file system that lives as long as the `with` (or `async with`)
+        block; removed by the server shortly after its client dies.
+
+        Raises InvalidError for `_heartbeat_sleep` or a `client=` naming another server.
+
+            with shoal.NetworkFileSystem.ephemeral() as nfs: ...
+        """
+        async with _StorageObject.ephemeral.__func__(cls, client, environment_name,
+                                                     _heartbeat_sleep=_heartbeat_sleep) as obj:
+            yield obj
+
     @staticmethod
-    async def delete(name: str) -> None:
-        """Delete a named network file system and its data."""
+    async def delete(name: str, client=None, environment_name: str | None = None) -> None:
+        """Delete a named network file system and its data.
+
+        Raises NotFoundError if there is none, ConflictError while a running sandbox mounts it.
+
+            shoal.NetworkFileSystem.delete("scratch")
+        """
+        check_client(client, environment_name)
         await _VolumeManager._delete(_NetworkFileSystem, name, allow_missing=False)
 
     @staticmethod
-    async def create_deployed(name: str) -> str:
-        """Create a named network file system; returns its id."""
+    async def create_deployed(deployment_name: str, client=None,
+                              environment_name: str | None = None) -> str:
+        """Create a named network file system; returns its id.
+
+        Raises AlreadyExistsError if one of that name exists.
+
+            nfs_id = shoal.NetworkFileSystem.create_deployed("scratch")
+        """
+        check_client(client, environment_name)
         client = await get_client()
-        r = await client.call("POST", "/nfs", json={"name": name, "allow_existing": False})
+        r = await client.call("POST", "/nfs", json={"name": deployment_name,
+                                                    "allow_existing": False})
         return r["volume_id"]
 
 

@@ -10,6 +10,7 @@ from shoal import output
 from shoal._client import get_client
 from shoal._sync import synchronize_api
 from shoal.app import _App
+from shoal.client import check_client
 from shoal.container_process import _ContainerProcess
 from shoal.exception import (InvalidError, NotFoundError, SandboxTerminatedError,
                              SandboxTimeoutError, TimeoutError)
@@ -24,6 +25,20 @@ from shoal.volume import _Volume
 
 _UNSUPPORTED = ("gpu", "cloud", "region", "encrypted_ports", "unencrypted_ports", "h2_ports",
                 "cidr_allowlist", "proxy", "_experimental_scheduler_placement")
+
+
+def _refuse_create(given: dict) -> None:
+    """Modal's Sandbox.create parameters that shoal cannot honour: refused unless at defaults."""
+    defaults = {"gpu": None, "cloud": None, "region": None, "runtime": None,
+                "outbound_cidr_allowlist": None, "outbound_domain_allowlist": None,
+                "inbound_cidr_allowlist": None, "encrypted_ports": (), "h2_ports": (),
+                "unencrypted_ports": (), "custom_domain": None, "proxy": None,
+                "include_oidc_identity_token": False, "experimental_options": None,
+                "pty_info": None, "cidr_allowlist": None}
+    bad = sorted(k for k, d in defaults.items() if given[k] not in (d, None, (), [], {}, False))
+    if bad:
+        raise InvalidError(f"Sandbox.create: {', '.join(bad)} not supported by shoal "
+                           "(see docs/modal-parity.md)")
 
 
 def _check_args(args: Sequence, what: str) -> list[str]:
@@ -67,6 +82,22 @@ class _Probe:
             raise InvalidError(f"port must be an int between 1 and 65535, got {port!r}")
         return _Probe({"tcp_port": port, "interval_ms": interval_ms})
 
+    @property
+    def exec_argv(self) -> tuple[str, ...] | None:
+        """The probe's command (with_exec), else None."""
+        argv = self._spec.get("exec_args")
+        return tuple(argv) if argv else None
+
+    @property
+    def tcp_port(self) -> int | None:
+        """The probe's port (with_tcp), else None."""
+        return self._spec.get("tcp_port")
+
+    @property
+    def interval_ms(self) -> int:
+        """How often the probe is tried, in milliseconds."""
+        return self._spec["interval_ms"]
+
     def __repr__(self) -> str:
         return f"Probe({self._spec})"
 
@@ -109,6 +140,25 @@ class _Sandbox:
         readiness_probe: _Probe | None = None,
         pty: bool = False,
         verbose: bool = False,
+        # --- Modal parameters shoal refuses unless left at their defaults (see _refuse_create)
+        gpu: str | None = None,
+        cloud: str | None = None,
+        region: str | Sequence[str] | None = None,
+        runtime: str | None = None,
+        outbound_cidr_allowlist: Sequence[str] | None = None,
+        outbound_domain_allowlist: Sequence[str] | None = None,
+        inbound_cidr_allowlist: Sequence[str] | None = None,
+        encrypted_ports: Sequence[int] = (),
+        h2_ports: Sequence[int] = (),
+        unencrypted_ports: Sequence[int] = (),
+        custom_domain: str | None = None,
+        proxy=None,
+        include_oidc_identity_token: bool = False,
+        experimental_options: dict | None = None,
+        client=None,
+        environment_name: str | None = None,
+        pty_info=None,
+        cidr_allowlist: Sequence[str] | None = None,
         **unsupported,
     ) -> "_Sandbox":
         """Start a sandbox. With `args`, they run as its entrypoint and the sandbox ends when they
@@ -117,6 +167,8 @@ class _Sandbox:
         Raises InvalidError for a bad argument, NotFoundError for a missing volume, app or image,
         AlreadyExistsError when `name` is taken by a running sandbox of the app.
         """
+        check_client(client, environment_name)
+        _refuse_create(locals())
         bad = [k for k in unsupported if k in _UNSUPPORTED or not k.startswith("_")]
         if bad:
             raise InvalidError(f"Sandbox.create: {', '.join(sorted(bad))} not supported by shoal")
@@ -132,6 +184,8 @@ class _Sandbox:
             raise InvalidError(f"timeout must be a positive number of seconds, got {timeout!r}")
         if image is not None and not isinstance(image, _Image):
             raise InvalidError(f"image must be a shoal.Image, got {type(image).__name__}")
+        if isinstance(app, _App):  # the App's defaults (App(image=, secrets=, volumes=))
+            image, secrets, volumes = app._sandbox_defaults(image, secrets, volumes)
         if isinstance(cpu, tuple):
             cpu = cpu[1]  # Modal's (request, limit): shoal enforces the limit
         if isinstance(memory, tuple):
@@ -175,8 +229,14 @@ class _Sandbox:
         return cls(r["sandbox_id"])
 
     @classmethod
-    async def from_id(cls, sandbox_id: str) -> "_Sandbox":
-        """A handle to an existing sandbox (running or finished). NotFoundError if unknown."""
+    async def from_id(cls, sandbox_id: str, client=None) -> "_Sandbox":
+        """A handle to an existing sandbox (running or finished).
+
+        Raises NotFoundError if there is no such sandbox.
+
+            sb = shoal.Sandbox.from_id("sb-...")
+        """
+        check_client(client)
         client = await get_client()
         r = await client.call("GET", f"/sandboxes/{sandbox_id}")
         sb = cls(r["sandbox_id"])
@@ -184,20 +244,36 @@ class _Sandbox:
         return sb
 
     @classmethod
-    async def from_name(cls, app_name: str, name: str, *,
-                        environment_name: str | None = None) -> "_Sandbox":
-        """The running sandbox called `name` in the app `app_name`. NotFoundError if none."""
+    async def from_name(cls, app_name: str, name: str, *, environment_name: str | None = None,
+                        include_terminated: bool = False, client=None) -> "_Sandbox":
+        """The running sandbox called `name` in the app `app_name`; with `include_terminated`,
+        the most recent one of that name even if it has finished.
+
+        Raises NotFoundError if there is none.
+
+            sb = shoal.Sandbox.from_name("my-app", "worker-1")
+        """
+        check_client(client, environment_name)
         client = await get_client()
         app = await client.call("POST", "/apps/lookup", json={"name": app_name})
-        r = await client.call("GET", f"/apps/{app['app_id']}/sandboxes/{name}")
-        return cls(r["sandbox_id"])
+        r = await client.call("GET", f"/apps/{app['app_id']}/sandboxes/{name}",
+                              params={"include_terminated": include_terminated})
+        sb = cls(r["sandbox_id"])
+        sb._update(r)
+        return sb
 
     @classmethod
-    async def list(cls, *, app_id: str | None = None,
-                   tags: dict[str, str] | None = None) -> AsyncIterator["_Sandbox"]:
-        """Running sandboxes, optionally of one app and with all of `tags`."""
+    async def list(cls, *, app_id: str | None = None, tags: dict[str, str] | None = None,
+                   client=None) -> AsyncIterator["_Sandbox"]:
+        """Running sandboxes, optionally of one app and with all of `tags`.
+
+        Raises InvalidError for a `client=` naming another server.
+
+            for sb in shoal.Sandbox.list(app_id=app.app_id): print(sb.object_id)
+        """
         import json
 
+        check_client(client)
         client = await get_client()
         params = {}
         if app_id:
@@ -315,8 +391,14 @@ class _Sandbox:
         self._update(info)
         return self._returncode if wait else None
 
-    async def set_tags(self, tags: dict[str, str]) -> None:
-        """Replace the sandbox's tags (used by `Sandbox.list(tags=...)`)."""
+    async def set_tags(self, tags: dict[str, str], *, client=None) -> None:
+        """Replace the sandbox's tags (used by `Sandbox.list(tags=...)`).
+
+        Raises InvalidError if `tags` is not a dict of str to str.
+
+            sb.set_tags({"job": "42"})
+        """
+        check_client(client)
         if not isinstance(tags, dict):
             raise InvalidError("tags must be a dict of str to str")
         client = await get_client()
@@ -341,10 +423,18 @@ class _Sandbox:
             if deadline - time.monotonic() <= 0:
                 raise TimeoutError(f"sandbox {self._sandbox_id} was not ready within {timeout} s")
 
-    async def snapshot_filesystem(self, timeout: int = 55) -> _Image:
+    async def snapshot_filesystem(self, timeout: int = 55, *, ttl=None) -> _Image:
         """The sandbox's root filesystem as it is now, as an Image: start new sandboxes from it
         with `Sandbox.create(image=...)`. Volumes are not part of it; layers are shared, not
-        copied per sandbox."""
+        copied per sandbox. Snapshots are kept until `shoal image rm`/`prune`: `ttl` is refused.
+
+        Raises InvalidError for `ttl`, SandboxTerminatedError if the sandbox has finished.
+
+            image = sb.snapshot_filesystem()
+        """
+        if ttl is not None:
+            raise InvalidError("snapshot_filesystem(ttl=...) is not supported by shoal: "
+                               "snapshots are kept until removed with `shoal image rm`")
         client = await get_client()
         r = await client.call("POST", f"/sandboxes/{self._sandbox_id}/snapshot")
         return _Image.from_id(r["image_id"])
@@ -389,6 +479,35 @@ class _Sandbox:
     def filesystem(self) -> _SandboxFilesystem:
         """Whole-file access: read_bytes, write_text, copy_from_local, list_files, stat, ..."""
         return _SandboxFilesystem(self._sandbox_id)
+
+    # --- parity additions (Modal's object protocol; no exec internals) -----------------------
+    async def hydrate(self, client=None) -> "_Sandbox":
+        """Fetch the sandbox's state now (returncode if it has finished); returns the sandbox.
+
+        Raises NotFoundError if the sandbox no longer exists.
+
+            sb = shoal.Sandbox.from_id(sid).hydrate()
+        """
+        check_client(client)
+        c = await get_client()
+        self._update(await c.call("GET", f"/sandboxes/{self._sandbox_id}"))
+        return self
+
+    @property
+    def client(self):
+        """The Client for the server this sandbox lives on."""
+        from shoal.client import _Client
+
+        return _Client()
+
+    async def reload_volumes(self, *, timeout: float | None = None) -> None:
+        """Does nothing, by design: shoal's volumes are live bind mounts, so a sandbox sees every
+        write to a mounted volume at once (Modal needs this call to see new commits).
+
+        Raises nothing.
+
+            sb.reload_volumes()
+        """
 
     async def detach(self) -> None:
         """Forget this handle; the sandbox keeps running (it was never tied to the client)."""

@@ -46,6 +46,34 @@ class FileInfo:
     modified_time: datetime.datetime
     symlink_target: str | None = None
 
+    @property
+    def permissions(self) -> str:
+        """The permission bits as `ls -l` shows them, e.g. "rwxr-xr-x"."""
+        import stat
+
+        return stat.filemode(self.mode)[1:]
+
+    def is_file(self) -> bool:
+        """True if this entry is a regular file.
+
+            [f.name for f in sb.filesystem.list_files("/tmp") if f.is_file()]
+        """
+        return self.type == FileType.FILE
+
+    def is_dir(self) -> bool:
+        """True if this entry is a directory.
+
+            if sb.filesystem.stat("/data").is_dir(): ...
+        """
+        return self.type == FileType.DIRECTORY
+
+    def is_symlink(self) -> bool:
+        """True if this entry is a symbolic link (described, not followed).
+
+            if info.is_symlink(): print(info.symlink_target)
+        """
+        return self.type == FileType.SYMLINK
+
 
 _TRANSLATE = {
     FileNotFoundError: exc.SandboxFilesystemNotFoundError,
@@ -108,28 +136,28 @@ class _SandboxFilesystem:
         async with fs_errors():
             return await client.call(method, f"{self._base}/{op}", **kwargs)
 
-    async def read_bytes(self, path: str) -> bytes:
+    async def read_bytes(self, remote_path: str) -> bytes:
         """The whole file (up to 512 MiB; SandboxFilesystemFileTooLargeError beyond: use
         copy_to_local)."""
         client = await get_client()
         async with fs_errors():
             async with client.stream("GET", f"{self._base}/file",
-                                     params={"path": path, "whole": True}) as r:
+                                     params={"path": remote_path, "whole": True}) as r:
                 return await r.aread()
 
-    async def read_text(self, path: str, encoding: str = "utf-8") -> str:
-        return (await self.read_bytes(path)).decode(encoding)
+    async def read_text(self, remote_path: str, encoding: str = "utf-8") -> str:
+        return (await self.read_bytes(remote_path)).decode(encoding)
 
-    async def write_bytes(self, data: bytes, path: str) -> None:
+    async def write_bytes(self, data: bytes, remote_path: str) -> None:
         """Create or replace the file with `data`, atomically; missing parents are created."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"write_bytes needs bytes, not {type(data).__name__}")
-        await self._call("PUT", "file", params={"path": path}, content=bytes(data))
+        await self._call("PUT", "file", params={"path": remote_path}, content=bytes(data))
 
-    async def write_text(self, data: str, path: str, encoding: str = "utf-8") -> None:
+    async def write_text(self, data: str, remote_path: str, encoding: str = "utf-8") -> None:
         if not isinstance(data, str):
             raise TypeError(f"write_text needs str, not {type(data).__name__}")
-        await self.write_bytes(data.encode(encoding), path)
+        await self.write_bytes(data.encode(encoding), remote_path)
 
     async def copy_from_local(self, local_path: str | os.PathLike, remote_path: str) -> None:
         """Upload a local file of any size (streamed)."""
@@ -165,31 +193,32 @@ class _SandboxFilesystem:
                 os.unlink(tmp)
             raise
 
-    async def list_files(self, path: str) -> list[FileInfo]:
-        return [_info(d) for d in await self._call("GET", "list", params={"path": path})]
+    async def list_files(self, remote_path: str) -> list[FileInfo]:
+        return [_info(d) for d in await self._call("GET", "list", params={"path": remote_path})]
 
-    async def stat(self, path: str) -> FileInfo:
-        """Information about `path` itself (a symlink is described, not followed)."""
-        return _info(await self._call("GET", "stat", params={"path": path}))
+    async def stat(self, remote_path: str) -> FileInfo:
+        """Information about `remote_path` itself (a symlink is described, not followed)."""
+        return _info(await self._call("GET", "stat", params={"path": remote_path}))
 
-    async def make_directory(self, path: str, create_parents: bool = True) -> None:
-        await self._call("POST", "mkdir", json={"path": path, "parents": create_parents,
+    async def make_directory(self, remote_path: str, create_parents: bool = True) -> None:
+        await self._call("POST", "mkdir", json={"path": remote_path, "parents": create_parents,
                                                 "exist_ok": create_parents})
 
-    async def remove(self, path: str, recursive: bool = False) -> None:
+    async def remove(self, remote_path: str, recursive: bool = False) -> None:
         """Remove a file, link or directory (a non-empty one only with `recursive`)."""
-        await self._call("DELETE", "file", params={"path": path, "recursive": recursive})
+        await self._call("DELETE", "file", params={"path": remote_path, "recursive": recursive})
 
     async def rename(self, src: str, dst: str, overwrite: bool = True) -> None:
         """Move `src` to `dst` atomically (not in Modal; agents need it)."""
         await self._call("POST", "rename", json={"src": src, "dst": dst, "overwrite": overwrite})
 
-    async def watch(self, path: str, filter: list[FileWatchEventType] | None = None,
+    async def watch(self, remote_path: str, filter: list[FileWatchEventType] | None = None,
                     recursive: bool | None = None,
                     timeout: float | None = None) -> AsyncIterator[FileWatchEvent]:
-        """Events under `path` until `timeout` seconds pass or the sandbox ends."""
+        """Events under `remote_path` until `timeout` seconds pass or the sandbox ends."""
         async with fs_errors():
-            async for event in watch_events(self._sandbox_id, path, filter, recursive, timeout):
+            async for event in watch_events(self._sandbox_id, remote_path, filter, recursive,
+                                            timeout):
                 yield event
 
 

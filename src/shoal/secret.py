@@ -30,6 +30,66 @@ class _Secret:
             raise NotFoundError(f"not in the local environment: {', '.join(missing)}")
         return _Secret({k: os.environ[k] for k in env_keys})
 
+    @staticmethod
+    def from_dotenv(path=None, *, filename: str = ".env", client=None) -> "_Secret":
+        """A secret from a `.env` file: `filename` in the directory `path` (default: the current
+        directory). Lines are KEY=VALUE, optionally quoted, with `export ` and # comments allowed.
+
+        Raises NotFoundError if the file does not exist, InvalidError for a line that is not
+        KEY=VALUE.
+
+            sb = shoal.Sandbox.create(secrets=[shoal.Secret.from_dotenv()])
+        """
+        import shlex
+        from pathlib import Path
+
+        from shoal.client import check_client
+
+        check_client(client)
+        base = Path(path) if path is not None else Path.cwd()
+        file = base / filename if base.is_dir() or path is None else base
+        if not file.is_file():
+            raise NotFoundError(f"no such .env file: {file}")
+        env: dict[str, str] = {}
+        for n, line in enumerate(file.read_text().splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            key, sep, value = line.removeprefix("export ").partition("=")
+            if not sep or not key.strip().isidentifier():
+                raise InvalidError(f"{file}:{n}: not KEY=VALUE: {line!r}")
+            value = value.strip()
+            if value[:1] in ("'", '"'):
+                value = " ".join(shlex.split(value))
+            elif " #" in value:
+                value = value.split(" #", 1)[0].rstrip()
+            env[key.strip()] = value
+        return _Secret(env)
+
+    async def hydrate(self, client=None) -> "_Secret":
+        """Nothing to look up: a shoal secret lives in the client until a sandbox uses it.
+
+        Raises InvalidError for a `client=` naming another server.
+
+            secret = shoal.Secret.from_dict({"A": "1"}).hydrate()
+        """
+        from shoal.client import check_client
+
+        check_client(client)
+        return self
+
+    @property
+    def object_id(self) -> None:
+        """None: a shoal secret is not stored on the server."""
+        return None
+
+    @property
+    def client(self):
+        """The Client for the process's server."""
+        from shoal.client import _Client
+
+        return _Client()
+
     def _env_dict(self) -> dict[str, str]:
         return dict(self._env)
 

@@ -25,6 +25,7 @@ from typing import BinaryIO
 
 from shoal._client import get_client
 from shoal._sync import synchronize_api
+from shoal.client import check_client
 from shoal.exception import InvalidError, NotFoundError
 
 UPLOAD_CONCURRENCY = 4
@@ -73,6 +74,11 @@ async def _file_chunks(fp: BinaryIO, progress: Callable[[int], None] | None):
         yield chunk
 
 
+def _check_version(version) -> None:
+    if version not in (None, 1, 2):
+        raise InvalidError(f"version must be 1 or 2 (Modal's volume formats), got {version!r}")
+
+
 class _StorageObject:
     """What volumes and network file systems share: lookup, leases, reading, listing, removing."""
 
@@ -88,33 +94,50 @@ class _StorageObject:
         self._lock: asyncio.Lock | None = None
 
     @classmethod
-    def from_name(cls, name: str, *, create_if_missing: bool = False,
-                  environment_name: str | None = None, version: int | None = None):
-        """A handle to the named object; it is looked up on first use, and NotFoundError is raised
-        then if it does not exist (unless `create_if_missing=True`).
+    def from_name(cls, name: str, *, environment_name: str | None = None,
+                  create_if_missing: bool = False, version: int | None = None,
+                  create_options: dict | None = None, client=None):
+        """A handle to the named object; it is looked up on first use. `version` (Modal's volume
+        format, 1 or 2) is accepted: shoal has one format, as consistent as either.
+
+        Raises NotFoundError on first use if it does not exist (unless `create_if_missing=True`);
+        InvalidError for a bad name, `create_options`, or a `client=` naming another server.
 
             vol = shoal.Volume.from_name("my-data", create_if_missing=True)
         """
+        check_client(client, environment_name)
         if not isinstance(name, str):
             raise InvalidError(f"{cls._label} name must be a str, got {type(name).__name__}")
+        _check_version(version)
+        if create_options:
+            raise InvalidError("create_options is not supported by shoal")
         return cls(name=name, create_if_missing=create_if_missing)
 
     @classmethod
-    def from_id(cls, object_id: str):
-        """A handle to the object with this id (NotFoundError on first use if there is none)."""
+    def _from_id(cls, object_id: str):
         if not isinstance(object_id, str) or not object_id:
-            raise InvalidError("object_id must be a non-empty str")
+            raise InvalidError("the id must be a non-empty str")
         return cls(object_id=object_id)
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def ephemeral(cls, **_ignored) -> AsyncIterator["_StorageObject"]:
-        """An unnamed object that lives as long as the `with` block, and is removed by the server
-        shortly after its client dies without leaving the block (the client heart-beats a lease;
-        see SHOAL_LEASE_TTL).
+    async def ephemeral(cls, client=None, environment_name: str | None = None,
+                        version: int | None = None, create_options: dict | None = None,
+                        _heartbeat_sleep: float | None = None) -> AsyncIterator["_StorageObject"]:
+        """An unnamed object that lives as long as the `with` (or `async with`) block, and is
+        removed by the server shortly after its client dies without leaving the block (the client
+        heart-beats a lease; see SHOAL_LEASE_TTL, which sets the beat: `_heartbeat_sleep` is
+        refused).
+
+        Raises InvalidError for `create_options`, `_heartbeat_sleep` or another server's client.
 
             with shoal.Volume.ephemeral() as vol: ...
         """
+        check_client(client, environment_name)
+        _check_version(version)
+        if create_options or _heartbeat_sleep is not None:
+            raise InvalidError("ephemeral(create_options=, _heartbeat_sleep=) are not supported "
+                               "by shoal")
         client = await get_client()
         r = await client.call("POST", f"{cls._prefix}/ephemeral")
         obj = cls(object_id=r["volume_id"])
@@ -133,10 +156,23 @@ class _StorageObject:
             with contextlib.suppress(Exception):
                 await client.call("POST", f"{self._prefix}/{self._object_id}/heartbeat")
 
-    async def hydrate(self):
-        """Look the object up now (it is otherwise looked up on first use)."""
+    async def hydrate(self, client=None):
+        """Look the object up now (it is otherwise looked up on first use); returns it.
+
+        Raises NotFoundError if it does not exist (and was not to be created).
+
+            vol = shoal.Volume.from_name("data").hydrate()
+        """
+        check_client(client)
         await self._id()
         return self
+
+    @property
+    def client(self):
+        """The Client for the server this object lives on."""
+        from shoal.client import _Client
+
+        return _Client()
 
     async def _id(self) -> str:
         if self._object_id is None:
@@ -308,8 +344,37 @@ class _Volume(_StorageObject):
     """Persistent (named) or ephemeral storage, mounted with `Sandbox.create(volumes={path: vol})`.
     See this module's docstring for when writes become visible (at once, everywhere)."""
 
-    def with_mount_options(self, *, read_only: bool = False) -> "_Volume":
-        """The same volume, mounted read-only: writes inside the sandbox fail with EROFS."""
+    @classmethod
+    def from_id(cls, volume_id: str, client=None) -> "_Volume":
+        """A handle to the volume with this id.
+
+        Raises InvalidError for an empty id; NotFoundError on first use if there is none.
+
+            vol = shoal.Volume.from_id("vo-...")
+        """
+        check_client(client)
+        return cls._from_id(volume_id)
+
+    def read_only(self) -> "_Volume":
+        """The same volume, mounted read-only (`with_mount_options(read_only=True)`).
+
+        Raises nothing.
+
+            sb = shoal.Sandbox.create(volumes={"/data": vol.read_only()})
+        """
+        return self.with_mount_options(read_only=True)
+
+    def with_mount_options(self, *, read_only: bool = False,
+                           sub_path: str | None = None) -> "_Volume":
+        """The same volume, mounted read-only: writes inside the sandbox fail with EROFS.
+
+        Raises InvalidError for `sub_path` (mounting a part of a volume is not supported yet).
+
+            sb = shoal.Sandbox.create(volumes={"/data": vol.with_mount_options(read_only=True)})
+        """
+        if sub_path is not None:
+            raise InvalidError("with_mount_options(sub_path=...) is not supported by shoal yet: "
+                               "mount the whole volume and use the sub-directory")
         copy = type(self)(self._name, self._create_if_missing, self._object_id, read_only)
         copy._lock = self._lock
         return copy
@@ -335,17 +400,25 @@ class _Volume(_StorageObject):
         """
         return _VolumeUploadContextManager(self, force, progress_cb)
 
-    async def copy_files(self, src_paths: list[str], dst: str, recursive: bool = False) -> None:
-        """Copy within the volume, like `cp`: into `dst` if it is a directory (required for
-        several sources), else to `dst`; directories only with `recursive`."""
+    async def copy_files(self, src_paths: list[str], dst_path: str,
+                         recursive: bool = False) -> None:
+        """Copy within the volume, like `cp`: into `dst_path` if it is a directory (required for
+        several sources), else to `dst_path`; directories only with `recursive`."""
         if isinstance(src_paths, str):
             raise InvalidError("src_paths must be a list of paths")
-        await self._call("POST", "/copy", json={"src_paths": list(src_paths), "dst": dst,
+        await self._call("POST", "/copy", json={"src_paths": list(src_paths), "dst": dst_path,
                                                 "recursive": recursive})
 
     @staticmethod
-    async def rename(old_name: str, new_name: str) -> None:
-        """Rename a named volume."""
+    async def rename(old_name: str, new_name: str, *, client=None,
+                     environment_name: str | None = None) -> None:
+        """Rename a named volume.
+
+        Raises NotFoundError if there is no `old_name`, AlreadyExistsError if `new_name` exists.
+
+            shoal.Volume.rename("old", "new")
+        """
+        check_client(client, environment_name)
         client = await get_client()
         await client.call("POST", "/volumes/rename",
                           json={"old_name": old_name, "new_name": new_name})

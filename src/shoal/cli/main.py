@@ -43,7 +43,13 @@ def main() -> None:
 @click.option("--log-level", default="info", show_default=True)
 def serve(tcp: str | None, token: str | None, log_level: str) -> None:
     """Run the control plane in the foreground."""
-    from shoal.server.main import ServerAlreadyRunning, serve as run
+    try:
+        from shoal.server.main import ServerAlreadyRunning, serve as run
+    except ModuleNotFoundError as e:
+        if e.name in ("fastapi", "uvicorn", "starlette"):
+            _fail(f"the shoal server needs its extra ({e.name} is missing): "
+                  "pip install 'shoal[server]'")
+        raise
 
     try:
         run(config.paths(), tcp, token, log_level)

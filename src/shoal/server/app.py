@@ -26,6 +26,10 @@ from shoal.server.host.runc import RuncRuntime, remove_cgroup_parent
 from shoal.server.control.images import ImageService
 from shoal.server.routes import apps, files, images, sandboxes, volumes
 from shoal.server.control import pool
+# --- Dicts and Queues (parity branch)
+from shoal.server.control.kv import KvService
+from shoal.server.routes import kv
+from shoal.server.storage.state import KvStore
 from shoal.server.control.sandboxes import SandboxService
 from shoal.server.control.volumes import VolumeService
 from shoal.server.storage.state import SqliteStore
@@ -40,6 +44,7 @@ STATUS = {
     IsADirectoryError: 400, NotADirectoryError: 400, PermissionError: 403,
     exc.SandboxFilesystemError: 400, exc.SandboxFilesystemFileTooLargeError: 413,
     exc.SandboxTerminatedError: 409, exc.ExecutionError: 500,
+    exc.RequestSizeError: 413, exc.ResourceExhaustedError: 429,
 }
 
 
@@ -49,6 +54,7 @@ class Services:
     volumes: VolumeService
     sandboxes: SandboxService
     images: ImageService
+    kv: KvService | None = None  # Dicts and Queues
 
 
 def build_services(paths: Paths) -> Services:
@@ -61,7 +67,7 @@ def build_services(paths: Paths) -> Services:
     images = ImageService(paths.images, RuncRuntime(paths.runc_root), tools_dir)
     host = RuncHost(paths.sandboxes, paths.runc_root, tools_dir)
     sbx = SandboxService(store, host, vols, images, pool.parse_sizes(None))
-    return Services(store, vols, sbx, images)
+    return Services(store, vols, sbx, images, KvService(KvStore(paths.db)))
 
 
 def _error(status: int, type_name: str, message: str, errno: int | None = None) -> JSONResponse:
@@ -91,12 +97,14 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
             if not svc.sandboxes.live:
                 remove_cgroup_parent()
             svc.store.close()
+            svc.kv.store.close()
             if on_shutdown:
                 on_shutdown()
 
     app = FastAPI(title="shoal", version=API_VERSION, lifespan=lifespan,
                   description="Control plane of shoal: sandboxes, volumes, network file systems.")
-    for router in (apps.router, sandboxes.router, files.router, volumes.router, images.router):
+    for router in (apps.router, sandboxes.router, files.router, volumes.router, images.router,
+                   kv.router):
         app.include_router(router)
 
     @app.get("/health", tags=["server"])
@@ -142,6 +150,7 @@ async def _upkeep(svc: Services, interval: float) -> None:
         await asyncio.sleep(interval)
         try:
             svc.volumes.reap()
+            svc.kv.reap()
             svc.sandboxes.stop_idle()
             ticks += 1
             if ticks % 10 == 0:

@@ -44,6 +44,12 @@ class ImageStep(BaseModel):
     blob: str | None = Field(None, description="add_local: sha256 of the uploaded tar")
     args: list[str] | None = None
     user: str | None = None
+    # pip_install / uv_pip_install (Modal's parameters of the same names)
+    find_links: str | None = None
+    extra_options: list[str] | None = Field(None, description="extra pip/uv arguments")
+    requirements: list[str] | None = Field(None, description="contents of requirements files")
+    uv_version: str | None = None
+    nonce: str | None = Field(None, description="force_build: a new value rebuilds the step")
 
 
 class ImageRecipe(BaseModel):

@@ -337,8 +337,11 @@ class SandboxService:
         self.store.sandbox_update(sandbox_id, tags=tags)
         return self.get(sandbox_id)
 
-    def by_name(self, app_id: str, name: str) -> SandboxRecord:
+    def by_name(self, app_id: str, name: str, include_terminated: bool = False) -> SandboxRecord:
         rec = self.store.sandbox_running_by_name(app_id, name)
+        if rec is None and include_terminated:  # the most recent one of that name
+            rec = next((r for r in reversed(self.store.sandbox_list(app_id)) if r.name == name),
+                       None)
         if rec is None:
             raise NotFoundError(f"no running sandbox named {name!r} in this app")
         return rec

@@ -37,6 +37,9 @@ STEP_TIMEOUT = float(os.environ.get("SHOAL_BUILD_TIMEOUT", "1800"))
 CA_BUNDLE = os.environ.get("SHOAL_BUILD_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
 BUILD_MOUNT = "/.shoal-build"
 PACKAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+._\-]*([<>=!~]=?[A-Za-z0-9.*+!_\-,:]+)?$")
+# A PEP 508 requirement (extras, markers, `name @ url`): anything that is not an option. Every
+# argument is shell-quoted, so this only keeps a requirement from being read as a pip option.
+REQUIREMENT_RE = re.compile(r"^[A-Za-z0-9][^\x00\n\r]*$")
 APT_RE = re.compile(r"^[a-z0-9][a-z0-9+.\-]*(:[a-z0-9]+)?(=[A-Za-z0-9.+:~\-]+)?$")
 
 
@@ -65,21 +68,39 @@ def step_command(step: dict) -> str:
                 + " && apt-get clean && rm -rf /var/lib/apt/lists/*")
     if op in ("pip_install", "uv_pip_install"):
         pkgs = step.get("packages") or []
-        bad = [p for p in pkgs if not PACKAGE_RE.match(p)]
-        if not pkgs or bad:
+        reqs = step.get("requirements") or []
+        bad = [p for p in pkgs if not REQUIREMENT_RE.match(p)]
+        if not (pkgs or reqs) or bad:
             raise RecipeError(f"{op}: invalid requirement(s) {bad or pkgs!r}")
         opts = []
         if step.get("index_url"):
             opts += ["--index-url", step["index_url"]]
         if step.get("extra_index_url"):
             opts += ["--extra-index-url", step["extra_index_url"]]
+        if step.get("find_links"):
+            opts += ["--find-links", step["find_links"]]
         if step.get("pre"):
             opts.append("--pre")
+        extra = step.get("extra_options") or []
+        if not all(isinstance(o, str) and o for o in extra):
+            raise RecipeError(f"{op}: extra_options must be non-empty strings")
+        opts += extra
+        # Requirements files travel as their contents: written aside for the one command (with
+        # shell-quoted contents, so they cannot inject anything) and removed after it.
+        prep, cleanup = "", ""
+        for i, text in enumerate(reqs):
+            path = f"/tmp/.shoal-requirements-{i}.txt"
+            prep += f"printf '%s' {shlex.quote(text)} > {path} && "
+            cleanup += f" && rm -f {path}"
+            opts += ["-r", path]
         args = " ".join(shlex.quote(a) for a in [*opts, *pkgs])
         if op == "pip_install":
-            return f"python3 -m pip install --no-cache-dir {args}"
-        return ("python3 -m pip install --no-cache-dir uv && "
-                f"uv pip install --system --break-system-packages --no-cache {args}")
+            return f"{prep}python3 -m pip install --no-cache-dir {args}{cleanup}"
+        uv = "uv" + (f"=={step['uv_version']}" if step.get("uv_version") else "")
+        if not PACKAGE_RE.match(uv):
+            raise RecipeError(f"uv_version: invalid version {step.get('uv_version')!r}")
+        return (f"{prep}python3 -m pip install --no-cache-dir {shlex.quote(uv)} && "
+                f"uv pip install --system --break-system-packages --no-cache {args}{cleanup}")
     if op == "run_commands":
         cmds = step.get("commands") or []
         if not cmds or not all(isinstance(c, str) for c in cmds):

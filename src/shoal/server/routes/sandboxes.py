@@ -148,8 +148,9 @@ def sandbox_set_tags(sandbox_id: str, body: TagsBody, request: Request) -> Sandb
 
 
 @router.get("/apps/{app_id}/sandboxes/{name}", response_model=SandboxInfo)
-def sandbox_by_name(app_id: str, name: str, request: Request) -> SandboxInfo:
-    return _info(_svc(request).by_name(app_id, name))
+def sandbox_by_name(app_id: str, name: str, request: Request,
+                    include_terminated: bool = False) -> SandboxInfo:
+    return _info(_svc(request).by_name(app_id, name, include_terminated))
 
 
 @router.get("/sandboxes/{sandbox_id}/ready", response_model=WaitResult)

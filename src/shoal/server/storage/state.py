@@ -227,3 +227,175 @@ class SqliteStore:
             "WHERE m.volume_id = ? AND s.state = 'running'", (volume_id,))
         return [MountRecord(r["sandbox_id"], r["volume_id"], r["path"], bool(r["read_only"]))
                 for r in rows]
+
+
+# --- Dicts and Queues (modal.Dict, modal.Queue) ------------------------------------------------
+# Kept apart from the tables above so the stores can be read (and merged) on their own. Keys and
+# values are opaque bytes (the client pickles them); the service bounds their sizes.
+
+@dataclass
+class KvRecord:
+    id: str
+    kind: str  # "dict" | "queue"
+    name: str | None  # None for ephemeral
+    created_at: float
+    lease_expires: float | None = None
+
+
+_KV_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv_objects (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, name TEXT, created_at REAL NOT NULL,
+    lease_expires REAL, UNIQUE(kind, name));
+CREATE TABLE IF NOT EXISTS dict_entries (
+    dict_id TEXT NOT NULL REFERENCES kv_objects(id) ON DELETE CASCADE, key BLOB NOT NULL,
+    value BLOB NOT NULL, PRIMARY KEY (dict_id, key));
+CREATE TABLE IF NOT EXISTS queue_items (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue_id TEXT NOT NULL REFERENCES kv_objects(id) ON DELETE CASCADE,
+    partition TEXT NOT NULL, value BLOB NOT NULL, expires REAL);
+CREATE INDEX IF NOT EXISTS queue_items_part ON queue_items(queue_id, partition, seq);
+"""
+
+
+class KvStore:
+    """Dict entries and queue items in the server's SQLite database (a second connection to the
+    same file; WAL lets it and SqliteStore work side by side). Each method is one transaction."""
+
+    def __init__(self, path: Path):
+        self.mu = threading.Lock()  # guards conn
+        self.conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self.conn.row_factory = sqlite3.Row
+        with self.mu:
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            self.conn.executescript(_KV_SCHEMA)
+
+    def close(self) -> None:
+        with self.mu:
+            self.conn.close()
+
+    def _all(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self.mu:
+            return self.conn.execute(sql, args).fetchall()
+
+    def _exec(self, sql: str, args: tuple = ()) -> int:
+        with self.mu:
+            return self.conn.execute(sql, args).rowcount
+
+    # objects
+    def insert(self, rec: KvRecord) -> KvRecord:
+        with self.mu:
+            self.conn.execute("INSERT OR IGNORE INTO kv_objects VALUES (?, ?, ?, ?, ?)",
+                              (rec.id, rec.kind, rec.name, rec.created_at, rec.lease_expires))
+        return self.by_name(rec.kind, rec.name) if rec.name else rec
+
+    def get(self, kind: str, obj_id: str) -> KvRecord | None:
+        rows = self._all("SELECT * FROM kv_objects WHERE kind = ? AND id = ?", (kind, obj_id))
+        return KvRecord(**dict(rows[0])) if rows else None
+
+    def by_name(self, kind: str, name: str) -> KvRecord | None:
+        rows = self._all("SELECT * FROM kv_objects WHERE kind = ? AND name = ?", (kind, name))
+        return KvRecord(**dict(rows[0])) if rows else None
+
+    def list(self, kind: str) -> list[KvRecord]:
+        return [KvRecord(**dict(r)) for r in self._all(
+            "SELECT * FROM kv_objects WHERE kind = ? AND name IS NOT NULL ORDER BY created_at",
+            (kind,))]
+
+    def remove(self, obj_id: str) -> None:
+        self._exec("DELETE FROM kv_objects WHERE id = ?", (obj_id,))
+
+    def renew(self, obj_id: str, lease_expires: float) -> None:
+        self._exec("UPDATE kv_objects SET lease_expires = ? WHERE id = ?", (lease_expires, obj_id))
+
+    def expired(self, now: float) -> list[str]:
+        return [r["id"] for r in self._all(
+            "SELECT id FROM kv_objects WHERE lease_expires IS NOT NULL AND lease_expires < ?",
+            (now,))]
+
+    # dicts
+    def dict_get(self, dict_id: str, key: bytes) -> bytes | None:
+        rows = self._all("SELECT value FROM dict_entries WHERE dict_id = ? AND key = ?",
+                         (dict_id, key))
+        return rows[0]["value"] if rows else None
+
+    def dict_put(self, dict_id: str, items: list[tuple[bytes, bytes]],
+                 skip_if_exists: bool = False) -> int:
+        verb = "INSERT OR IGNORE" if skip_if_exists else "INSERT OR REPLACE"
+        with self.mu:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                n = sum(self.conn.execute(f"{verb} INTO dict_entries VALUES (?, ?, ?)",
+                                          (dict_id, k, v)).rowcount for k, v in items)
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+        return n
+
+    def dict_pop(self, dict_id: str, key: bytes) -> bytes | None:
+        with self.mu:
+            self.conn.execute("BEGIN IMMEDIATE")
+            row = self.conn.execute("SELECT value FROM dict_entries WHERE dict_id = ? AND key = ?",
+                                    (dict_id, key)).fetchone()
+            self.conn.execute("DELETE FROM dict_entries WHERE dict_id = ? AND key = ?",
+                              (dict_id, key))
+            self.conn.execute("COMMIT")
+        return row["value"] if row else None
+
+    def dict_len(self, dict_id: str) -> int:
+        return self._all("SELECT count(*) n FROM dict_entries WHERE dict_id = ?",
+                         (dict_id,))[0]["n"]
+
+    def dict_items(self, dict_id: str) -> list[tuple[bytes, bytes]]:
+        return [(r["key"], r["value"]) for r in self._all(
+            "SELECT key, value FROM dict_entries WHERE dict_id = ? ORDER BY rowid", (dict_id,))]
+
+    def dict_clear(self, dict_id: str) -> None:
+        self._exec("DELETE FROM dict_entries WHERE dict_id = ?", (dict_id,))
+
+    # queues
+    def queue_put(self, queue_id: str, partition: str, values: list[bytes],
+                  expires: float | None) -> None:
+        with self.mu:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany("INSERT INTO queue_items (queue_id, partition, value, expires) "
+                                  "VALUES (?, ?, ?, ?)",
+                                  [(queue_id, partition, v, expires) for v in values])
+            self.conn.execute("COMMIT")
+
+    def queue_take(self, queue_id: str, partition: str, n: int, now: float) -> list[bytes]:
+        with self.mu:
+            self.conn.execute("BEGIN IMMEDIATE")
+            rows = self.conn.execute(
+                "SELECT seq, value FROM queue_items WHERE queue_id = ? AND partition = ? AND "
+                "(expires IS NULL OR expires > ?) ORDER BY seq LIMIT ?",
+                (queue_id, partition, now, n)).fetchall()
+            self.conn.executemany("DELETE FROM queue_items WHERE seq = ?",
+                                  [(r["seq"],) for r in rows])
+            self.conn.execute("COMMIT")
+        return [r["value"] for r in rows]
+
+    def queue_peek(self, queue_id: str, partition: str, now: float) -> list[bytes]:
+        return [r["value"] for r in self._all(
+            "SELECT value FROM queue_items WHERE queue_id = ? AND partition = ? AND "
+            "(expires IS NULL OR expires > ?) ORDER BY seq", (queue_id, partition, now))]
+
+    def queue_len(self, queue_id: str, partition: str | None, now: float) -> int:
+        sql = ("SELECT count(*) n FROM queue_items WHERE queue_id = ? AND "
+               "(expires IS NULL OR expires > ?)")
+        args: tuple = (queue_id, now)
+        if partition is not None:
+            sql += " AND partition = ?"
+            args += (partition,)
+        return self._all(sql, args)[0]["n"]
+
+    def queue_clear(self, queue_id: str, partition: str | None) -> None:
+        if partition is None:
+            self._exec("DELETE FROM queue_items WHERE queue_id = ?", (queue_id,))
+        else:
+            self._exec("DELETE FROM queue_items WHERE queue_id = ? AND partition = ?",
+                       (queue_id, partition))
+
+    def queue_expire(self, now: float) -> None:
+        self._exec("DELETE FROM queue_items WHERE expires IS NOT NULL AND expires <= ?", (now,))
