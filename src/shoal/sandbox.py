@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from shoal import output
 from shoal._client import get_client
 from shoal._sync import synchronize_api
+from shoal._tunnel import Tunnel
 from shoal.app import _App
 from shoal.container_process import _ContainerProcess
 from shoal.exception import (InvalidError, NotFoundError, SandboxTerminatedError,
@@ -22,8 +23,7 @@ from shoal.secret import merge_env
 from shoal.stream_type import StreamType
 from shoal.volume import _Volume
 
-_UNSUPPORTED = ("gpu", "cloud", "region", "encrypted_ports", "unencrypted_ports", "h2_ports",
-                "cidr_allowlist", "proxy", "_experimental_scheduler_placement")
+_UNSUPPORTED = ("gpu", "cloud", "region", "proxy", "_experimental_scheduler_placement")
 
 
 def _check_args(args: Sequence, what: str) -> list[str]:
@@ -106,6 +106,11 @@ class _Sandbox:
         cpu: float | tuple[float, float] | None = None,
         memory: int | tuple[int, int] | None = None,
         block_network: bool = False,
+        cidr_allowlist: Sequence[str] | None = None,
+        encrypted_ports: Sequence[int] = (),
+        unencrypted_ports: Sequence[int] = (),
+        h2_ports: Sequence[int] = (),
+        outbound_domain_allowlist: Sequence[str] | None = None,
         readiness_probe: _Probe | None = None,
         pty: bool = False,
         verbose: bool = False,
@@ -116,6 +121,13 @@ class _Sandbox:
 
         Raises InvalidError for a bad argument, NotFoundError for a missing volume, app or image,
         AlreadyExistsError when `name` is taken by a running sandbox of the app.
+
+        Network (docs/network.md): by default the sandbox reaches the internet through NAT, never
+        the host, other sandboxes, link-local/metadata or the operator's private networks.
+        `block_network=True`: loopback only. `cidr_allowlist=["203.0.113.0/24"]`: only those
+        IPv4 networks (plus DNS to shoal's resolvers); a bad CIDR raises InvalidError.
+        `encrypted_ports` / `unencrypted_ports` / `h2_ports`: ports reachable through
+        `tunnels()`.
         """
         bad = [k for k in unsupported if k in _UNSUPPORTED or not k.startswith("_")]
         if bad:
@@ -160,7 +172,13 @@ class _Sandbox:
             "readiness_probe": readiness_probe._spec if readiness_probe else None,
             "mounts": [o._mount_spec(p) for p, o in vols + nfss],
             "resources": {"cpu": cpu, "memory": memory},
-            "block_network": True,
+            "block_network": bool(block_network),
+            "cidr_allowlist": list(cidr_allowlist) if cidr_allowlist is not None else None,
+            "outbound_domain_allowlist": (list(outbound_domain_allowlist)
+                                          if outbound_domain_allowlist is not None else None),
+            "encrypted_ports": list(encrypted_ports),
+            "unencrypted_ports": list(unencrypted_ports),
+            "h2_ports": list(h2_ports),
         }
         output.emit("creating sandbox")
         client = await get_client()
@@ -327,6 +345,18 @@ class _Sandbox:
     async def get_tags(self) -> dict[str, str]:
         client = await get_client()
         return (await client.call("GET", f"/sandboxes/{self._sandbox_id}"))["tags"]
+
+    async def tunnels(self, timeout: float = 50) -> dict[int, Tunnel]:
+        """The tunnels of the ports given at create (`encrypted_ports`, `unencrypted_ports`,
+        `h2_ports`), by sandbox port. They exist once create returns; `timeout` is accepted for
+        Modal compatibility. SandboxTerminatedError if the sandbox has ended.
+
+            t = sb.tunnels()[8000]
+            print(t.url)                # https://127.0.0.1:40123
+        """
+        client = await get_client()
+        r = await client.call("GET", f"/sandboxes/{self._sandbox_id}/tunnels")
+        return {int(p): Tunnel(**t) for p, t in r["tunnels"].items()}
 
     async def wait_until_ready(self, *, timeout: float = 300) -> None:
         """Wait for the readiness probe given at create to pass (at once without one). Raises

@@ -26,6 +26,7 @@ from shoal.server.control.images import ImageService
 from shoal.server.routes import apps, files, images, sandboxes, volumes
 from shoal.server.control.sandboxes import SandboxService
 from shoal.server.control.volumes import VolumeService
+from shoal.server.network import NetworkConfig, NetworkManager
 from shoal.server.storage.state import SqliteStore
 from shoal.server.storage.volumes import LocalVolumeStorage
 
@@ -47,6 +48,7 @@ class Services:
     volumes: VolumeService
     sandboxes: SandboxService
     images: ImageService
+    network: NetworkManager | None
 
 
 def build_services(paths: Paths) -> Services:
@@ -57,9 +59,12 @@ def build_services(paths: Paths) -> Services:
     vols = VolumeService(store, storage)
     runtime = RuncRuntime(paths.runc_root)
     tools_dir, _ = tools.prepare(paths.home / "tools")
-    images = ImageService(paths.images, runtime, tools_dir)
-    sbx = SandboxService(store, runtime, vols, images, paths.sandboxes, tools_dir)
-    return Services(store, vols, sbx, images)
+    # SHOAL_NET=off: no sandbox networking (only block_network=True sandboxes can be created).
+    network = (None if os.environ.get("SHOAL_NET", "on") == "off"
+               else NetworkManager(NetworkConfig.from_env(paths.home)))
+    images = ImageService(paths.images, runtime, tools_dir, network)
+    sbx = SandboxService(store, runtime, vols, images, paths.sandboxes, tools_dir, network)
+    return Services(store, vols, sbx, images, network)
 
 
 def _error(status: int, type_name: str, message: str, errno: int | None = None) -> JSONResponse:
@@ -75,6 +80,8 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
     async def lifespan(app: FastAPI):
         svc = build_services(paths)
         app.state.svc = svc
+        if svc.network:
+            await svc.network.start()
         await svc.sandboxes.reconcile()
         svc.volumes.reap()
         task = asyncio.ensure_future(_upkeep(svc, upkeep_interval))
@@ -84,6 +91,8 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
         finally:
             task.cancel()
             svc.sandboxes.detach_all()
+            if svc.network:
+                await svc.network.shutdown()
             if not svc.sandboxes.live:
                 remove_cgroup_parent()
             svc.store.close()

@@ -37,6 +37,7 @@ from shoal.server.host.rootfs import Rootfs
 from shoal.server.host.runc_files import RESOLVE_SANDBOX, SandboxFiles, sandbox_rel
 from shoal.server.control.images import ImageService
 from shoal.server.models import CreateSandbox, ExecRequest
+from shoal.server.network import NetworkManager, TunnelInfo, validate_policy
 from shoal.server.streams import OutputBuffer, tail_file
 from shoal.server.control.volumes import VolumeService, new_id
 from shoal.server.storage.state import MountRecord, SandboxRecord, StateStore
@@ -117,11 +118,13 @@ class ExecSession:
 
 class SandboxService:
     def __init__(self, store: StateStore, runtime: Runtime, volumes: VolumeService,
-                 images: ImageService, root: Path, tools_dir: Path):
+                 images: ImageService, root: Path, tools_dir: Path,
+                 network: NetworkManager | None = None):
         self.store = store
         self.runtime = runtime
         self.volumes = volumes
         self.images = images
+        self.network = network  # None: every sandbox has only loopback
         self.root = root
         self.tools_dir, has_busybox = tools.prepare(tools_dir)
         self.idle_args = tools.idle_args(has_busybox)
@@ -197,6 +200,12 @@ class SandboxService:
 
     async def create(self, req: CreateSandbox) -> SandboxRecord:
         self._validate(req)
+        policy = validate_policy(req.block_network, req.cidr_allowlist, req.encrypted_ports,
+                                 req.unencrypted_ports, req.h2_ports,
+                                 req.outbound_domain_allowlist)
+        if policy is not None and self.network is None:
+            raise InvalidError("this server runs without sandbox networking: pass "
+                               "block_network=True")
         if self.store.app_get(req.app_id) is None:
             raise NotFoundError(f"app {req.app_id} not found")
         if req.name and self.store.sandbox_running_by_name(req.app_id, req.name):
@@ -243,6 +252,11 @@ class SandboxService:
                 mounts=[Mount(str(self.volumes.storage.host_path(v.id)),
                               posixpath.normpath(m.path), m.read_only) for m, v in vols],
                 tools_dir=str(self.tools_dir), user=user)
+            if policy is not None:  # --- network (shoal.server.network)
+                att = await self.network.attach(sid, policy)
+                cspec.netns_path = att.netns_path
+                if att.resolv_conf:
+                    cspec.mounts.append(Mount(str(att.resolv_conf), "/etc/resolv.conf", True))
             # The workdir is created by runc, inside the container's root: never on the host,
             # where the image's absolute symlinks (/var/run -> /run) would lead out of it.
             stdin_r, live.stdin_fd = os.pipe()
@@ -255,6 +269,8 @@ class SandboxService:
             except RuntimeError_ as e:
                 detail = (sdir / "stderr").read_text(errors="replace").strip()
                 raise ExecutionError(f"the sandbox failed to start: {detail or e}") from None
+            if policy is not None and policy.ports:
+                await self.network.open_tunnels(sid, policy.ports)
         except BaseException:
             live.end_reason = "failed-to-start"
             await self._finalize(live, returncode=None)
@@ -321,6 +337,11 @@ class SandboxService:
             await self.runtime.delete(live.id)
         except Exception:
             log.exception("deleting container %s", live.id)
+        if self.network is not None:
+            try:
+                await self.network.detach(live.id)
+            except Exception:
+                log.exception("releasing the network of %s", live.id)
         live.rootfs.destroy()
         shutil.rmtree(live.dir / "bundle", ignore_errors=True)
         live.exited.set()
@@ -626,12 +647,18 @@ class SandboxService:
             if orphan.startswith("sb-"):
                 await self.runtime.kill(orphan, signal.SIGKILL)
                 await self.runtime.delete(orphan)
+        if self.network is not None:
+            await self.network.reconcile(set(self.live))
         for sdir in self.root.iterdir():
             if sdir.name not in self.live:
                 Rootfs(sdir).destroy()
                 rec = self.store.sandbox_get(sdir.name)
                 if rec is None or (rec.ended_at or 0) < time.time() - LOG_RETENTION:
                     shutil.rmtree(sdir, ignore_errors=True)
+
+    async def tunnels(self, sandbox_id: str) -> dict[int, TunnelInfo]:
+        self._running(sandbox_id)
+        return self.network.tunnels_of(sandbox_id) if self.network else {}
 
     def layers_in_use(self) -> tuple[set[str], set[str]]:
         """(layer ids, image ids) of running sandboxes: never pruned or removed."""
