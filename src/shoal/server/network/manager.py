@@ -461,6 +461,8 @@ class NetworkManager:
 
     def _policy_rules(self, slot: int, own: _Owned) -> str:
         t, hif = self.cfg.table, self.cfg.host_if(slot)
+        if own.outbound == "all":
+            return ""
         if own.outbound == "none":
             return f'add element inet {t} denied {{ "{hif}" }}\n'
         cidrs = f"    ip daddr {{ {', '.join(own.cidrs)} }} accept\n" if own.cidrs else ""
