@@ -412,7 +412,7 @@ class SandboxService:
 
     async def _probe_once(self, live: LiveSandbox, probe) -> bool:
         if probe.tcp_port is not None:
-            # Connect from inside the sandbox's network namespace (it has only loopback).
+            # Connect from inside the sandbox's network namespace, to its own loopback.
             code = ("import socket,sys\n"
                     f"s=socket.socket(); s.settimeout(1); s.connect(('127.0.0.1', {probe.tcp_port}))")
             proc = await asyncio.create_subprocess_exec(
