@@ -96,6 +96,9 @@ def pytest_configure(config):
     config._shoal_home = home
     if not hasattr(config, "workerinput"):
         _clean_after_killed_sessions()
+        from networld import clean_stale
+
+        clean_stale()
 
 
 def shoal_cli(*args: str, env: dict | None = None, check: bool = True, **kw):
@@ -162,7 +165,20 @@ class ServerProcess:
 
 
 @pytest.fixture(scope="session")
-def server(pytestconfig):
+def world():
+    """The session's test "outside world" (tests/networld.py). The server's sandboxes resolve
+    names through its DNS server first, then the host's resolvers (for the slow pip test)."""
+    from networld import World
+    from shoal.server.network.manager import host_resolvers
+
+    w = World().start()
+    os.environ["SHOAL_NET_DNS"] = ",".join([w.world_ip, *host_resolvers()])
+    yield w
+    w.close()
+
+
+@pytest.fixture(scope="session")
+def server(pytestconfig, world):
     from shoal.server.images.base import ensure_base_image
 
     ensure_base_image(DEFAULT_IMAGES, log=lambda line: None)
@@ -205,6 +221,12 @@ def leftovers(home: Path, server_may_run: bool = False, only: str | None = None)
     if only:
         found = [f for f in found if only in f]
     pid_file = home / "server.pid"
+    if not server_may_run and not _server_alive(home):
+        # Namespaces, interfaces and the nft table of this home (shoal.server.network): none once
+        # its server has stopped with no sandbox running.
+        from shoal.server.network.manager import leftovers as network_leftovers
+
+        found += network_leftovers(home)
     if pid_file.exists() and not server_may_run:
         try:
             state = Path(f"/proc/{int(pid_file.read_text())}/stat").read_text()

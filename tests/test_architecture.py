@@ -18,6 +18,10 @@ NEVER = {
              "shoal.server.app", "shoal.server.models", "httpx") + HTTP_SERVER,
     "images": ("shoal.server.control", "shoal.server.routes", "shoal.server.app") + HTTP_SERVER,
     "control": ("shoal.server.routes", "shoal.server.app") + HTTP_SERVER,
+    # Sandbox networking: a leaf that the control plane and image builds use.
+    "network": ("shoal.server.host", "shoal.server.images", "shoal.server.control",
+                "shoal.server.routes", "shoal.server.app", "shoal.server.models",
+                "httpx") + HTTP_SERVER,
 }
 
 

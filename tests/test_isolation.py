@@ -77,8 +77,10 @@ def host_server_pid() -> int:
 
 @pytest.fixture(scope="module")
 def shared(app):
-    """One sandbox for the read-only probes (each of them leaves it as it found it)."""
-    sb = shoal.Sandbox.create(app=app, timeout=300)
+    """One sandbox for the read-only probes (each of them leaves it as it found it). Without a
+    network (block_network=True): the network probes below check that it has only loopback;
+    sandboxes with a network are tested in test_network.py."""
+    sb = shoal.Sandbox.create(app=app, timeout=300, block_network=True)
     yield sb
     sb.terminate()
 

@@ -75,7 +75,8 @@ def test_leftovers_of_a_crashed_create_are_cleaned(server, app):
                     str(sdir / "bundle"), sid], check=True, stdin=subprocess.DEVNULL,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server.restart(signal.SIGKILL)
-    assert leftovers(config.home(), server_may_run=True, only=sid) == []
+    log_tail = config.paths().server_log.read_text(errors="replace")[-3000:]
+    assert leftovers(config.home(), server_may_run=True, only=sid) == [], log_tail
     assert not sdir.exists()
 
 

@@ -27,12 +27,14 @@ from shoal.sandbox import Probe, Sandbox
 from shoal.sandbox_fs import FileInfo, FileType, SandboxFilesystem
 from shoal.secret import Secret
 from shoal.stream_type import StreamType
+from shoal._tunnel import Tunnel
 from shoal.volume import FileEntry, FileEntryType, Volume
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "App", "Client", "Dict", "Queue", "ContainerProcess", "FileEntry", "FileEntryType", "FileIO", "FileInfo", "FileType",
-    "Image", "NetworkFileSystem", "Probe", "Sandbox", "SandboxFilesystem", "Secret", "StreamReader", "StreamType", "StreamWriter", "Volume", "enable_output",
+    "App", "Client", "Dict", "Queue", "ContainerProcess", "FileEntry", "FileEntryType", "FileIO",
+    "FileInfo", "FileType", "Image", "NetworkFileSystem", "Probe", "Sandbox", "SandboxFilesystem",
+    "Secret", "StreamReader", "StreamType", "StreamWriter", "Tunnel", "Volume", "enable_output",
     "exception",
 ]

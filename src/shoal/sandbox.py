@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from shoal import output
 from shoal._client import get_client
 from shoal._sync import synchronize_api
+from shoal._tunnel import Tunnel
 from shoal.app import _App
 from shoal.client import check_client
 from shoal.container_process import _ContainerProcess
@@ -23,18 +24,16 @@ from shoal.secret import merge_env
 from shoal.stream_type import StreamType
 from shoal.volume import _Volume
 
-_UNSUPPORTED = ("gpu", "cloud", "region", "encrypted_ports", "unencrypted_ports", "h2_ports",
-                "cidr_allowlist", "proxy", "_experimental_scheduler_placement")
+_UNSUPPORTED = ("gpu", "cloud", "region", "proxy", "_experimental_scheduler_placement")
 
 
 def _refuse_create(given: dict) -> None:
     """Modal's Sandbox.create parameters that shoal cannot honour: refused unless at defaults."""
     defaults = {"gpu": None, "cloud": None, "region": None, "runtime": None,
-                "outbound_cidr_allowlist": None, "outbound_domain_allowlist": None,
-                "inbound_cidr_allowlist": None, "encrypted_ports": (), "h2_ports": (),
-                "unencrypted_ports": (), "custom_domain": None, "proxy": None,
+                "outbound_cidr_allowlist": None, "inbound_cidr_allowlist": None,
+                "custom_domain": None, "proxy": None,
                 "include_oidc_identity_token": False, "experimental_options": None,
-                "pty_info": None, "cidr_allowlist": None}
+                "pty_info": None}
     bad = sorted(k for k, d in defaults.items() if given[k] not in (d, None, (), [], {}, False))
     if bad:
         raise InvalidError(f"Sandbox.create: {', '.join(bad)} not supported by shoal "
@@ -137,6 +136,11 @@ class _Sandbox:
         cpu: float | tuple[float, float] | None = None,
         memory: int | tuple[int, int] | None = None,
         block_network: bool = False,
+        cidr_allowlist: Sequence[str] | None = None,
+        encrypted_ports: Sequence[int] = (),
+        unencrypted_ports: Sequence[int] = (),
+        h2_ports: Sequence[int] = (),
+        outbound_domain_allowlist: Sequence[str] | None = None,
         readiness_probe: _Probe | None = None,
         pty: bool = False,
         verbose: bool = False,
@@ -146,11 +150,7 @@ class _Sandbox:
         region: str | Sequence[str] | None = None,
         runtime: str | None = None,
         outbound_cidr_allowlist: Sequence[str] | None = None,
-        outbound_domain_allowlist: Sequence[str] | None = None,
         inbound_cidr_allowlist: Sequence[str] | None = None,
-        encrypted_ports: Sequence[int] = (),
-        h2_ports: Sequence[int] = (),
-        unencrypted_ports: Sequence[int] = (),
         custom_domain: str | None = None,
         proxy=None,
         include_oidc_identity_token: bool = False,
@@ -158,7 +158,6 @@ class _Sandbox:
         client=None,
         environment_name: str | None = None,
         pty_info=None,
-        cidr_allowlist: Sequence[str] | None = None,
         **unsupported,
     ) -> "_Sandbox":
         """Start a sandbox. With `args`, they run as its entrypoint and the sandbox ends when they
@@ -166,6 +165,13 @@ class _Sandbox:
 
         Raises InvalidError for a bad argument, NotFoundError for a missing volume, app or image,
         AlreadyExistsError when `name` is taken by a running sandbox of the app.
+
+        Network (docs/network.md): by default the sandbox reaches the internet through NAT, never
+        the host, other sandboxes, link-local/metadata or the operator's private networks.
+        `block_network=True`: loopback only. `cidr_allowlist=["203.0.113.0/24"]`: only those
+        IPv4 networks (plus DNS to shoal's resolvers); a bad CIDR raises InvalidError.
+        `encrypted_ports` / `unencrypted_ports` / `h2_ports`: ports reachable through
+        `tunnels()`.
         """
         check_client(client, environment_name)
         _refuse_create(locals())
@@ -214,7 +220,13 @@ class _Sandbox:
             "readiness_probe": readiness_probe._spec if readiness_probe else None,
             "mounts": [o._mount_spec(p) for p, o in vols + nfss],
             "resources": {"cpu": cpu, "memory": memory},
-            "block_network": True,
+            "block_network": bool(block_network),
+            "cidr_allowlist": list(cidr_allowlist) if cidr_allowlist is not None else None,
+            "outbound_domain_allowlist": (list(outbound_domain_allowlist)
+                                          if outbound_domain_allowlist is not None else None),
+            "encrypted_ports": list(encrypted_ports),
+            "unencrypted_ports": list(unencrypted_ports),
+            "h2_ports": list(h2_ports),
         }
         output.emit("creating sandbox")
         client = await get_client()
@@ -407,6 +419,18 @@ class _Sandbox:
     async def get_tags(self) -> dict[str, str]:
         client = await get_client()
         return (await client.call("GET", f"/sandboxes/{self._sandbox_id}"))["tags"]
+
+    async def tunnels(self, timeout: float = 50) -> dict[int, Tunnel]:
+        """The tunnels of the ports given at create (`encrypted_ports`, `unencrypted_ports`,
+        `h2_ports`), by sandbox port. They exist once create returns; `timeout` is accepted for
+        Modal compatibility. SandboxTerminatedError if the sandbox has ended.
+
+            t = sb.tunnels()[8000]
+            print(t.url)                # https://127.0.0.1:40123
+        """
+        client = await get_client()
+        r = await client.call("GET", f"/sandboxes/{self._sandbox_id}/tunnels")
+        return {int(p): Tunnel(**t) for p, t in r["tunnels"].items()}
 
     async def wait_until_ready(self, *, timeout: float = 300) -> None:
         """Wait for the readiness probe given at create to pass (at once without one). Raises

@@ -111,6 +111,16 @@ def status() -> None:
     click.echo(json.dumps(info, indent=1))
 
 
+
+@main.command()
+def ca() -> None:
+    """Print the path of the local CA certificate that encrypted tunnels' certificates come
+    from (created on first use), so a client can trust it: `curl --cacert "$(shoal ca)" URL`."""
+    from shoal.server.network.ca import ensure_ca
+
+    click.echo(str(ensure_ca(config.paths().home / "ca")))
+
+
 from shoal.cli.storage import make_group  # noqa: E402
 
 main.add_command(make_group("volume"))

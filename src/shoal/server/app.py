@@ -32,6 +32,7 @@ from shoal.server.routes import kv
 from shoal.server.storage.state import KvStore
 from shoal.server.control.sandboxes import SandboxService
 from shoal.server.control.volumes import VolumeService
+from shoal.server.network import NetworkConfig, NetworkManager
 from shoal.server.storage.state import SqliteStore
 from shoal.server.storage.volumes import LocalVolumeStorage
 
@@ -55,6 +56,7 @@ class Services:
     sandboxes: SandboxService
     images: ImageService
     kv: KvService | None = None  # Dicts and Queues
+    network: NetworkManager | None = None
 
 
 def build_services(paths: Paths) -> Services:
@@ -64,10 +66,13 @@ def build_services(paths: Paths) -> Services:
     storage.remove_leftovers()
     vols = VolumeService(store, storage)
     tools_dir, _ = tools.prepare(paths.home / "tools")
-    images = ImageService(paths.images, RuncRuntime(paths.runc_root), tools_dir)
-    host = RuncHost(paths.sandboxes, paths.runc_root, tools_dir)
+    # SHOAL_NET=off: no sandbox networking (only block_network=True sandboxes can be created).
+    network = (None if os.environ.get("SHOAL_NET", "on") == "off"
+               else NetworkManager(NetworkConfig.from_env(paths.home)))
+    images = ImageService(paths.images, RuncRuntime(paths.runc_root), tools_dir, network)
+    host = RuncHost(paths.sandboxes, paths.runc_root, tools_dir, network)
     sbx = SandboxService(store, host, vols, images, pool.parse_sizes(None))
-    return Services(store, vols, sbx, images, KvService(KvStore(paths.db)))
+    return Services(store, vols, sbx, images, KvService(KvStore(paths.db)), network)
 
 
 def _error(status: int, type_name: str, message: str, errno: int | None = None) -> JSONResponse:
@@ -83,6 +88,8 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
     async def lifespan(app: FastAPI):
         svc = build_services(paths)
         app.state.svc = svc
+        if svc.network:
+            await svc.network.start()
         await svc.sandboxes.start()
         svc.volumes.reap()
         task = asyncio.ensure_future(_upkeep(svc, upkeep_interval))
@@ -94,6 +101,8 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await svc.sandboxes.close()
+            if svc.network:
+                await svc.network.shutdown()
             if not svc.sandboxes.live:
                 remove_cgroup_parent()
             svc.store.close()

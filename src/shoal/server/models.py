@@ -94,7 +94,16 @@ class CreateSandbox(BaseModel):
     readiness_probe: ProbeSpec | None = None
     mounts: list[MountSpec] = Field(default_factory=list)
     resources: Resources = Field(default_factory=Resources)
-    block_network: bool = True
+    # Network (Modal's names; docs/network.md).
+    block_network: bool = Field(False, description="only loopback (unless ports are exposed)")
+    cidr_allowlist: list[str] | None = Field(
+        None, description="outbound only to these IPv4 CIDRs (plus DNS); None: everywhere "
+                          "public")
+    outbound_domain_allowlist: list[str] | None = Field(None, description="not supported yet")
+    encrypted_ports: list[int] = Field(default_factory=list, description="TLS tunnels")
+    unencrypted_ports: list[int] = Field(default_factory=list,
+                                         description="TLS and raw TCP tunnels")
+    h2_ports: list[int] = Field(default_factory=list, description="TLS tunnels offering h2")
 
 
 class SandboxInfo(BaseModel):
@@ -106,6 +115,17 @@ class SandboxInfo(BaseModel):
     created_at: float
     returncode: int | None
     end_reason: str | None
+
+
+class TunnelModel(BaseModel):
+    host: str
+    port: int
+    unencrypted_host: str | None = None
+    unencrypted_port: int | None = None
+
+
+class TunnelsInfo(BaseModel):
+    tunnels: dict[int, TunnelModel] = Field(description="by sandbox port")
 
 
 class TagsBody(BaseModel):

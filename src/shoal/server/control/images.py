@@ -29,10 +29,10 @@ DEFAULT_RECIPE = {"base": {"kind": "debian_slim"}, "steps": []}
 
 
 class ImageService:
-    def __init__(self, store_root: Path, runtime, tools_dir: Path):
+    def __init__(self, store_root: Path, runtime, tools_dir: Path, network=None):
         self.store = ImageStore(store_root)
         self.store.clean_scratch()
-        self.builder = Builder(self.store, runtime, tools_dir, store_root)
+        self.builder = Builder(self.store, runtime, tools_dir, store_root, network)
         self.registry = RegistryPuller(self.store)
         self.base_mu = asyncio.Lock()
 

@@ -45,8 +45,9 @@ def parse_sizes(text: str | None) -> dict[str, int]:
 
 
 class WarmPool:
-    def __init__(self, host: SandboxHost, images, sizes: dict[str, int]):
+    def __init__(self, host: SandboxHost, images, sizes: dict[str, int], network=None):
         self.host = host
+        self.network = network  # the network policy pooled sandboxes get (a default request's)
         self.images = images
         self.sizes = sizes
         self.idle: dict[str, list[str]] = {key: [] for key in sizes}  # image key -> sandbox ids
@@ -82,7 +83,8 @@ class WarmPool:
         try:
             await self.host.create(SandboxSpec(
                 id=sid, layers=layers, args=[], env=dict(image.config.env),
-                workdir=image.config.workdir or "/", user=image.config.user))
+                workdir=image.config.workdir or "/", user=image.config.user,
+                network=self.network))
         except BaseException:
             self.members.discard(sid)
             raise

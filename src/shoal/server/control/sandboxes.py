@@ -34,6 +34,7 @@ from shoal.server.host.base import (ExecSpec, HostError, HostEvent, SandboxGone,
 from shoal.server.host.oci import Limits, Mount
 from shoal.server.control.pool import WarmPool
 from shoal.server.models import CreateSandbox, ExecRequest, Resources
+from shoal.server.network import TunnelInfo, validate_policy
 from shoal.server.storage.state import MountRecord, SandboxRecord, StateStore
 
 log = logging.getLogger("shoal.sandboxes")
@@ -46,6 +47,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
 LOG_RETENTION = 3600.0  # seconds an ended sandbox's output stays readable
 EXEC_RETENTION = 600.0  # seconds a finished exec's output stays readable
 STREAMS = ("stdout", "stderr")
+DEFAULT_POLICY = validate_policy(False, None)  # Modal's default: outbound network, no ports
 
 
 def check_workdir(path: str) -> str:
@@ -109,7 +111,9 @@ class SandboxService:
         self.ended: dict[str, asyncio.Event] = {}  # set when a sandbox ends; for waiters
         self.execs: dict[str, ExecRecord] = {}
         self.tasks: set[asyncio.Task] = set()
-        self.pool = WarmPool(host, images, pool_sizes) if pool_sizes else None
+        self.pool = (WarmPool(host, images, pool_sizes,
+                              DEFAULT_POLICY if host.has_network else None)
+                     if pool_sizes else None)
 
     # --- owned background work
     def _spawn(self, coro: Coroutine, name: str) -> asyncio.Task:
@@ -226,6 +230,12 @@ class SandboxService:
 
     async def create(self, req: CreateSandbox) -> SandboxRecord:
         self._validate(req)
+        policy = validate_policy(req.block_network, req.cidr_allowlist, req.encrypted_ports,
+                                 req.unencrypted_ports, req.h2_ports,
+                                 req.outbound_domain_allowlist)
+        if policy is not None and not self.host.has_network:
+            raise InvalidError("this server runs without sandbox networking (SHOAL_NET=off): "
+                               "pass block_network=True")
         if self.store.app_get(req.app_id) is None:
             raise NotFoundError(f"app {req.app_id} not found")
         if req.name and self.store.sandbox_running_by_name(req.app_id, req.name):
@@ -241,7 +251,8 @@ class SandboxService:
             args = [*image.config.entrypoint, *args]
 
         # A warm sandbox serves a request that asks for nothing it was not started with.
-        fits = not args and not req.mounts and req.resources == Resources()
+        fits = (not args and not req.mounts and req.resources == Resources()
+                and policy == (DEFAULT_POLICY if self.host.has_network else None))
         pooled = self.pool.claim(image.id, fits) if self.pool is not None else None
         sid = pooled or new_id("sb")
         now = time.time()
@@ -260,7 +271,8 @@ class SandboxService:
             limits=Limits(memory_mib=req.resources.memory or Limits.memory_mib,
                           cpu=req.resources.cpu, pids=req.resources.pids or Limits.pids),
             mounts=[Mount(str(self.volumes.storage.host_path(v.id)), posixpath.normpath(m.path),
-                          m.read_only) for m, v in vols])
+                          m.read_only) for m, v in vols],
+            network=policy)
         try:
             if pooled is None:
                 await self.host.create(hspec)
@@ -602,6 +614,7 @@ class SandboxService:
             if orphan.startswith("sb-"):
                 await self.host.kill(orphan)
                 await self.host.destroy(orphan)
+        await self.host.settle(set(self.live))
         await self.collect_logs(startup=True)
 
     async def collect_logs(self, startup: bool = False) -> None:
@@ -615,6 +628,11 @@ class SandboxService:
             if (rec is None and startup) or (rec is not None and rec.state != "running"
                                              and (rec.ended_at or 0) < cutoff):
                 await self.host.forget(sid)
+
+    async def tunnels(self, sandbox_id: str) -> dict[int, TunnelInfo]:
+        self._running(sandbox_id)
+        with self._gone_as_terminated(sandbox_id):
+            return await self.host.tunnels(sandbox_id)
 
     def layers_in_use(self) -> tuple[set[str], set[str]]:
         """(layer ids, image ids) of running sandboxes: never pruned or removed."""

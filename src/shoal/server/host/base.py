@@ -55,6 +55,7 @@ class SandboxSpec:
     mounts: list[Mount] = field(default_factory=list)
     hostname: str = "sandbox"
     log_limit: int = 64 << 20  # bytes of entrypoint output kept per stream
+    network: object | None = None  # a shoal.server.network.Policy; None: loopback only
 
 
 @dataclass
@@ -81,6 +82,7 @@ class HostEvent:
 
 class SandboxHost(Protocol):
     name: str
+    has_network: bool  # whether it can give sandboxes a network (SandboxSpec.network)
 
     # --- life
     async def create(self, spec: SandboxSpec) -> None:
@@ -107,6 +109,12 @@ class SandboxHost(Protocol):
 
     async def forget(self, sandbox_id: str) -> None:
         """Remove an ended sandbox's last traces (its logs)."""
+
+    async def settle(self, live: set[str]) -> None:
+        """After a restart's reconcile: release what no sandbox in `live` owns (networks, ...)."""
+
+    async def tunnels(self, sandbox_id: str) -> dict:
+        """The sandbox's port tunnels: {sandbox port: shoal.server.network.TunnelInfo}."""
 
     async def upkeep(self) -> None:
         """Periodic housekeeping (reaping the runtime's stray processes, ...)."""

@@ -45,6 +45,7 @@ def _fail(argv: list[str]) -> tuple[bytes, bytes, int]:
 
 class FakeHost:
     name = "fake"
+    has_network = True  # accepts any policy; no packets move
 
     def __init__(self) -> None:
         self.boxes: dict[str, _FakeSandbox] = {}
@@ -109,6 +110,13 @@ class FakeHost:
 
     async def upkeep(self) -> None:
         pass
+
+    async def settle(self, live: set[str]) -> None:
+        pass
+
+    async def tunnels(self, sandbox_id: str) -> dict:
+        self._box(sandbox_id)
+        return {}
 
     async def close(self) -> None:
         pass

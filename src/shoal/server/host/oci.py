@@ -83,7 +83,10 @@ class ContainerSpec:
     mounts: list[Mount] = field(default_factory=list)
     limits: Limits = field(default_factory=Limits)
     tools_dir: str = ""  # host dir with `init` (and `busybox`), mounted read-only at /.shoal
-    network: str = "none"  # "none": own namespace, loopback only; "host": image builds only
+    # A network namespace to join (/run/netns/..., made by shoal.server.network); None: a fresh
+    # one with only loopback.
+    netns_path: str | None = None
+    net_raw: bool = True  # CAP_NET_RAW (ping); image builds run without it
     user: tuple[int, int] = (0, 0)  # uid, gid of the process
     init: bool = True  # start `args` under the static tini; False: args[0] is its own init
 
@@ -159,12 +162,10 @@ def build_config(spec: ContainerSpec, cgroups_path: str) -> dict:
         mounts.append({"destination": m.destination, "type": "bind", "source": m.source,
                        "options": opts})
 
-    caps = list(DEFAULT_CAPABILITIES)
-    namespaces = ["pid", "ipc", "uts", "mount"]
-    if spec.network == "none":
-        namespaces.append("network")
-    elif spec.network != "host":
-        raise ValueError(f"network must be 'none' or 'host', not {spec.network!r}")
+    caps = [c for c in DEFAULT_CAPABILITIES if spec.net_raw or c != "CAP_NET_RAW"]
+    namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    namespaces.append({"type": "network", "path": spec.netns_path} if spec.netns_path
+                      else {"type": "network"})
     return {
         "ociVersion": "1.0.2",
         "process": {
@@ -183,7 +184,7 @@ def build_config(spec: ContainerSpec, cgroups_path: str) -> dict:
         "hostname": spec.hostname,
         "mounts": mounts,
         "linux": {
-            "namespaces": [{"type": t} for t in namespaces],
+            "namespaces": namespaces,
             "cgroupsPath": cgroups_path,
             "resources": resources,
             "seccomp": seccomp_profile(),

@@ -69,8 +69,10 @@ class _Sandbox:
 class RuncHost:
     name = "runc"
 
-    def __init__(self, root: Path, runc_root: Path, tools_dir: Path):
-        self.root = root  # sandboxes/<id>/: rootfs, bundle, run/, logs
+    def __init__(self, root: Path, runc_root: Path, tools_dir: Path, network=None):
+        self.root = root
+        self.network = network  # a shoal.server.network.NetworkManager, or None: loopback only
+        self.has_network = network is not None  # sandboxes/<id>/: rootfs, bundle, run/, logs
         self.runtime = RuncRuntime(runc_root)
         self.tools_dir = tools_dir
         self.files = SandboxFiles()
@@ -99,6 +101,11 @@ class RuncHost:
                 mounts=[*spec.mounts, Mount(str(run_dir), f"{tools.MOUNT_POINT}/run",
                                             read_only=False)],
                 tools_dir=str(self.tools_dir), user=(0, 0), init=False)
+            if spec.network is not None:
+                att = await self.network.attach(spec.id, spec.network)
+                cspec.netns_path = att.netns_path
+                if att.resolv_conf:
+                    cspec.mounts.append(Mount(str(att.resolv_conf), "/etc/resolv.conf", True))
             stdin_r, sb.stdin_fd = os.pipe()
             os.set_blocking(sb.stdin_fd, False)
             stdout = os.open(sdir / "stdout", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -112,6 +119,8 @@ class RuncHost:
             sb.memory_cgroup = _memory_cgroup(sb.pid)
             self._watch(sb)
             await self._first_contact(sb)
+            if spec.network is not None and spec.network.ports:
+                await self.network.open_tunnels(spec.id, spec.network.ports)
         except BaseException:
             await self.kill(spec.id)
             await self.destroy(spec.id)
@@ -227,6 +236,11 @@ class RuncHost:
             await self.runtime.delete(sandbox_id)
         except RuntimeError_ as e:
             log.warning("delete %s: %s", sandbox_id, e)
+        if self.network is not None:
+            try:
+                await self.network.detach(sandbox_id)
+            except Exception:
+                log.exception("releasing the network of %s", sandbox_id)
         sdir = self.root / sandbox_id
         await asyncio.to_thread(_remove_sandbox_files, sdir)
 
@@ -241,6 +255,14 @@ class RuncHost:
 
     async def sandbox_logs(self) -> set[str]:
         return {p.name for p in self.root.iterdir()}
+
+    async def settle(self, live: set[str]) -> None:
+        if self.network is not None:
+            await self.network.reconcile(live)
+
+    async def tunnels(self, sandbox_id: str) -> dict:
+        self._running(sandbox_id)
+        return self.network.tunnels_of(sandbox_id) if self.network is not None else {}
 
     async def upkeep(self) -> None:
         await asyncio.to_thread(_reap_runc_strays)

@@ -2,9 +2,10 @@
 
 A recipe is a base (the default Debian image, a registry image, or an existing image) and steps.
 Each step that changes files runs in a build sandbox — the same runtime and isolation as user
-sandboxes, except that it shares the host's network so it can reach the package registries, with
-the host's resolv.conf and CA bundle bind-mounted read-only (so they never land in the layer) — and
-its overlay upper directory becomes the layer. Steps that only change configuration (env, workdir,
+sandboxes: its own network namespace with NAT'd outbound access (shoal.server.network, the default
+policy, no CAP_NET_RAW) so it can reach the package registries, never the host's network; shoal's
+resolv.conf and the host's CA bundle are bind-mounted read-only (so they never land in the layer) —
+and its overlay upper directory becomes the layer. Steps that only change configuration (env, workdir,
 entrypoint, user) make no layer.
 
 A step's cache key hashes its parent's key and its full definition (the content digest of files
@@ -31,6 +32,7 @@ from shoal.server.host import tools
 from shoal.server.host.oci import ContainerSpec, Limits, Mount
 from shoal.server.host.users import resolve_user
 from shoal.server.host.rootfs import Rootfs
+from shoal.server.network import NetworkManager, Policy
 
 Log = Callable[[str], None]
 STEP_TIMEOUT = float(os.environ.get("SHOAL_BUILD_TIMEOUT", "1800"))
@@ -111,7 +113,9 @@ def step_command(step: dict) -> str:
 
 
 class Builder:
-    def __init__(self, store: ImageStore, runtime, tools_dir: Path, base_store: Path):
+    def __init__(self, store: ImageStore, runtime, tools_dir: Path, base_store: Path,
+                 network: NetworkManager | None = None):
+        self.network = network  # None: build steps have only loopback
         self.store = store
         self.runtime = runtime
         self.tools_dir = tools_dir
@@ -205,9 +209,11 @@ class Builder:
                    "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_BREAK_SYSTEM_PACKAGES": "1",
                    **(step.get("secret_env") or {})}
             mounts = []
-            if Path("/etc/resolv.conf").exists():
-                mounts.append(Mount(os.path.realpath("/etc/resolv.conf"), "/etc/resolv.conf",
-                                    read_only=True))
+            netns = None
+            if self.network is not None:
+                att = await self.network.attach(cid, Policy())
+                netns = att.netns_path
+                mounts.append(Mount(str(att.resolv_conf), "/etc/resolv.conf", read_only=True))
             if Path(CA_BUNDLE).exists():
                 ca = f"{BUILD_MOUNT}/ca.crt"
                 mounts.append(Mount(CA_BUNDLE, ca, read_only=True))
@@ -216,7 +222,8 @@ class Builder:
             spec = ContainerSpec(id=cid, rootfs=str(merged), args=["/bin/sh", "-c", command],
                                  env=env, cwd=config.workdir or "/", mounts=mounts,
                                  limits=Limits(memory_mib=8192, pids=8192),
-                                 tools_dir=str(self.tools_dir), network="host", user=user)
+                                 tools_dir=str(self.tools_dir), netns_path=netns, net_raw=False,
+                                 user=user)
             log(f"  $ {command}")
             proc = await self.runtime.run(spec, work / "bundle", asyncio.subprocess.PIPE,
                                           asyncio.subprocess.STDOUT)
@@ -241,6 +248,8 @@ class Builder:
             _strip_build_traces(rootfs.upper)
             self.store.commit_layer(layer_id, rootfs.upper, {"step": _cache_view(step)})
         finally:
+            if self.network is not None:
+                await self.network.detach(cid)
             rootfs.unmount()
             import shutil
 

@@ -9,6 +9,7 @@ from fastapi.responses import StreamingResponse
 from shoal.exception import Error, InvalidError
 from shoal.server.models import (CreateSandbox, ExecRequest, SandboxInfo, TagsBody,
                                  WaitResult)
+from shoal.server.models import TunnelModel, TunnelsInfo
 from shoal.server.storage.state import SandboxRecord
 
 router = APIRouter(tags=["sandboxes"])
@@ -163,3 +164,9 @@ async def sandbox_ready(sandbox_id: str, request: Request,
 @router.post("/sandboxes/{sandbox_id}/snapshot")
 async def sandbox_snapshot(sandbox_id: str, request: Request) -> dict:
     return {"image_id": await _svc(request).snapshot(sandbox_id)}
+
+
+@router.get("/sandboxes/{sandbox_id}/tunnels", response_model=TunnelsInfo)
+async def sandbox_tunnels(sandbox_id: str, request: Request) -> TunnelsInfo:
+    found = await _svc(request).tunnels(sandbox_id)
+    return TunnelsInfo(tunnels={p: TunnelModel(**vars(t)) for p, t in found.items()})
