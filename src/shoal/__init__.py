@@ -25,6 +25,7 @@ from shoal.sandbox_fs import FileInfo, FileType, SandboxFilesystem
 from shoal.secret import Secret
 from shoal.stream_type import StreamType
 from shoal.volume import FileEntry, FileEntryType, Volume
+from shoal.cloud_bucket_mount import CloudBucketMount  # issue 12
 
 __version__ = "0.1.0"
 
@@ -32,4 +33,5 @@ __all__ = [
     "App", "ContainerProcess", "FileEntry", "FileEntryType", "FileIO", "FileInfo", "FileType",
     "Image", "NetworkFileSystem", "Probe", "Sandbox", "SandboxFilesystem", "Secret", "StreamReader", "StreamType", "StreamWriter", "Volume", "enable_output",
     "exception",
+    "CloudBucketMount",
 ]

@@ -24,6 +24,9 @@ from shoal.server.host import tools
 from shoal.server.host.runc import RuncRuntime, remove_cgroup_parent
 from shoal.server.control.images import ImageService
 from shoal.server.routes import apps, files, images, sandboxes, volumes
+from shoal.server.routes import secrets as secret_routes
+from shoal.server.control.secrets import SecretService
+from shoal.server.storage.buckets import BucketMounts
 from shoal.server.control.sandboxes import SandboxService
 from shoal.server.control.volumes import VolumeService
 from shoal.server.storage.state import SqliteStore
@@ -47,6 +50,8 @@ class Services:
     volumes: VolumeService
     sandboxes: SandboxService
     images: ImageService
+    secrets: SecretService | None = None
+    buckets: BucketMounts | None = None
 
 
 def build_services(paths: Paths) -> Services:
@@ -59,7 +64,12 @@ def build_services(paths: Paths) -> Services:
     tools_dir, _ = tools.prepare(paths.home / "tools")
     images = ImageService(paths.images, runtime, tools_dir)
     sbx = SandboxService(store, runtime, vols, images, paths.sandboxes, tools_dir)
-    return Services(store, vols, sbx, images)
+    # Named secrets and bucket mounts (issue 12): attached, so the constructors stay as they are.
+    secrets_svc = SecretService(store, paths.db)
+    buckets = BucketMounts(paths.home / "buckets")
+    sbx.secrets = images.secrets = secrets_svc
+    sbx.buckets = buckets
+    return Services(store, vols, sbx, images, secrets_svc, buckets)
 
 
 def _error(status: int, type_name: str, message: str, errno: int | None = None) -> JSONResponse:
@@ -92,7 +102,8 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
 
     app = FastAPI(title="shoal", version=API_VERSION, lifespan=lifespan,
                   description="Control plane of shoal: sandboxes, volumes, network file systems.")
-    for router in (apps.router, sandboxes.router, files.router, volumes.router, images.router):
+    for router in (apps.router, sandboxes.router, files.router, volumes.router, images.router,
+                   secret_routes.router):
         app.include_router(router)
 
     @app.get("/health", tags=["server"])

@@ -131,6 +131,21 @@ class SandboxService:
         self.files = SandboxFiles(lambda sid: self.runtime.open_root(self._running(sid).pid))
         self.root.mkdir(parents=True, exist_ok=True)
 
+    # --- named secrets and bucket mounts (issue 12): set by the app after construction
+    secrets = None  # control.secrets.SecretService
+    buckets = None  # storage.buckets.BucketMounts
+
+    def _secret_env(self, secret_ids: list[str]) -> dict[str, str]:
+        return self.secrets.resolve(secret_ids) if self.secrets and secret_ids else {}
+
+    async def _mount_buckets(self, sid: str, req: CreateSandbox) -> list[Mount]:
+        if not req.bucket_mounts:
+            return []
+        if self.buckets is None:
+            raise InvalidError("this server has no bucket support")
+        return await self.buckets.mount_all(sid, req.bucket_mounts, self._secret_env)
+    # --- end named secrets and bucket mounts
+
     # --- queries
     def get(self, sandbox_id: str) -> SandboxRecord:
         rec = self.store.sandbox_get(sandbox_id)
@@ -185,7 +200,7 @@ class SandboxService:
         if r.pids is not None and r.pids < 8:
             raise InvalidError(f"pids must be at least 8, got {r.pids}")
         seen = set()
-        for m in req.mounts:
+        for m in [*req.mounts, *req.bucket_mounts]:
             path = check_abs_path(m.path, "mount path")
             if path == "/":
                 raise InvalidError("a volume cannot be mounted at '/'")
@@ -205,7 +220,7 @@ class SandboxService:
         vols = [(m, self.volumes.get(m.volume_id)) for m in req.mounts]
         image = self.images.manifest(req.image_id) if req.image_id else await self.images.default()
         layers = await self.images.mount_layers(image)
-        env = {**image.config.env, **req.env}
+        env = {**image.config.env, **self._secret_env(req.secret_ids), **req.env}
         workdir = req.workdir or image.config.workdir
         args = list(req.args)
         if args and image.config.entrypoint:
@@ -216,7 +231,7 @@ class SandboxService:
         sdir.mkdir(parents=True)
         rootfs = Rootfs(sdir)
         now = time.time()
-        spec = {**req.model_dump(), "env": env, "workdir": workdir, "image_id": image.id,
+        spec = {**req.model_dump(exclude={"bucket_mounts": {"__all__": {"secret_env"}}}), "env": env, "workdir": workdir, "image_id": image.id,
                 "layers": image.layers}
         rec = SandboxRecord(id=sid, app_id=req.app_id, name=req.name, state="running", spec=spec,
                             created_at=now, deadline=now + req.timeout, tags=dict(req.tags))
@@ -227,6 +242,7 @@ class SandboxService:
         self.live[sid] = live
         stdin_r = stdout = stderr = -1
         try:
+            buckets = await self._mount_buckets(sid, req)  # fails before anything runs
             merged = rootfs.mount(layers)
             try:
                 user = resolve_user(merged, image.config.user)
@@ -241,7 +257,8 @@ class SandboxService:
                 id=sid, rootfs=str(merged), args=args or self.idle_args,
                 env=env, cwd=workdir or "/", limits=limits,
                 mounts=[Mount(str(self.volumes.storage.host_path(v.id)),
-                              posixpath.normpath(m.path), m.read_only) for m, v in vols],
+                              posixpath.normpath(m.path), m.read_only) for m, v in vols]
+                + buckets,
                 tools_dir=str(self.tools_dir), user=user)
             # The workdir is created by runc, inside the container's root: never on the host,
             # where the image's absolute symlinks (/var/run -> /run) would lead out of it.
@@ -321,6 +338,8 @@ class SandboxService:
             await self.runtime.delete(live.id)
         except Exception:
             log.exception("deleting container %s", live.id)
+        if self.buckets:
+            await self.buckets.unmount_all(live.id)
         live.rootfs.destroy()
         shutil.rmtree(live.dir / "bundle", ignore_errors=True)
         live.exited.set()
@@ -483,7 +502,7 @@ class SandboxService:
             raise InvalidError("stdout must be 'pipe' or 'devnull'; stderr 'pipe', 'devnull' or "
                                "'stdout'")
         spec = self.get(sandbox_id).spec
-        env = {**spec.get("env", {}), **req.env}
+        env = {**spec.get("env", {}), **self._secret_env(req.secret_ids), **req.env}
         workdir = req.workdir or spec.get("workdir") or "/"
         eid = new_id("ex")
         pid_file = live.dir / f"exec-{eid}.pid"
@@ -626,6 +645,8 @@ class SandboxService:
             if orphan.startswith("sb-"):
                 await self.runtime.kill(orphan, signal.SIGKILL)
                 await self.runtime.delete(orphan)
+        if self.buckets:
+            await self.buckets.reconcile(set(self.live))
         for sdir in self.root.iterdir():
             if sdir.name not in self.live:
                 Rootfs(sdir).destroy()
