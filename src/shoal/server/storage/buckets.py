@@ -32,6 +32,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import re
 import shutil
 import signal
 import time
@@ -202,8 +203,9 @@ class BucketMounts:
             await asyncio.wait_for(asyncio.to_thread(os.listdir, mnt), COMMAND_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as e:
             detail = _scrub((d / "log").read_text(errors="replace"), list(creds.values()))
-            raise ExecutionError(f"bucket {spec.bucket_name!r} does not answer: "
-                                   f"{_explain(detail) or e}") from None
+            where = spec.bucket_endpoint_url or "AWS S3"
+            raise ExecutionError(f"cannot mount bucket {spec.bucket_name!r} at {spec.path} from "
+                                 f"{where}: {_explain(detail) or e}") from None
         return mnt
 
     async def unmount_all(self, sandbox_id: str) -> None:
@@ -252,7 +254,19 @@ class BucketMounts:
 
 def _explain(log_text: str) -> str:
     """The useful line of s3fs's output."""
-    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
+    codes = re.findall(r"<Code>([A-Za-z]+)</Code>", log_text)
+    status = re.findall(r"HTTP response code (\d+)", log_text)
+    if codes:
+        hint = {"InvalidAccessKeyId": "the access key is not known: check the secret's "
+                                      "AWS_ACCESS_KEY_ID",
+                "SignatureDoesNotMatch": "the credentials were refused: check the secret's "
+                                         "AWS_SECRET_ACCESS_KEY",
+                "AccessDenied": "access denied for these credentials",
+                "NoSuchBucket": "no such bucket"}.get(codes[-1], "")
+        return f"{codes[-1]}{' (HTTP ' + status[-1] + ')' if status else ''}" + \
+            (f": {hint}" if hint else "")
+    lines = [re.sub(r"^\S+Z \[\w+\] \S+ ", "", ln.strip())
+             for ln in log_text.splitlines() if ln.strip()]
     for key in ("credentials", "Forbidden", "403", "AccessDenied", "InvalidAccessKeyId",
                 "SignatureDoesNotMatch", "NoSuchBucket", "404", "Could not connect",
                 "Couldn't connect", "unable to connect", "Timeout", "resolve"):
