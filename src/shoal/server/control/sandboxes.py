@@ -143,7 +143,8 @@ class SandboxService:
             return []
         if self.buckets is None:
             raise InvalidError("this server has no bucket support")
-        return await self.buckets.mount_all(sid, req.bucket_mounts, self._secret_env)
+        return [Mount(*m) for m in
+                await self.buckets.mount_all(sid, req.bucket_mounts, self._secret_env)]
     # --- end named secrets and bucket mounts
 
     # --- queries

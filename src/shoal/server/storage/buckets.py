@@ -41,7 +41,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from shoal.exception import ExecutionError, InvalidError
-from shoal.server.host.oci import Mount
 
 log = logging.getLogger("shoal.buckets")
 
@@ -136,8 +135,10 @@ class BucketMounts:
         self.procs: dict[Path, asyncio.subprocess.Process] = {}
 
     async def mount_all(self, sandbox_id: str, specs: list,
-                        resolve: Callable[[list[str]], dict[str, str]]) -> list[Mount]:
-        """Mount every bucket of a sandbox; the OCI mounts to give the container. On any failure
+                        resolve: Callable[[list[str]], dict[str, str]]
+                        ) -> list[tuple[str, str, bool]]:
+        """Mount every bucket of a sandbox; (host path, sandbox path, read_only) of each, for the
+        runtime to bind in. On any failure
         what was mounted is undone and the error raised (InvalidError for a bad argument,
         ExecutionError when the bucket cannot be reached or the credentials are refused)."""
         mounts = []
@@ -149,7 +150,7 @@ class BucketMounts:
                     env = {**resolve([spec.secret_id]), **env}
                 host = await self._mount_one(self.root / f"{sandbox_id}-{n}", spec,
                                              _credentials(env, spec), env.get("AWS_REGION"))
-                mounts.append(Mount(str(host), os.path.normpath(spec.path), spec.read_only))
+                mounts.append((str(host), os.path.normpath(spec.path), spec.read_only))
         except BaseException:
             await self.unmount_all(sandbox_id)
             raise
