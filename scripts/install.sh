@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(runc tini busybox-static debootstrap docker-registry python3 python3-venv python3-pip ca-certificates procps iproute2 nftables openssl)
+APT_PACKAGES=(runc tini busybox-static debootstrap docker-registry python3 python3-venv python3-pip ca-certificates procps
+  iproute2 nftables openssl  # sandbox networking (docs/network.md)
+  s3fs fuse3)  # CloudBucketMount (docs/buckets.md)
 
 if [ "$(id -u)" != 0 ]; then
   echo "shoal runs containers and mounts file systems: run this as root" >&2

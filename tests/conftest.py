@@ -218,6 +218,7 @@ def leftovers(home: Path, server_may_run: bool = False, only: str | None = None)
     sandboxes = home / "sandboxes"
     for sid in (os.listdir(sandboxes) if sandboxes.exists() else []):
         found += [f"cgroup {c}" for c in Path("/sys/fs/cgroup").glob(f"*/shoal/{sid}")]
+    found += [f"bucket mount process {pid}" for pid in _bucket_mount_processes(home)]
     if only:
         found = [f for f in found if only in f]
     pid_file = home / "server.pid"
@@ -235,6 +236,22 @@ def leftovers(home: Path, server_may_run: bool = False, only: str | None = None)
         except (FileNotFoundError, ValueError):
             pass
     return found
+
+
+def _bucket_mount_processes(home: Path) -> list[int]:
+    """s3fs/rclone processes serving a mount under `home` (bucket mounts end with their sandbox)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and Path(argv[0].decode(errors="replace")).name in ("s3fs", "rclone") \
+                and any(str(home).encode() in a for a in argv):
+            pids.append(int(entry.name))
+    return pids
 
 
 def pytest_sessionfinish(session, exitstatus):

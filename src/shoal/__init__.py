@@ -29,6 +29,7 @@ from shoal.secret import Secret
 from shoal.stream_type import StreamType
 from shoal._tunnel import Tunnel
 from shoal.volume import FileEntry, FileEntryType, Volume
+from shoal.cloud_bucket_mount import CloudBucketMount  # issue 12
 
 __version__ = "0.1.0"
 
@@ -37,4 +38,5 @@ __all__ = [
     "FileInfo", "FileType", "Image", "NetworkFileSystem", "Probe", "Sandbox", "SandboxFilesystem",
     "Secret", "StreamReader", "StreamType", "StreamWriter", "Tunnel", "Volume", "enable_output",
     "exception",
+    "CloudBucketMount",
 ]

@@ -74,6 +74,9 @@ def _build_step(step: dict, env, secrets, force_build: bool) -> dict:
     secret_env = _step_env(env, secrets)
     if secret_env:
         step["secret_env"] = secret_env
+    named = [s for s in secrets or () if getattr(s, "_name", None) is not None]
+    if named:  # values stay on the server, which resolves them at build time; see _resolve
+        step["_secret_names"] = [[s._name, s._required_keys] for s in named]
     if force_build:
         import secrets as _secrets
 
@@ -186,7 +189,9 @@ class _Image:
             raise InvalidError("from_registry(add_python=...) is not supported: shoal does not "
                                "download interpreters; use an image that has Python")
         base = {"kind": "registry", "tag": tag}
-        if secret is not None:
+        if secret is not None and secret._name is not None:
+            base["_secret_name"] = [secret._name, secret._required_keys]  # resolved by the server
+        elif secret is not None:
             env = secret._env_dict()
             base["username"] = env.get("REGISTRY_USERNAME")
             base["password"] = env.get("REGISTRY_PASSWORD")
@@ -556,7 +561,8 @@ class _Image:
         without local files that this process resolved before is not sent again (one round trip
         less per Sandbox.create) unless `fresh`."""
         # Registry tags can move, and local files can change: only those recipes are remembered.
-        remember = not self._local and self._spec["base"].get("kind") != "registry"
+        remember = not self._local and self._spec["base"].get("kind") != "registry" \
+            and "_secret_name" not in json.dumps(self._spec)  # a named secret's values can change
         key = json.dumps(self._spec, sort_keys=True) if remember else None
         if fresh:
             _RESOLVED.pop(key, None)
@@ -569,6 +575,7 @@ class _Image:
             return self._image_id
         client = await get_client()
         spec = json.loads(json.dumps(self._spec))
+        await _secret_names_to_ids(spec)
         blobs: dict[str, bytes] = {}
         for idx, (files, name) in self._local.items():
             data = files.pack() if files.is_dir else _single(files, name)
@@ -668,3 +675,18 @@ def _single(files: _LocalFiles, name: str) -> bytes:
 
 Image = synchronize_api(_Image)
 __all__ = ["Image"]
+
+
+async def _secret_names_to_ids(spec: dict) -> None:
+    """Named secrets of a recipe become ids, looked up now (NotFoundError, InvalidError for
+    missing required keys); the server resolves their values."""
+    from shoal.secret import _Secret
+
+    async def ids(pairs):
+        return [await _Secret(name=n, required_keys=keys)._id() for n, keys in pairs]
+
+    for step in spec["steps"]:
+        if "_secret_names" in step:
+            step["secret_ids"] = await ids(step.pop("_secret_names"))
+    if "_secret_name" in spec["base"]:
+        spec["base"]["secret_id"] = (await ids([spec["base"].pop("_secret_name")]))[0]

@@ -20,7 +20,8 @@ from shoal.sandbox_fs import _SandboxFilesystem, watch_events
 from shoal.image import _Image
 from shoal.io_streams import _StreamReader, _StreamWriter
 from shoal.network_file_system import _NetworkFileSystem
-from shoal.secret import merge_env
+from shoal.cloud_bucket_mount import CloudBucketMount
+from shoal.secret import merge_env, secret_ids
 from shoal.stream_type import StreamType
 from shoal.volume import _Volume
 
@@ -196,7 +197,10 @@ class _Sandbox:
             cpu = cpu[1]  # Modal's (request, limit): shoal enforces the limit
         if isinstance(memory, tuple):
             memory = memory[1]
-        vols = _mounts(volumes or {}, _Volume, "volumes")
+        volumes = dict(volumes or {})  # CloudBucketMounts stand beside volumes (issue 12)
+        buckets = _mounts({p: volumes.pop(p) for p in list(volumes)
+                           if isinstance(volumes[p], CloudBucketMount)}, CloudBucketMount, "volumes")
+        vols = _mounts(volumes, _Volume, "volumes")
         nfss = _mounts(network_file_systems or {}, _NetworkFileSystem, "network_file_systems")
         app = app if app is not None else _App("default")
         if not isinstance(app, _App):
@@ -227,6 +231,8 @@ class _Sandbox:
             "encrypted_ports": list(encrypted_ports),
             "unencrypted_ports": list(unencrypted_ports),
             "h2_ports": list(h2_ports),
+            "secret_ids": await secret_ids(secrets),
+            "bucket_mounts": [await b._mount_spec(p) for p, b in buckets],
         }
         output.emit("creating sandbox")
         client = await get_client()
@@ -367,6 +373,7 @@ class _Sandbox:
             "timeout": timeout,
             "stdout": stdout.wire(),
             "stderr": stderr.wire(),
+            "secret_ids": await secret_ids(secrets),
         }
         return await _ContainerProcess._start(self._sandbox_id, body, text)
 

@@ -126,6 +126,10 @@ from shoal.cli.storage import make_group  # noqa: E402
 main.add_command(make_group("volume"))
 main.add_command(make_group("nfs"))
 
+from shoal.cli.secrets import secret  # noqa: E402
+
+main.add_command(secret)
+
 
 @main.group()
 def image() -> None:

@@ -30,6 +30,9 @@ from shoal.server.control import pool
 from shoal.server.control.kv import KvService
 from shoal.server.routes import kv
 from shoal.server.storage.state import KvStore
+from shoal.server.routes import secrets as secret_routes
+from shoal.server.control.secrets import SecretService
+from shoal.server.storage.buckets import BucketMounts
 from shoal.server.control.sandboxes import SandboxService
 from shoal.server.control.volumes import VolumeService
 from shoal.server.network import NetworkConfig, NetworkManager
@@ -57,6 +60,8 @@ class Services:
     images: ImageService
     kv: KvService | None = None  # Dicts and Queues
     network: NetworkManager | None = None
+    secrets: SecretService | None = None
+    buckets: BucketMounts | None = None
 
 
 def build_services(paths: Paths) -> Services:
@@ -72,7 +77,13 @@ def build_services(paths: Paths) -> Services:
     images = ImageService(paths.images, RuncRuntime(paths.runc_root), tools_dir, network)
     host = RuncHost(paths.sandboxes, paths.runc_root, tools_dir, network)
     sbx = SandboxService(store, host, vols, images, pool.parse_sizes(None))
-    return Services(store, vols, sbx, images, KvService(KvStore(paths.db)), network)
+    # Named secrets and bucket mounts: attached, so the constructors stay as they are.
+    secrets_svc = SecretService(store, paths.db)
+    buckets = BucketMounts(paths.home / "buckets")
+    sbx.secrets = images.secrets = secrets_svc
+    sbx.buckets = buckets
+    return Services(store, vols, sbx, images, KvService(KvStore(paths.db)), network,
+                    secrets_svc, buckets)
 
 
 def _error(status: int, type_name: str, message: str, errno: int | None = None) -> JSONResponse:
@@ -113,7 +124,7 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
     app = FastAPI(title="shoal", version=API_VERSION, lifespan=lifespan,
                   description="Control plane of shoal: sandboxes, volumes, network file systems.")
     for router in (apps.router, sandboxes.router, files.router, volumes.router, images.router,
-                   kv.router):
+                   kv.router, secret_routes.router):
         app.include_router(router)
 
     @app.get("/health", tags=["server"])

@@ -26,6 +26,8 @@ class ImageBase(BaseModel):
     username: str | None = None
     password: str | None = None
     image_id: str | None = Field(None, description="image: build on an existing image")
+    secret_id: str | None = Field(None, description="registry: a named secret with "
+                                  "REGISTRY_USERNAME / REGISTRY_PASSWORD")
 
 
 class ImageStep(BaseModel):
@@ -39,6 +41,7 @@ class ImageStep(BaseModel):
     pre: bool | None = None
     commands: list[str] | None = None
     secret_env: dict[str, str] | None = None
+    secret_ids: list[str] | None = Field(None, description="named secrets; secret_env wins")
     env: dict[str, str] | None = None
     path: str | None = None
     blob: str | None = Field(None, description="add_local: sha256 of the uploaded tar")
@@ -81,6 +84,41 @@ class ProbeSpec(BaseModel):
     interval_ms: int = 100
 
 
+# --- secrets and bucket mounts (issue 12)
+class SecretCreate(BaseModel):
+    name: str
+    env: dict[str, str]
+    force: bool = Field(False, description="replace the values of an existing secret")
+
+
+class SecretLookup(BaseModel):
+    name: str
+    required_keys: list[str] = Field(default_factory=list)
+
+
+class SecretInfo(BaseModel):
+    secret_id: str
+    name: str
+    created_at: float
+    updated_at: float
+    keys: list[str] = Field(description="names of the variables; values are never returned")
+
+
+class BucketMountSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="absolute path inside the sandbox")
+    bucket_name: str
+    bucket_endpoint_url: str | None = None
+    key_prefix: str | None = None
+    read_only: bool = False
+    requester_pays: bool = False
+    force_path_style: bool = False
+    secret_id: str | None = Field(None, description="a named secret with AWS_ACCESS_KEY_ID ...")
+    secret_env: dict[str, str] | None = Field(None, description="inline credentials")
+# --- end secrets and bucket mounts
+
+
 class CreateSandbox(BaseModel):
     app_id: str
     args: list[str] = Field(default_factory=list, description="entrypoint; empty = stay up")
@@ -104,6 +142,9 @@ class CreateSandbox(BaseModel):
     unencrypted_ports: list[int] = Field(default_factory=list,
                                          description="TLS and raw TCP tunnels")
     h2_ports: list[int] = Field(default_factory=list, description="TLS tunnels offering h2")
+    secret_ids: list[str] = Field(default_factory=list, description="named secrets, resolved "
+                                  "by the server; `env` overrides them")
+    bucket_mounts: list[BucketMountSpec] = Field(default_factory=list)
 
 
 class SandboxInfo(BaseModel):
@@ -178,6 +219,7 @@ class ExecRequest(BaseModel):
     timeout: float | None = None
     stdout: str = Field("pipe", description="pipe | devnull")
     stderr: str = Field("pipe", description="pipe | devnull | stdout")
+    secret_ids: list[str] = Field(default_factory=list, description="named secrets; `env` wins")
 
 
 class ExecInfo(BaseModel):

@@ -37,7 +37,31 @@ class ImageService:
         self.base_mu = asyncio.Lock()
 
     # --- building
+    secrets = None  # a SecretService, set by the app: resolves named secrets of a recipe
+
+    def _resolve_secrets(self, recipe: dict) -> dict:
+        """Named secrets become the values they name, before the cache key is computed (which
+        sees only a digest of them): `secret_ids` of a step merge under its `secret_env`, a
+        registry base's `secret_id` gives its username and password."""
+        if self.secrets is None:
+            return recipe
+        steps = []
+        for step in recipe.get("steps") or []:
+            if step.get("secret_ids"):
+                step = {**step, "secret_env": {**self.secrets.resolve(step["secret_ids"]),
+                                               **(step.get("secret_env") or {})}}
+            step = {k: v for k, v in step.items() if k != "secret_ids"}
+            steps.append(step)
+        base = dict(recipe.get("base") or {})
+        if base.get("secret_id"):
+            env = self.secrets.resolve([base.pop("secret_id")])
+            base["username"] = env.get("REGISTRY_USERNAME")
+            base["password"] = env.get("REGISTRY_PASSWORD")
+        base.pop("secret_id", None)
+        return {**recipe, "base": base, "steps": steps}
+
     async def build(self, recipe: dict, log_line: Callable[[str], None]) -> Manifest:
+        recipe = self._resolve_secrets(recipe)
         try:
             return await self.builder.build(recipe, log_line, self._resolve_base)
         except (RecipeError, UnsafeLayerError) as e:

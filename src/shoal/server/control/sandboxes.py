@@ -154,6 +154,22 @@ class SandboxService:
             await self.pool.close()
         await self.host.close()
 
+    # --- named secrets and bucket mounts (issue 12): set by the app after construction
+    secrets = None  # control.secrets.SecretService
+    buckets = None  # storage.buckets.BucketMounts
+
+    def _secret_env(self, secret_ids: list[str]) -> dict[str, str]:
+        return self.secrets.resolve(secret_ids) if self.secrets and secret_ids else {}
+
+    async def _mount_buckets(self, sid: str, req: CreateSandbox) -> list[Mount]:
+        if not req.bucket_mounts:
+            return []
+        if self.buckets is None:
+            raise InvalidError("this server has no bucket support")
+        return [Mount(*m) for m in
+                await self.buckets.mount_all(sid, req.bucket_mounts, self._secret_env)]
+    # --- end named secrets and bucket mounts
+
     # --- queries
     def get(self, sandbox_id: str) -> SandboxRecord:
         rec = self.store.sandbox_get(sandbox_id)
@@ -218,7 +234,7 @@ class SandboxService:
         if r.pids is not None and r.pids < 8:
             raise InvalidError(f"pids must be at least 8, got {r.pids}")
         seen = set()
-        for m in req.mounts:
+        for m in [*req.mounts, *req.bucket_mounts]:
             path = check_abs_path(m.path, "mount path")
             if path == "/":
                 raise InvalidError("a volume cannot be mounted at '/'")
@@ -244,20 +260,22 @@ class SandboxService:
         vols = [(m, self.volumes.get(m.volume_id)) for m in req.mounts]
         image = self.images.manifest(req.image_id) if req.image_id else await self.images.default()
         layers = await self.images.mount_layers(image)
-        env = {**image.config.env, **req.env}
+        env = {**image.config.env, **self._secret_env(req.secret_ids), **req.env}
         workdir = req.workdir or image.config.workdir
         args = list(req.args)
         if args and image.config.entrypoint:
             args = [*image.config.entrypoint, *args]
 
         # A warm sandbox serves a request that asks for nothing it was not started with.
-        fits = (not args and not req.mounts and req.resources == Resources()
+        fits = (not args and not req.mounts and not req.bucket_mounts
+                and req.resources == Resources()
                 and policy == (DEFAULT_POLICY if self.host.has_network else None))
         pooled = self.pool.claim(image.id, fits) if self.pool is not None else None
         sid = pooled or new_id("sb")
         now = time.time()
-        spec = {**req.model_dump(), "env": env, "workdir": workdir, "image_id": image.id,
-                "layers": image.layers, "user": image.config.user}
+        spec = {**req.model_dump(exclude={"bucket_mounts": {"__all__": {"secret_env"}}}),
+                "env": env, "workdir": workdir, "image_id": image.id, "layers": image.layers,
+                "user": image.config.user}
         rec = SandboxRecord(id=sid, app_id=req.app_id, name=req.name, state="running", spec=spec,
                             created_at=now, deadline=now + req.timeout, tags=dict(req.tags))
         # Recorded before anything runs, so a crash from here on is found by `reconcile`.
@@ -274,6 +292,8 @@ class SandboxService:
                           m.read_only) for m, v in vols],
             network=policy)
         try:
+            buckets = await self._mount_buckets(sid, req)  # fails before anything runs
+            hspec.mounts.extend(buckets)
             if pooled is None:
                 await self.host.create(hspec)
             elif workdir and workdir != (image.config.workdir or "/"):
@@ -316,6 +336,8 @@ class SandboxService:
             await self.host.destroy(live.id)
         except Exception:
             log.exception("destroying sandbox %s", live.id)
+        if self.buckets:
+            await self.buckets.unmount_all(live.id)
         self.store.sandbox_update(live.id, state="terminated", returncode=returncode,
                                   ended_at=time.time(), end_reason=reason)
         self.live.pop(live.id, None)
@@ -480,7 +502,7 @@ class SandboxService:
             if not k or "=" in k or "\x00" in k or "\x00" in v:
                 raise InvalidError(f"invalid environment variable {k!r}")
         spec = self.get(sandbox_id).spec
-        env = {**spec.get("env", {}), **req.env}
+        env = {**spec.get("env", {}), **self._secret_env(req.secret_ids), **req.env}
         workdir = req.workdir or spec.get("workdir") or "/"
         eid = self._new_exec_id(sandbox_id)
         live.touch()
@@ -615,6 +637,8 @@ class SandboxService:
                 await self.host.kill(orphan)
                 await self.host.destroy(orphan)
         await self.host.settle(set(self.live))
+        if self.buckets:
+            await self.buckets.reconcile(set(self.live))
         await self.collect_logs(startup=True)
 
     async def collect_logs(self, startup: bool = False) -> None:

@@ -56,6 +56,15 @@ class MountRecord:
     read_only: bool
 
 
+@dataclass
+class SecretRecord:
+    id: str
+    name: str
+    created_at: float
+    updated_at: float
+    env: dict[str, str]  # the values: never logged, never returned by the list routes
+
+
 class StateStore(Protocol):
     def app_lookup(self, name: str) -> AppRecord | None: ...
     def app_create(self, rec: AppRecord) -> AppRecord: ...
@@ -73,6 +82,12 @@ class StateStore(Protocol):
     def volume_remove(self, volume_id: str) -> None: ...
     def volume_running_mounts(self, volume_id: str) -> list[MountRecord]: ...
     def mounts_of(self, sandbox_id: str) -> list[MountRecord]: ...
+    # secrets (see control/secrets.py): the store's file must be private to the server's user
+    def secret_put(self, rec: SecretRecord, replace: bool) -> bool: ...
+    def secret_by_name(self, name: str) -> SecretRecord | None: ...
+    def secret_get(self, secret_id: str) -> SecretRecord | None: ...
+    def secret_list(self) -> list[SecretRecord]: ...
+    def secret_remove(self, name: str) -> bool: ...
 
 
 _SCHEMA = """
@@ -91,6 +106,9 @@ CREATE TABLE IF NOT EXISTS mounts (
     sandbox_id TEXT NOT NULL REFERENCES sandboxes(id), volume_id TEXT NOT NULL,
     path TEXT NOT NULL, read_only INTEGER NOT NULL, PRIMARY KEY (sandbox_id, path));
 CREATE INDEX IF NOT EXISTS mounts_volume ON mounts(volume_id);
+CREATE TABLE IF NOT EXISTS secrets (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, created_at REAL NOT NULL,
+    updated_at REAL NOT NULL, env TEXT NOT NULL);
 """
 
 _JSON_FIELDS = {"spec", "tags"}
@@ -228,6 +246,42 @@ class SqliteStore:
         return [MountRecord(r["sandbox_id"], r["volume_id"], r["path"], bool(r["read_only"]))
                 for r in rows]
 
+    # --- secrets
+    @staticmethod
+    def _secret(row: sqlite3.Row) -> SecretRecord:
+        d = dict(row)
+        d["env"] = json.loads(d["env"])
+        return SecretRecord(**d)
+
+    def secret_put(self, rec: SecretRecord, replace: bool) -> bool:
+        """Insert; with `replace`, overwrite the values of an existing secret of that name (keeping
+        its id and creation time). False if the name exists and `replace` is false."""
+        with self.mu:
+            if replace:
+                self.conn.execute(
+                    "INSERT INTO secrets VALUES (?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                    "env = excluded.env, updated_at = excluded.updated_at",
+                    (rec.id, rec.name, rec.created_at, rec.updated_at, json.dumps(rec.env)))
+                return True
+            cur = self.conn.execute("INSERT OR IGNORE INTO secrets VALUES (?, ?, ?, ?, ?)",
+                                    (rec.id, rec.name, rec.created_at, rec.updated_at,
+                                     json.dumps(rec.env)))
+            return cur.rowcount == 1
+
+    def secret_by_name(self, name: str) -> SecretRecord | None:
+        rows = self._all("SELECT * FROM secrets WHERE name = ?", (name,))
+        return self._secret(rows[0]) if rows else None
+
+    def secret_get(self, secret_id: str) -> SecretRecord | None:
+        rows = self._all("SELECT * FROM secrets WHERE id = ?", (secret_id,))
+        return self._secret(rows[0]) if rows else None
+
+    def secret_list(self) -> list[SecretRecord]:
+        return [self._secret(r) for r in self._all("SELECT * FROM secrets ORDER BY name")]
+
+    def secret_remove(self, name: str) -> bool:
+        with self.mu:
+            return self.conn.execute("DELETE FROM secrets WHERE name = ?", (name,)).rowcount == 1
 
 # --- Dicts and Queues (modal.Dict, modal.Queue) ------------------------------------------------
 # Kept apart from the tables above so the stores can be read (and merged) on their own. Keys and
