@@ -88,7 +88,9 @@ class World:
                     [f"{self.world_ip}/24", f"{self.world_ip2}/24"])
         self._netns(self.private_ns, self.private_if, self.private_host_ip,
                     [f"{self.private_ip}/24", f"{self.metadata_ip}/32"])
-        sh("ip", "route", "add", f"{self.metadata_ip}/32", "via", self.private_ip)
+        # `replace`: the metadata address is one per host, and two test sessions may run at once
+        # (a developer's and CI's); either way it leads only into a test session's namespace.
+        sh("ip", "route", "replace", f"{self.metadata_ip}/32", "via", self.private_ip)
         for name, text in (("w", "world-ok"), ("p", "private-ok")):
             (self.dir / name).mkdir()
             (self.dir / name / "index.html").write_text(text)

@@ -149,6 +149,9 @@ def test_image_without_a_shell(app, pusher, pushed_digests):
         p = sb.exec("/bin/sh", "-c", "true")
         assert p.wait() == 127
         assert sb.exec("cat", "/etc/only.txt").wait() == 127
+        # Commands run through shoal's static agent, which needs nothing from the image.
+        p = sb.exec("/.shoal/busybox", "cat", "/etc/only.txt")
+        assert (p.stdout.read(), p.wait()) == (f"just a file {NONCE}\n", 0)
     finally:
         sb.terminate()
 

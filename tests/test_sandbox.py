@@ -257,3 +257,17 @@ def test_an_ended_sandbox_leaves_no_container_mount_or_cgroup(app, how):
     assert str(paths.sandboxes / sid) not in Path("/proc/self/mountinfo").read_text()
     assert not list(Path("/sys/fs/cgroup").glob(f"*/shoal/{sid}"))
     assert not (paths.sandboxes / sid / "upper").exists()
+
+
+@pytest.mark.slow
+def test_entrypoint_output_is_capped_and_the_program_is_not_blocked(app):
+    """A chatty entrypoint cannot fill the host's disk: past the cap (64 MiB a stream) the agent
+    writes one marker line and drops the rest, still draining the pipe."""
+    sb = shoal.Sandbox.create("sh", "-c", "head -c 80000000 /dev/zero | tr '\\0' a; echo done >&2",
+                              app=app, timeout=120)
+    sb.wait(raise_on_termination=False)
+    assert sb.returncode == 0
+    out = sb.stdout.read()
+    assert len(out) < 64 * 2**20 + 200, len(out)
+    assert out.startswith("aaaa") and "[shoal: output limit of 67108864 bytes reached" in out[-200:]
+    assert sb.stderr.read() == "done\n"

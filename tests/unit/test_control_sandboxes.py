@@ -308,3 +308,101 @@ def test_background_tasks_are_drained_on_close(env):
         await svc.close()
         assert not svc.tasks
     run(go())
+
+
+# --- the warm pool ---------------------------------------------------------------------------------
+
+def pooled_env(tmp_path, sizes):
+    store = SqliteStore(tmp_path / "state.db")
+    store.app_create(AppRecord("ap-1", "tests", time.time()))
+    vols = VolumeService(store, LocalVolumeStorage(tmp_path / "volumes"))
+    host = FakeHost()
+    return SandboxService(store, host, vols, FakeImages(), sizes), host
+
+
+async def until(cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+def test_pool_serves_plain_requests_and_refills_to_its_size(tmp_path):
+    svc, host = pooled_env(tmp_path, {"default": 2})
+
+    async def go():
+        await svc.start()
+        await until(lambda: svc.pool.total() == 2)
+        warm = set(host.boxes)
+        rec = await svc.create(create(env={"B": "2"}, workdir="/work", name="w"))
+        assert rec.id in warm and svc.pool.hits == 1
+        assert ("create", rec.id) in host.calls and host.calls.count(("create", rec.id)) == 1
+        assert rec.spec["env"] == {"A": "1", "B": "2"} and rec.name == "w"
+        await until(lambda: svc.pool.total() == 2)
+        assert len(host.boxes) == 3  # two idle, one claimed: never more than asked
+        ex = await svc.exec(rec.id, ExecRequest(args=["echo", "x"]))
+        assert await drain(svc, ex.id) == (b"x\n", b"", 0)
+        assert host.boxes[rec.id].execs[ex.id].spec.cwd == "/work"
+        await svc.close()
+        assert len(host.boxes) == 1  # the idle ones are removed at shutdown; the claimed stays
+    run(go())
+
+
+def test_pool_is_not_used_for_requests_it_cannot_serve_exactly(tmp_path):
+    svc, host = pooled_env(tmp_path, {"default": 1})
+
+    async def go():
+        await svc.start()
+        await until(lambda: svc.pool.total() == 1)
+        from shoal.server.models import Resources
+        for req in (create(args=["sleep"]), create(resources=Resources(memory=512)),
+                    create(block_network=True), create(cidr_allowlist=["198.18.0.0/15"])):
+            rec = await svc.create(req)
+            assert svc.pool.total() == 1 and rec.id not in svc.pool.members
+        assert svc.pool.hits == 0 and svc.pool.misses == 4
+        await svc.close()
+    run(go())
+
+
+def test_a_pooled_sandbox_that_dies_is_replaced(tmp_path):
+    svc, host = pooled_env(tmp_path, {"default": 1})
+
+    async def go():
+        await svc.start()
+        await until(lambda: svc.pool.total() == 1)
+        [sid] = [s for ids in svc.pool.idle.values() for s in ids]
+        host.exit(sid, 1)
+        await until(lambda: svc.pool.total() == 1 and sid not in svc.pool.members)
+        assert ("destroy", sid) in host.calls and not svc.store.sandbox_list()
+        await svc.close()
+    run(go())
+
+
+def test_pool_sizes_parse():
+    from shoal.server.control.pool import parse_sizes
+
+    assert parse_sizes("default:2,im-abc:1") == {"default": 2, "im-abc": 1}
+    assert parse_sizes("3") == {"default": 3}
+    assert parse_sizes("0") == {} and parse_sizes("") == {}
+    for bad in ("default:x", "default:-1", "default:65"):
+        with pytest.raises(ValueError):
+            parse_sizes(bad)
+
+
+# --- runtime calls are bounded ----------------------------------------------------------------------
+
+def test_a_hung_runtime_call_is_killed_and_reported(tmp_path):
+    from shoal.server.host import runc
+    from shoal.server.host.base import RuntimeError_
+
+    fake = tmp_path / "hung-runc"
+    fake.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake.chmod(0o755)
+    rt = runc.RuncRuntime(tmp_path / "state", binary=str(fake))
+
+    async def go():
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError_, match="did not finish within"):
+            await rt._run("kill", "x", timeout=0.2)
+        assert time.monotonic() - t0 < 5
+    run(go())

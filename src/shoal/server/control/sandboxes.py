@@ -83,6 +83,8 @@ class LiveSandbox:
     last_active: float = field(default_factory=time.monotonic)
     running_execs: int = 0
     idle_timeout: float | None = None
+    env: dict[str, str] = field(default_factory=dict)  # of commands: the spec's, kept at hand
+    workdir: str | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     probe_task: asyncio.Task | None = None
 
@@ -178,8 +180,10 @@ class SandboxService:
         return rec
 
     def _running(self, sandbox_id: str) -> LiveSandbox:
-        rec = self.get(sandbox_id)
         live = self.live.get(sandbox_id)
+        if live is not None and not live.exited.is_set():
+            return live  # the hot path (exec, files): no database read
+        rec = self.get(sandbox_id)
         if rec.state != "running" or live is None or live.exited.is_set():
             raise SandboxTerminatedError(
                 f"sandbox {sandbox_id} has finished ({rec.end_reason or 'exited'}, "
@@ -281,7 +285,7 @@ class SandboxService:
         # Recorded before anything runs, so a crash from here on is found by `reconcile`.
         self.store.sandbox_insert(rec, [MountRecord(sid, v.id, posixpath.normpath(m.path),
                                                     m.read_only) for m, v in vols])
-        live = LiveSandbox(sid, idle_timeout=req.idle_timeout)
+        live = LiveSandbox(sid, idle_timeout=req.idle_timeout, env=env, workdir=workdir)
         self.live[sid] = live
         hspec = SandboxSpec(
             id=sid, layers=layers, args=args, env=env, workdir=workdir or "/",
@@ -501,9 +505,8 @@ class SandboxService:
         for k, v in req.env.items():
             if not k or "=" in k or "\x00" in k or "\x00" in v:
                 raise InvalidError(f"invalid environment variable {k!r}")
-        spec = self.get(sandbox_id).spec
-        env = {**spec.get("env", {}), **self._secret_env(req.secret_ids), **req.env}
-        workdir = req.workdir or spec.get("workdir") or "/"
+        env = {**live.env, **self._secret_env(req.secret_ids), **req.env}
+        workdir = req.workdir or live.workdir or "/"
         eid = self._new_exec_id(sandbox_id)
         live.touch()
         stderr = "stdout" if req.stderr == "stdout" else modes[req.stderr]
@@ -621,7 +624,8 @@ class SandboxService:
         known = await self.host.sandboxes()
         for rec in self.store.sandbox_list(state="running"):
             known.discard(rec.id)
-            live = LiveSandbox(rec.id, idle_timeout=rec.spec.get("idle_timeout"))
+            live = LiveSandbox(rec.id, idle_timeout=rec.spec.get("idle_timeout"),
+                               env=rec.spec.get("env") or {}, workdir=rec.spec.get("workdir"))
             self.live[rec.id] = live
             expired = rec.deadline is not None and rec.deadline <= time.time()
             if not expired and await self.host.adopt(rec.id):
