@@ -50,6 +50,8 @@ def _clean_after_killed_sessions() -> None:
     """Machines are reused: stop what a killed test session left (servers, their sandboxes, old
     homes), so this session starts clean and its own leak check means something."""
     for pid, home in _orphaned_test_servers():
+        if _server_alive(Path(home)) and Path(home, "session.pid").exists():
+            continue  # a live session's own (restarted) server
         env = {**os.environ, "SHOAL_HOME": home}
         subprocess.run([sys.executable, "-m", "shoal", "stop"], env=env, capture_output=True,
                        timeout=60)
@@ -78,6 +80,11 @@ def _clean_after_killed_sessions() -> None:
 
 
 def _server_alive(home: Path) -> bool:
+    try:  # the home's test session still runs (its server may be mid-restart)
+        os.kill(int((home / "session.pid").read_text()), 0)
+        return True
+    except (OSError, ValueError):
+        pass
     try:
         os.kill(int((home / "server.pid").read_text()), 0)
         return True
@@ -94,6 +101,7 @@ def pytest_configure(config):
     os.environ.pop("SHOAL_SERVER", None)
     os.environ.pop("SHOAL_TOKEN", None)
     config._shoal_home = home
+    (home / "session.pid").write_text(str(os.getpid()))  # whose home this is, for other sessions
     if not hasattr(config, "workerinput"):
         _clean_after_killed_sessions()
         from networld import clean_stale
@@ -263,4 +271,9 @@ def pytest_sessionfinish(session, exitstatus):
     if left:
         print("\nLEAKED after the test session:\n  " + "\n  ".join(left), file=sys.stderr)
         session.exitstatus = 1
+    log = home / "logs" / "server.log"
+    if session.exitstatus != 0 and log.exists():
+        # Kept for whoever reads the failure (CI prints where it is).
+        shutil.copy(log, "/tmp/shoal-last-failed-server.log")
+        print("\nthe session's server log: /tmp/shoal-last-failed-server.log", file=sys.stderr)
     shutil.rmtree(home, ignore_errors=True)
