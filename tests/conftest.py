@@ -227,6 +227,13 @@ def leftovers(home: Path, server_may_run: bool = False, only: str | None = None)
     for sid in (os.listdir(sandboxes) if sandboxes.exists() else []):
         found += [f"cgroup {c}" for c in Path("/sys/fs/cgroup").glob(f"*/shoal/{sid}")]
     found += [f"bucket mount process {pid}" for pid in _bucket_mount_processes(home)]
+    # --- disk limits (issue 10): loop devices bound to a sandbox's disk image, and the images
+    from shoal.server.host.disk import loop_devices_of
+
+    found += [f"loop device {d}" for d in loop_devices_of(str(home))]
+    found += [f"disk image {p}" for p in sandboxes.glob("*/disk.img")] if sandboxes.exists() \
+        else []
+    # --- end disk limits
     if only:
         found = [f for f in found if only in f]
     pid_file = home / "server.pid"

@@ -17,6 +17,10 @@ from dataclasses import dataclass
 
 from shoal._client import get_client
 from shoal._sync import synchronize_api
+from shoal.exception import SandboxFilesystemFileTooLargeError
+
+READ_CHUNK = 16 << 20  # the most one server call returns (server/host/runc_files.HANDLE_READ_MAX)
+READ_FILE_SIZE_LIMIT = 100 << 20  # Modal's: one read() returns at most this
 
 
 class FileWatchEventType(enum.Enum):
@@ -86,13 +90,33 @@ class _FileIO:
             raise _error_from(resp.status_code, resp.content)
         return resp.content
 
+    async def _read_bytes(self, n: int) -> bytes:
+        """Up to `n` bytes (n < 0: to the end), fetched in pieces the server bounds; more than
+        READ_FILE_SIZE_LIMIT raises SandboxFilesystemFileTooLargeError."""
+        parts, got = [], 0
+        while n < 0 or got < n:
+            want = READ_CHUNK if n < 0 else min(n - got, READ_CHUNK)
+            data = await self._read_raw(want, False)
+            if not data:
+                break
+            got += len(data)
+            if got > READ_FILE_SIZE_LIMIT:
+                raise SandboxFilesystemFileTooLargeError(
+                    f"{self._path}: read() returns at most {READ_FILE_SIZE_LIMIT >> 20} MiB; read "
+                    "in pieces with read(n), or use sb.filesystem.copy_to_local")
+            parts.append(data)
+            if len(data) < want:
+                break  # a regular file reads short only at its end
+        return b"".join(parts)
+
     async def read(self, n: int | None = None):
-        """Up to `n` bytes (characters, in text mode), or everything to the end."""
+        """Up to `n` bytes (characters, in text mode), or everything to the end. At most 100 MiB
+        per call (Modal's limit): more raises SandboxFilesystemFileTooLargeError."""
         self._check(reading=True)
         if n is None or n < 0:
-            return self._out(await self._read_raw(-1, False))
+            return self._out(await self._read_bytes(-1))
         if self._binary:
-            return await self._read_raw(n, False)
+            return await self._read_bytes(n)
         # n characters: fetch bytes until that many have decoded (a character is 1-4 bytes).
         import codecs
 
@@ -106,7 +130,8 @@ class _FileIO:
         return text
 
     async def readline(self):
-        """The next line, with its newline; empty at the end."""
+        """The next line, with its newline; empty at the end. A line over 16 MiB raises
+        SandboxFilesystemFileTooLargeError (read it with read(n))."""
         self._check(reading=True)
         return self._out(await self._read_raw(-1, True))
 

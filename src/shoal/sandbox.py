@@ -27,6 +27,8 @@ from shoal.volume import _Volume
 
 _UNSUPPORTED = ("gpu", "cloud", "region", "proxy", "_experimental_scheduler_placement")
 
+LIST_PAGE = 10_000  # entries per listing call (server/host/runc_files.LIST_PAGE)
+
 
 def _refuse_create(given: dict) -> None:
     """Modal's Sandbox.create parameters that shoal cannot honour: refused unless at defaults."""
@@ -136,6 +138,7 @@ class _Sandbox:
         workdir: str | None = None,
         cpu: float | tuple[float, float] | None = None,
         memory: int | tuple[int, int] | None = None,
+        ephemeral_disk: int | None = None,
         block_network: bool = False,
         cidr_allowlist: Sequence[str] | None = None,
         encrypted_ports: Sequence[int] = (),
@@ -173,6 +176,9 @@ class _Sandbox:
         IPv4 networks (plus DNS to shoal's resolvers); a bad CIDR raises InvalidError.
         `encrypted_ports` / `unencrypted_ports` / `h2_ports`: ports reachable through
         `tunnels()`.
+
+        `ephemeral_disk`: MiB for the sandbox's writable root and /tmp (default: the server's,
+        10 GiB); writing past it fails with ENOSPC inside the sandbox (docs/security.md).
         """
         check_client(client, environment_name)
         _refuse_create(locals())
@@ -223,7 +229,7 @@ class _Sandbox:
             "idle_timeout": idle_timeout,
             "readiness_probe": readiness_probe._spec if readiness_probe else None,
             "mounts": [o._mount_spec(p) for p, o in vols + nfss],
-            "resources": {"cpu": cpu, "memory": memory},
+            "resources": {"cpu": cpu, "memory": memory, "ephemeral_disk": ephemeral_disk},
             "block_network": bool(block_network),
             "cidr_allowlist": list(cidr_allowlist) if cidr_allowlist is not None else None,
             "outbound_domain_allowlist": (list(outbound_domain_allowlist)
@@ -481,7 +487,14 @@ class _Sandbox:
 
     async def ls(self, path: str) -> list[str]:
         """Names in a directory of the sandbox."""
-        return [d["name"] for d in await self._fs("GET", "list", params={"path": path})]
+        names, offset = [], 0
+        while True:  # the server answers in pages of at most LIST_PAGE entries
+            page = await self._fs("GET", "list", params={"path": path, "offset": offset,
+                                                         "limit": LIST_PAGE})
+            names += [d["name"] for d in page]
+            offset += len(page)
+            if len(page) < LIST_PAGE:
+                return names
 
     async def mkdir(self, path: str, parents: bool = False) -> None:
         await self._fs("POST", "mkdir", json={"path": path, "parents": parents,

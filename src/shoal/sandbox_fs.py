@@ -27,6 +27,8 @@ from shoal.file_io import FileWatchEvent, FileWatchEventType
 
 CHUNK = 4 << 20
 
+LIST_PAGE = 10_000  # entries per listing call (server/host/runc_files.LIST_PAGE)
+
 
 class FileType(enum.Enum):
     FILE = "FILE"
@@ -194,7 +196,14 @@ class _SandboxFilesystem:
             raise
 
     async def list_files(self, remote_path: str) -> list[FileInfo]:
-        return [_info(d) for d in await self._call("GET", "list", params={"path": remote_path})]
+        found, offset = [], 0
+        while True:  # the server answers in pages of at most LIST_PAGE entries
+            page = await self._call("GET", "list", params={"path": remote_path,
+                                                           "offset": offset, "limit": LIST_PAGE})
+            found += [_info(d) for d in page]
+            offset += len(page)
+            if len(page) < LIST_PAGE:
+                return found
 
     async def stat(self, remote_path: str) -> FileInfo:
         """Information about `remote_path` itself (a symlink is described, not followed)."""

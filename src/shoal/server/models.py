@@ -76,6 +76,9 @@ class Resources(BaseModel):
     cpu: float | None = Field(None, description="cores; a hard quota")
     memory: int | None = Field(None, description="MiB; a process over it is OOM-killed")
     pids: int | None = None
+    ephemeral_disk: int | None = Field(
+        None, description="MiB for the writable root and /tmp; writing past it is ENOSPC. "
+                          "None: the server's default (SHOAL_EPHEMERAL_DISK, 10 GiB)")
 
 
 class ProbeSpec(BaseModel):

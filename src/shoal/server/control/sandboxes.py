@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import posixpath
@@ -31,6 +32,7 @@ from shoal.server.control.images import ImageService
 from shoal.server.control.volumes import VolumeService, new_id
 from shoal.server.host.base import (ExecSpec, HostError, HostEvent, SandboxGone, SandboxHost,
                                     SandboxSpec)
+from shoal.server.host import disk, mountpaths
 from shoal.server.host.oci import Limits, Mount
 from shoal.server.control.pool import WarmPool
 from shoal.server.models import CreateSandbox, ExecRequest, Resources
@@ -237,6 +239,11 @@ class SandboxService:
             raise InvalidError(f"memory is in MiB and must be at least 16, got {r.memory}")
         if r.pids is not None and r.pids < 8:
             raise InvalidError(f"pids must be at least 8, got {r.pids}")
+        # --- disk limit (issue 10)
+        if r.ephemeral_disk is not None and not disk.MIN_MIB <= r.ephemeral_disk <= disk.MAX_MIB:
+            raise InvalidError(f"ephemeral_disk is in MiB and must be between {disk.MIN_MIB} and "
+                               f"{disk.MAX_MIB}, got {r.ephemeral_disk}")
+        # --- end disk limit
         seen = set()
         for m in [*req.mounts, *req.bucket_mounts]:
             path = check_abs_path(m.path, "mount path")
@@ -247,6 +254,10 @@ class SandboxService:
             if path in seen:
                 raise InvalidError(f"two volumes are mounted at {path!r}")
             seen.add(path)
+        try:  # issue 10: runc 1.1.5 lacks the CVE-2024-45310 fix
+            mountpaths.check_nesting(list(seen))
+        except ValueError as e:
+            raise InvalidError(str(e)) from None
 
     async def create(self, req: CreateSandbox) -> SandboxRecord:
         self._validate(req)
@@ -291,7 +302,8 @@ class SandboxService:
             id=sid, layers=layers, args=args, env=env, workdir=workdir or "/",
             user=image.config.user,
             limits=Limits(memory_mib=req.resources.memory or Limits.memory_mib,
-                          cpu=req.resources.cpu, pids=req.resources.pids or Limits.pids),
+                          cpu=req.resources.cpu, pids=req.resources.pids or Limits.pids,
+                          disk_mib=req.resources.ephemeral_disk),
             mounts=[Mount(str(self.volumes.storage.host_path(v.id)), posixpath.normpath(m.path),
                           m.read_only) for m, v in vols],
             network=policy)
@@ -310,6 +322,8 @@ class SandboxService:
                 raise ExecutionError(str(e)) from None
             if isinstance(e, ValueError):
                 raise InvalidError(f"image {image.id}: {e}") from None
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                raise InvalidError(str(e.strerror or e)) from None  # the host lacks the room
             raise
         self._arm(live, rec.deadline)
         self._start_probe(live, req.readiness_probe)

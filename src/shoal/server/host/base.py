@@ -153,7 +153,10 @@ class SandboxHost(Protocol):
     # --- files (paths as the sandbox sees them)
     async def stat(self, sandbox_id: str, path: str) -> dict: ...
 
-    async def listdir(self, sandbox_id: str, path: str) -> list[dict]: ...
+    async def listdir(self, sandbox_id: str, path: str, offset: int = 0,
+                      limit: int | None = None) -> list[dict]:
+        """Entries `offset`.. in name order, at most `limit` (and at most the host's page size,
+        10,000 for runc): callers page through large directories."""
 
     async def read_file(self, sandbox_id: str, path: str,
                         limit: int | None) -> tuple[int, AsyncIterator[bytes]]:
@@ -176,7 +179,9 @@ class SandboxHost(Protocol):
 
     async def handle_open(self, sandbox_id: str, path: str, mode: str) -> str: ...
 
-    async def handle_read(self, sandbox_id: str, handle: str, n: int, line: bool) -> bytes: ...
+    async def handle_read(self, sandbox_id: str, handle: str, n: int, line: bool) -> bytes:
+        """At most 16 MiB per call (runc): larger `n` reads short; a whole-file read or a line
+        over it raises SandboxFilesystemFileTooLargeError."""
 
     async def handle_write(self, sandbox_id: str, handle: str, data: bytes) -> int: ...
 

@@ -191,10 +191,12 @@ class FakeHost:
             raise FileNotFoundError(errno.ENOENT, f"No such file or directory: {path!r}")
         return {"path": path, "type": "FILE", "size": len(data)}
 
-    async def listdir(self, sandbox_id: str, path: str) -> list[dict]:
+    async def listdir(self, sandbox_id: str, path: str, offset: int = 0,
+                      limit: int | None = None) -> list[dict]:
         prefix = path.rstrip("/") + "/"
-        return [{"path": p, "type": "FILE", "size": len(d)}
-                for p, d in sorted(self._box(sandbox_id).files.items()) if p.startswith(prefix)]
+        found = [{"path": p, "type": "FILE", "size": len(d)}
+                 for p, d in sorted(self._box(sandbox_id).files.items()) if p.startswith(prefix)]
+        return found[offset:None if limit is None else offset + limit]
 
     async def read_file(self, sandbox_id, path, limit):
         data = self._box(sandbox_id).files.get(path)

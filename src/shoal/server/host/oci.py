@@ -43,6 +43,7 @@ DENIED_SYSCALLS = [
 ]
 EPERM, ENOSYS = 1, 38
 CLONE_NEWUSER = 0x10000000
+AF_VSOCK = 40
 
 # Paths under /proc and /sys that leak host information or allow host-wide effects (Docker's lists).
 MASKED_PATHS = [
@@ -69,7 +70,14 @@ class Limits:
     memory_mib: int = 2048
     cpu: float | None = None  # cores; None = no quota, only a fair share
     pids: int = 4096
-    nofile: int = 4096
+    # --- kernel-wide pools (issue 10; docs/security.md)
+    # RLIMIT_NOFILE, soft = hard (the agent raises its soft limit to the hard one anyway). Every
+    # open file is a `struct file` charged to the sandbox's memory cgroup, so a sandbox's memory
+    # limit bounds its files too; see host.limits for the host-wide side.
+    nofile: int = 8192
+    ptys: int = 1024  # devpts `max=`: pseudo-terminals of this sandbox's own devpts instance
+    tcp_mib: int | None = None  # TCP buffer memory (cgroup v1 kernelTCP); None: memory / 4
+    disk_mib: int | None = None  # writable root + /tmp (host/disk.py); None: no disk limit
 
 
 @dataclass
@@ -98,6 +106,10 @@ def seccomp_profile() -> dict:
         "architectures": arches,
         "syscalls": [
             {"names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM},
+            # vsock is not separated by network namespaces: it reaches the hypervisor and the
+            # host's vsock listeners. Refused as in Docker's default profile.
+            {"names": ["socket"], "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM,
+             "args": [{"index": 0, "value": AF_VSOCK, "op": "SCMP_CMP_EQ"}]},
             # New user namespaces would hand the sandbox a fresh set of capabilities to attack the
             # kernel with. clone3 passes its flags in memory that seccomp cannot read, so it gets
             # ENOSYS and libc falls back to clone, whose flags are checked.
@@ -117,6 +129,22 @@ def _host_nofile_cap(wanted: int) -> int:
     # runc cannot raise RLIMIT_NOFILE above the host's hard limit (RUNTIME-NOTES.md, trap 4).
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     return wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+
+
+# cgroup v1 charges a cgroup's TCP buffers to it only once memory.kmem.tcp.limit_in_bytes is set,
+# and only for sockets made after that. runc 1.1.5 ignores the OCI `kernelTCP` field ("Kernel
+# memory settings are ignored"), so a createRuntime hook sets it: it runs on the host once the
+# cgroups exist and before the container's first process does. Its state (JSON, on stdin) names the
+# init pid, whose /proc/PID/cgroup names the memory cgroup (RUNTIME-NOTES.md, trap 6).
+TCP_HOOK = (
+    'pid=$(sed -n \'s/.*"pid":\\([0-9]*\\).*/\\1/p\'); '
+    'cg=$(sed -n \'s/^[0-9]*:memory:\\(.*\\)$/\\1/p\' /proc/$pid/cgroup); '
+    'f=/sys/fs/cgroup/memory$cg/memory.kmem.tcp.limit_in_bytes; '
+    '[ ! -e $f ] || echo "$0" > $f')
+
+
+def tcp_hook(limit: int) -> dict:
+    return {"path": "/bin/sh", "args": ["sh", "-c", TCP_HOOK, str(limit)], "timeout": 10}
 
 
 def process_env(env: dict[str, str]) -> list[str]:
@@ -145,7 +173,8 @@ def build_config(spec: ContainerSpec, cgroups_path: str) -> dict:
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
          "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
         {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5",
+                     f"max={lim.ptys}"]},
         {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
          "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
         {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
@@ -183,6 +212,8 @@ def build_config(spec: ContainerSpec, cgroups_path: str) -> dict:
         "root": {"path": spec.rootfs, "readonly": False},
         "hostname": spec.hostname,
         "mounts": mounts,
+        "hooks": {"createRuntime": [
+            tcp_hook((lim.tcp_mib << 20) if lim.tcp_mib else memory // 4)]},
         "linux": {
             "namespaces": namespaces,
             "cgroupsPath": cgroups_path,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import io
 import json
 import os
@@ -33,6 +34,12 @@ from shoal.server.storage.paths import RESOLVE, open_checked, remove_entry
 
 READ_LIMIT = 512 << 20  # read_bytes / read_text; copy_to_local streams without a limit
 MAX_HANDLES = 256  # open FileIO handles per sandbox
+# --- what one call may make the server hold (issue 10, "the server must not be the weak point")
+HANDLE_READ_MAX = 16 << 20  # bytes one FileIO read/readline call returns
+LIST_PAGE = 10_000  # entries one directory listing call returns (the SDK pages)
+MAX_WATCHES_PER_CALL = 8192  # inotify watches (directories) one recursive watch may add
+MAX_WATCHES_PER_SANDBOX = 16384  # ... all of a sandbox's open watches together
+MAX_WATCH_STREAMS = 8  # open watch streams (inotify instances, charged to host root) per sandbox
 CHUNK = 1 << 20
 RESOLVE_SANDBOX = RESOLVE & ~_linux.RESOLVE_NO_XDEV  # volumes are mounts inside the sandbox
 
@@ -97,21 +104,23 @@ def said_as(path: str):
         raise
 
 
-def file_info(path: str, st: os.stat_result, link: str | None) -> dict:
+@functools.lru_cache(maxsize=64)
+def _name_of(kind: str, key: int) -> str:
     import grp
     import pwd
 
-    def name_of(table, key):
-        with contextlib.suppress(KeyError):
-            return table(key)[0]
-        return str(key)
+    with contextlib.suppress(KeyError):
+        return (pwd.getpwuid if kind == "user" else grp.getgrgid)(key)[0]
+    return str(key)
 
+
+def file_info(path: str, st: os.stat_result, link: str | None) -> dict:
     return {
         "name": posixpath.basename(path) or "/", "path": path,
         "type": FILE_TYPES.get(stat_mod.S_IFMT(st.st_mode), "FILE"), "size": st.st_size,
         "mode": stat_mod.S_IMODE(st.st_mode),
-        "owner": name_of(pwd.getpwuid, st.st_uid) if st.st_uid == 0 else str(st.st_uid),
-        "group": name_of(grp.getgrgid, st.st_gid) if st.st_gid == 0 else str(st.st_gid),
+        "owner": _name_of("user", 0) if st.st_uid == 0 else str(st.st_uid),  # cached lookups
+        "group": _name_of("group", 0) if st.st_gid == 0 else str(st.st_gid),
         "modified_time": st.st_mtime, "symlink_target": link,
     }
 
@@ -138,6 +147,8 @@ class SandboxRoot:
         self.mu = threading.Condition()
         self.users = 0  # guarded by mu
         self.closing = False  # guarded by mu
+        self.watches = 0  # inotify watches of this sandbox's open watch streams; guarded by mu
+        self.watch_streams = 0  # guarded by mu
 
     @contextlib.contextmanager
     def use(self):
@@ -262,7 +273,11 @@ class SandboxFiles:
                 os.close(pfd)
         return file_info("/" + rel, st, link)
 
-    def list(self, sandbox_id: str, path: str) -> list[dict]:
+    def list(self, sandbox_id: str, path: str, offset: int = 0,
+             limit: int = LIST_PAGE) -> list[dict]:
+        """Entries `offset`.. of the directory in name order, at most `limit` (≤ LIST_PAGE): only
+        that page is stat'ed and held, whatever the directory's size."""
+        limit = max(0, min(limit, LIST_PAGE))
         rel = sandbox_rel(path)
         with said_as(path):
             fd = open_checked(self.root(sandbox_id).fd, rel, os.O_RDONLY, allow_dir=True,
@@ -271,7 +286,7 @@ class SandboxFiles:
                 if not stat_mod.S_ISDIR(os.fstat(fd).st_mode):
                     raise NotADirectoryError(rel)
                 out = []
-                for name in sorted(os.listdir(fd)):
+                for name in sorted(os.listdir(fd))[offset:offset + limit]:
                     with contextlib.suppress(FileNotFoundError):
                         st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                         link = os.readlink(name, dir_fd=fd) if stat_mod.S_ISLNK(st.st_mode) \
@@ -381,6 +396,23 @@ class SandboxFiles:
             raise ValueError("I/O operation on closed file")
         return h
 
+    def handle_read(self, sandbox_id: str, hid: str, n: int, line: bool) -> bytes:
+        """At most HANDLE_READ_MAX bytes: `n` larger is cut to it (a short read, as a pipe
+        gives); a whole-file read (n < 0) or a line that would return more raises
+        SandboxFilesystemFileTooLargeError and leaves the position where it was."""
+        h = self.handle(sandbox_id, hid)
+        cap = HANDLE_READ_MAX
+        if not line and 0 <= n:
+            return h.file.read(min(n, cap))
+        data = h.file.readline(cap + 1) if line else h.file.read(cap + 1)
+        if len(data) > cap:
+            h.file.seek(-len(data), os.SEEK_CUR)
+            what = "a line" if line else "the rest of the file"
+            raise SandboxFilesystemFileTooLargeError(
+                f"{h.path}: {what} is larger than {cap >> 20} MiB, the most one read returns; "
+                f"read it in pieces with read({cap})")
+        return data
+
     def handle_close(self, sandbox_id: str, hid: str) -> None:
         h = self.root(sandbox_id).handles.pop(hid, None)
         if h is not None:
@@ -392,10 +424,24 @@ class SandboxFiles:
         """Set up inotify watches on `path` (and, with `recursive`, every directory below it).
         Errors (a missing path) are raised here, before any event is streamed."""
         rel = sandbox_rel(path)
-        root = self.root(sandbox_id).fd
+        sroot = self.root(sandbox_id)
+        root = sroot.fd
         with said_as(path):
             target = _linux.openat2(root, rel or ".", os.O_PATH, 0, RESOLVE_SANDBOX)
-        watch = Watch(_linux.inotify_init())
+        with sroot.mu:
+            if sroot.watch_streams >= MAX_WATCH_STREAMS:
+                os.close(target)
+                raise InvalidError(f"this sandbox already has {MAX_WATCH_STREAMS} watches open; "
+                                   "end one first")
+            sroot.watch_streams += 1
+        try:
+            ino = _linux.inotify_init()
+        except BaseException:
+            os.close(target)
+            with sroot.mu:
+                sroot.watch_streams -= 1
+            raise
+        watch = Watch(ino, sroot, path)
         try:
             watch.add(target, "/" + rel)
             if recursive and stat_mod.S_ISDIR(os.fstat(target).st_mode):
@@ -424,17 +470,49 @@ class Watch:
             _linux.IN_DELETE | _linux.IN_MOVED_FROM | _linux.IN_MOVED_TO | _linux.IN_DELETE_SELF |
             _linux.IN_ATTRIB)
 
-    def __init__(self, ino: int):
+    def __init__(self, ino: int, owner: SandboxRoot | None = None, shown: str = ""):
         self.ino = ino
+        self.owner = owner  # charged for the watches (counts in SandboxRoot)
+        self.shown = shown
         self.paths: dict[int, str] = {}  # watch descriptor -> sandbox path
+        self.closed = False
 
     def add(self, fd: int, shown: str) -> None:
+        if self.owner is not None:
+            with self.owner.mu:
+                if len(self.paths) >= MAX_WATCHES_PER_CALL:
+                    raise InvalidError(
+                        f"watching {self.shown} recursively needs more than "
+                        f"{MAX_WATCHES_PER_CALL} directory watches; watch a smaller tree or "
+                        "pass recursive=False")
+                if self.owner.watches >= MAX_WATCHES_PER_SANDBOX:
+                    raise InvalidError(
+                        f"this sandbox's watches already use {MAX_WATCHES_PER_SANDBOX} directory "
+                        "watches; end one, or watch a smaller tree")
+                self.owner.watches += 1
         # inotify resolves /proc/self/fd/N to the inode the O_PATH descriptor holds.
-        self.paths[_linux.inotify_add_watch(self.ino, f"/proc/self/fd/{fd}", self.MASK)] = shown
+        try:
+            wd = _linux.inotify_add_watch(self.ino, f"/proc/self/fd/{fd}", self.MASK)
+        except BaseException:
+            if self.owner is not None:
+                with self.owner.mu:
+                    self.owner.watches -= 1
+            raise
+        if wd in self.paths and self.owner is not None:  # the same inode twice
+            with self.owner.mu:
+                self.owner.watches -= 1
+        self.paths[wd] = shown
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         with contextlib.suppress(OSError):
             os.close(self.ino)
+        if self.owner is not None:
+            with self.owner.mu:
+                self.owner.watches -= len(self.paths)
+                self.owner.watch_streams -= 1
 
     async def stream(self, timeout: float | None, finished: asyncio.Event) -> AsyncIterator[bytes]:
         """Newline-delimited JSON events until `timeout`, the sandbox's end, or the client goes."""

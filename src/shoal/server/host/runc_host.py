@@ -27,12 +27,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shoal.server.host import agent_client, tools
+from shoal.server.host import agent_client, disk, filemax, mountpaths, tools
 from shoal.server.host.base import (HostError, HostEvent, RuntimeError_, SandboxGone, SandboxSpec,
                                     ExecSpec)
 from shoal.server.host.oci import DEFAULT_PATH, ContainerSpec, Mount
 from shoal.server.host.rootfs import Rootfs
 from shoal.server.host.runc import RuncRuntime
+from shoal.server.host import runc_files
 from shoal.server.host.runc_files import SandboxFiles
 from shoal.server.host.users import resolve_user
 
@@ -79,6 +80,10 @@ class RuncHost:
         self.live: dict[str, _Sandbox] = {}
         self._events: asyncio.Queue[HostEvent] = asyncio.Queue()
         self.root.mkdir(parents=True, exist_ok=True)
+        # --- disk limits (issue 10): formatted images kept beside, not inside, sandboxes/
+        self.disks = disk.DiskPool(root.parent / "disk-spares")
+        self._refill: asyncio.Future | None = None
+        filemax.ensure()  # open files: see host/filemax.py
 
     # --- life
     async def create(self, spec: SandboxSpec) -> None:
@@ -90,7 +95,13 @@ class RuncHost:
         self.live[spec.id] = sb
         stdin_r = stdout = stderr = -1
         try:
-            merged = await asyncio.to_thread(sb.rootfs.mount, spec.layers)
+            mib = spec.limits.disk_mib or disk.default_mib()
+            self.disks.check_room(mib)
+            merged = await asyncio.to_thread(sb.rootfs.mount, spec.layers, (self.disks, mib))
+            self._refill_disks()
+            # ValueError: a mount path that is a symlink, reserved or nested (mountpaths.py)
+            await asyncio.to_thread(mountpaths.check_targets, merged,
+                                    [m.destination for m in spec.mounts])
             sb.user = uid, gid = resolve_user(merged, spec.user)  # ValueError: a bad USER
             (sdir / "user").write_text(f"{uid}:{gid}")
             args = [tools.AGENT, "--socket", AGENT_SOCKET, "--uid", str(uid), "--gid", str(gid),
@@ -153,6 +164,10 @@ class RuncHost:
             await asyncio.wait_for(sb.exit_event.wait(), 2)
         if not sb.exited:
             raise connect.exception()
+
+    def _refill_disks(self) -> None:
+        if self._refill is None or self._refill.done():
+            self._refill = asyncio.get_running_loop().run_in_executor(None, self.disks.refill)
 
     async def adopt(self, sandbox_id: str) -> bool:
         state = await self.runtime.state(sandbox_id)
@@ -250,7 +265,8 @@ class RuncHost:
     async def sandboxes(self) -> set[str]:
         found = {c.id for c in await self.runtime.list()}
         found.update(p.name for p in self.root.iterdir()
-                     if Rootfs(p).is_mounted() or (p / "bundle").exists())
+                     if Rootfs(p).is_mounted() or (p / "bundle").exists()
+                     or (p / disk.IMAGE).exists())
         return found
 
     async def sandbox_logs(self) -> set[str]:
@@ -269,6 +285,8 @@ class RuncHost:
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._refill is not None:
+            await self._refill
         for sb in self.live.values():
             if sb.pidfd is not None:
                 loop.remove_reader(sb.pidfd)
@@ -359,8 +377,10 @@ class RuncHost:
     async def stat(self, sandbox_id: str, path: str) -> dict:
         return await self._files(sandbox_id, self.files.stat, path)
 
-    async def listdir(self, sandbox_id: str, path: str) -> list[dict]:
-        return await self._files(sandbox_id, self.files.list, path)
+    async def listdir(self, sandbox_id: str, path: str, offset: int = 0,
+                      limit: int | None = None) -> list[dict]:
+        return await self._files(sandbox_id, self.files.list, path, offset,
+                                 limit if limit is not None else runc_files.LIST_PAGE)
 
     async def read_file(self, sandbox_id: str, path: str,
                         limit: int | None) -> tuple[int, AsyncIterator[bytes]]:
@@ -404,8 +424,7 @@ class RuncHost:
     def _handle_op(self, sandbox_id: str, handle: str, op: str, *args):
         h = self.files.handle(sandbox_id, handle)
         if op == "read":
-            n, line = args
-            return h.file.readline(n) if line else h.file.read(n if n >= 0 else None)
+            return self.files.handle_read(sandbox_id, handle, *args)  # bounded per call
         if op == "write":
             return h.file.write(args[0])
         if op == "seek":

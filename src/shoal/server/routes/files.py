@@ -8,7 +8,7 @@ import json
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from shoal.server.host.runc_files import READ_LIMIT
+from shoal.server.host.runc_files import LIST_PAGE, READ_LIMIT
 from shoal.server.models import FileInfoModel, MkdirBody, OpenBody, RenameFileBody, SeekBody
 
 router = APIRouter(tags=["sandbox files"])
@@ -25,8 +25,12 @@ async def fs_stat(sandbox_id: str, request: Request, path: str = Query(...)) -> 
 
 
 @router.get("/sandboxes/{sandbox_id}/fs/list", response_model=list[FileInfoModel])
-async def fs_list(sandbox_id: str, request: Request, path: str = Query(...)) -> list[dict]:
-    return await _files(request)(sandbox_id, "listdir", path)
+async def fs_list(sandbox_id: str, request: Request, path: str = Query(...),
+                  offset: int = Query(0, ge=0),
+                  limit: int = Query(LIST_PAGE, ge=1, le=LIST_PAGE)) -> list[dict]:
+    """Entries in name order from `offset`, at most `limit` (≤ 10,000): page through large
+    directories until a page comes back short."""
+    return await _files(request)(sandbox_id, "listdir", path, offset, limit)
 
 
 @router.get("/sandboxes/{sandbox_id}/fs/file", response_class=StreamingResponse)
