@@ -53,11 +53,13 @@ def test_kill_9_during_uploads_never_leaves_a_partial_file(server, kind):
     size = 256 << 20
     complete = {}
     raced = 0  # uploads still running when the server was killed
-    for attempt, delay in enumerate((0.05, 0.2, 0.4, 0.8)):
+    for attempt, delay in enumerate((0.0, 0.02, 0.05, 0.1, 0.2, 0.8)):
         path = f"dir/file-{attempt}.bin"
         seed = f"seed{attempt}"
+        # SHOAL_SERVER: the uploader never starts a server of its own (the test restarts it).
+        env = {**os.environ, "SHOAL_SERVER": f"unix:{config.paths().socket}"}
         proc = subprocess.Popen([sys.executable, "-c", UPLOAD, name, path, str(size), kind, seed],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         assert proc.stdout.readline().strip() == "start"
         time.sleep(delay)
         raced += proc.poll() is None
