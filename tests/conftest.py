@@ -98,6 +98,9 @@ def pytest_configure(config):
     os.environ["SHOAL_HOME"] = str(home)
     os.environ["SHOAL_IMAGES"] = str(DEFAULT_IMAGES)
     os.environ["SHOAL_LEASE_TTL"] = "3"
+    # Tests restart the server themselves (ServerProcess.restart); an SDK that restarts it too
+    # after losing it would race them for the server lock. Later than any restart takes here.
+    os.environ["SHOAL_AUTOSTART_AFTER"] = "25"
     os.environ.pop("SHOAL_SERVER", None)
     os.environ.pop("SHOAL_TOKEN", None)
     config._shoal_home = home

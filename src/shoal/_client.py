@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -39,33 +40,92 @@ except (ImportError, AttributeError):  # a future httpcore: keep its default
     pass
 _NO_SERVER = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
+# Riding through a server restart: a call that finds the server gone waits for it (and, for the
+# local server, starts it again after AUTOSTART_AFTER seconds unless something else did) for at
+# most RECONNECT_FOR seconds, then raises ConnectionError. A call is repeated only when that
+# cannot repeat its effect: GET/PUT/DELETE, and POSTs, which carry an Idempotency-Key the server
+# answers once (server/contract.py). A body that cannot be sent twice (a stream) is not retried.
+API_VERSION = "1"  # the HTTP API this SDK speaks (X-Shoal-Api-Version)
+RECONNECT_FOR = float(os.environ.get("SHOAL_RECONNECT_TIMEOUT", "30"))
+AUTOSTART_AFTER = float(os.environ.get("SHOAL_AUTOSTART_AFTER", "5"))
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
+
+def _with_key(method: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """kwargs with an Idempotency-Key on a POST, and whether the request may be sent again."""
+    headers = dict(kwargs.get("headers") or {})
+    if method == "POST" and not any(k.lower() == "idempotency-key" for k in headers):
+        headers["Idempotency-Key"] = uuid.uuid4().hex
+    body = kwargs.get("content")
+    replayable = body is None or isinstance(body, (bytes, str))
+    return {**kwargs, "headers": headers}, replayable and (
+        method in _IDEMPOTENT or method == "POST")
+
 
 class Client:
-    def __init__(self, base_url: str, transport: httpx.AsyncBaseTransport, token: str | None = None):
-        headers = {"authorization": f"Bearer {token}"} if token else {}
+    def __init__(self, base_url: str, transport: httpx.AsyncBaseTransport, token: str | None = None,
+                 autostart: config.Paths | None = None):
+        headers = {"x-shoal-api-version": API_VERSION}
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        self.autostart = autostart  # the local server's paths, to start it again; None: remote
         self.http = httpx.AsyncClient(
             base_url=base_url, transport=transport, headers=headers,
             timeout=httpx.Timeout(connect=10, read=None, write=None, pool=None))
 
+    async def reconnect(self, deadline: float, why: BaseException) -> None:
+        """Wait until the server answers again (starting the local one if need be), or raise
+        ConnectionError at `deadline` (time.monotonic())."""
+        began = time.monotonic()
+        while True:
+            if await _healthy(self):
+                return
+            now = time.monotonic()
+            if now >= deadline:
+                where = (f"; see {self.autostart.server_log}" if self.autostart
+                         else f" at {self.http.base_url}")
+                raise exc.ConnectionError(
+                    f"lost the shoal server ({why}) and it did not come back within "
+                    f"{RECONNECT_FOR:.0f} s{where}")
+            if self.autostart is not None and now - began >= AUTOSTART_AFTER:
+                with contextlib.suppress(exc.ConnectionError):
+                    await _autostart(self, self.autostart, timeout=max(1.0, deadline - now))
+                    return
+            await asyncio.sleep(0.2)
+
+    async def send(self, method: str, path: str, stream: bool = False, **kwargs: Any
+                   ) -> httpx.Response:
+        """One request, repeated across a server restart when that is safe (above)."""
+        kwargs, retry = _with_key(method, kwargs)
+        deadline = None
+        while True:
+            req = self.http.build_request(method, path, **kwargs)
+            try:
+                return await self.http.send(req, stream=stream)
+            except _NO_SERVER as e:
+                if not retry:
+                    raise exc.ConnectionError(f"lost the shoal server ({e}); see "
+                                              f"{config.paths().server_log}") from None
+                deadline = deadline or time.monotonic() + RECONNECT_FOR
+                await self.reconnect(deadline, e)
+
     async def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            resp = await self.http.request(method, path, **kwargs)
-        except _NO_SERVER as e:
-            raise exc.ConnectionError(f"lost the shoal server ({e}); see "
-                                      f"{config.paths().server_log}") from None
+        resp = await self.send(method, path, **kwargs)
         if resp.status_code >= 400:
             raise _error_from(resp.status_code, resp.content)
         return resp.json() if resp.content else None
 
     @contextlib.asynccontextmanager
     async def stream(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
+        resp = await self.send(method, path, stream=True, **kwargs)
         try:
-            async with self.http.stream(method, path, **kwargs) as resp:
-                if resp.status_code >= 400:
-                    raise _error_from(resp.status_code, await resp.aread())
-                yield resp
+            if resp.status_code >= 400:
+                raise _error_from(resp.status_code, await resp.aread())
+            yield resp
         except _NO_SERVER as e:
             raise exc.ConnectionError(f"lost the shoal server ({e})") from None
+        finally:
+            await resp.aclose()
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -114,7 +174,7 @@ def _start_server(paths: config.Paths) -> subprocess.Popen:
     return proc
 
 
-async def _autostart(client: Client, paths: config.Paths) -> None:
+async def _autostart(client: Client, paths: config.Paths, timeout: float = START_TIMEOUT) -> None:
     paths.home.mkdir(parents=True, exist_ok=True, mode=0o700)
     lock = open(paths.start_lock, "w")
     try:
@@ -122,7 +182,7 @@ async def _autostart(client: Client, paths: config.Paths) -> None:
         if await _healthy(client):
             return  # another client started it while we waited for the lock
         proc = _start_server(paths)
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if await _healthy(client):
                 return
@@ -131,7 +191,7 @@ async def _autostart(client: Client, paths: config.Paths) -> None:
                 raise exc.ConnectionError(
                     f"shoal serve exited with code {proc.returncode} while starting:\n{tail}")
             await asyncio.sleep(0.05)
-        raise exc.ConnectionError(f"shoal serve did not answer within {START_TIMEOUT:.0f} s; "
+        raise exc.ConnectionError(f"shoal serve did not answer within {timeout:.0f} s; "
                                   f"see {paths.server_log}")
     finally:
         lock.close()
@@ -155,7 +215,8 @@ async def get_client() -> Client:
     server = os.environ.get("SHOAL_SERVER")
     paths = config.paths()
     base, transport = _transport_for(server or str(paths.socket))
-    client = Client(base, transport, os.environ.get("SHOAL_TOKEN"))
+    client = Client(base, transport, os.environ.get("SHOAL_TOKEN"),
+                    autostart=None if server else paths)
     if not await _healthy(client):
         if server:
             raise exc.ConnectionError(f"no shoal server answers at SHOAL_SERVER={server}")

@@ -107,11 +107,10 @@ class _ContainerProcess:
     @classmethod
     async def _start(cls, sandbox_id: str, body: dict, text: bool) -> "_ContainerProcess":
         client = await get_client()
-        req = client.http.build_request("POST", f"/sandboxes/{sandbox_id}/exec", json=body)
-        try:
-            resp = await client.http.send(req, stream=True)
-        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as e:
-            raise exc.ConnectionError(f"lost the shoal server ({e})") from None
+        # The POST carries an Idempotency-Key, so a retry after a server crash gets the command
+        # the first attempt started (if any), never a second run.
+        resp = await client.send("POST", f"/sandboxes/{sandbox_id}/exec", stream=True,
+                                 json=body)
         try:
             if resp.status_code >= 400:
                 from shoal._client import _error_from
@@ -179,10 +178,8 @@ class _ContainerProcess:
 
     async def _reopen(self) -> httpx.Response:
         client = await get_client()
-        req = client.http.build_request(
-            "GET", f"/execs/{self._exec_id}/stream",
-            params={s: ch.offset for s, ch in self._channels.items()})
-        resp = await client.http.send(req, stream=True)
+        resp = await client.send("GET", f"/execs/{self._exec_id}/stream", stream=True,
+                                 params={s: ch.offset for s, ch in self._channels.items()})
         if resp.status_code >= 400:
             from shoal._client import _error_from
 

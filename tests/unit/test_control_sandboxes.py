@@ -66,6 +66,11 @@ def create(**kw) -> CreateSandbox:
     return CreateSandbox(app_id="ap-1", **kw)
 
 
+def unchecked(**kw) -> CreateSandbox:
+    """A request the wire schema would refuse: the service must refuse it too."""
+    return CreateSandbox(app_id="ap-1").model_copy(update=kw)
+
+
 async def started(svc: SandboxService) -> SandboxService:
     await svc.start()
     return svc
@@ -144,9 +149,10 @@ def test_bad_requests_are_refused_before_the_host_is_asked(env):
 
     async def go():
         await started(svc)
-        for bad in (create(timeout=0), create(name="a\n"), create(name=".."[:1] * 65),
-                    create(workdir="/proc/x"), create(env={"A=B": "1"}),
-                    create(args=["a\x00b"])):
+        for bad in (unchecked(timeout=0), unchecked(name="a\n"), unchecked(name="x" * 65),
+                    unchecked(name="."), unchecked(name=".."), unchecked(tags={"a\n": "1"}),
+                    create(workdir="/proc/x"), unchecked(env={"A=B": "1"}),
+                    unchecked(args=["a\x00b"])):
             with pytest.raises(InvalidError):
                 await svc.create(bad)
         assert not [c for c in host.calls if c[0] == "create"]

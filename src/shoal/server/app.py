@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,8 +41,15 @@ from shoal.server.network import NetworkConfig, NetworkManager
 from shoal.server.storage.state import SqliteStore
 from shoal.server.storage.volumes import LocalVolumeStorage
 
+# --- the HTTP contract (issue 9): versions, idempotency keys, one error shape
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shoal.server.contract import ACCEPTED_VERSIONS, API_VERSION, ContractMiddleware
+from shoal.server.contract import IDEMPOTENCY_TTL
+from shoal.server.models import ErrorResponse
+# --- end the HTTP contract
+
 log = logging.getLogger("shoal.server")
-API_VERSION = "1"
 
 STATUS = {
     exc.NotFoundError: 404, FileNotFoundError: 404, exc.InvalidError: 400, ValueError: 400,
@@ -130,7 +139,8 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
     @app.get("/health", tags=["server"])
     def health(request: Request) -> dict:
         pool = request.app.state.svc.sandboxes.pool
-        return {"ok": True, "version": API_VERSION, "pid": os.getpid(),
+        return {"ok": True, "version": API_VERSION, "versions": list(ACCEPTED_VERSIONS),
+                "pid": os.getpid(),
                 "pool_idle": pool.total() if pool is not None else 0}
 
     async def on_error(request: Request, err: Exception):
@@ -152,6 +162,23 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
     # `Exception` is the last resort, logged with its traceback.
     for cls in (exc.Error, OSError, ValueError, TypeError, Exception):
         app.add_exception_handler(cls, on_error)
+
+    # --- the HTTP contract (issue 9)
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, err: StarletteHTTPException):
+        # The framework's own errors (unknown route, wrong method) in shoal's error shape.
+        kind = {404: "NotFoundError", 405: "InvalidError"}.get(err.status_code, "Error")
+        detail = err.detail if isinstance(err.detail, str) else json.dumps(err.detail)
+        if err.status_code == 404 and detail == "Not Found":
+            detail = f"no route {request.method} {request.url.path}"
+        resp = _error(err.status_code, kind, detail)
+        for k, v in (err.headers or {}).items():
+            resp.headers[k] = v
+        return resp
+
+    app.add_middleware(ContractMiddleware)
+    app.openapi = lambda: _openapi(app)
+    # --- end the HTTP contract
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, err: RequestValidationError):
@@ -177,5 +204,59 @@ async def _upkeep(svc: Services, interval: float) -> None:
                 await svc.sandboxes.host.upkeep()
             if ticks % 60 == 0:
                 await svc.sandboxes.collect_logs()
+            if ticks % PRUNE_EVERY == 0:
+                now = time.time()
+                await asyncio.to_thread(svc.store.prune, now - IDEMPOTENCY_TTL,
+                                        now - TERMINATED_RETENTION)
         except Exception:
             log.exception("upkeep")
+
+
+# --- the HTTP contract (issue 9) ----------------------------------------------------------------
+# Pruning schedule (upkeep ticks are `upkeep_interval`, 1 s by default): every PRUNE_EVERY ticks,
+# idempotency keys older than IDEMPOTENCY_TTL and terminated sandboxes' rows older than
+# TERMINATED_RETENTION are deleted.
+PRUNE_EVERY = 300
+TERMINATED_RETENTION = float(os.environ.get("SHOAL_TERMINATED_RETENTION", 7 * 24 * 3600))
+
+# Every route may answer these (shoal's typed errors, mapped by STATUS above; 400 also for a body
+# or parameters the schema refuses). FastAPI's 422 is never sent: validation errors are 400.
+ERROR_STATUSES = {
+    400: "invalid request: a parameter or body the server refuses (InvalidError, ...)",
+    401: "missing or wrong token (TCP only)",
+    403: "permission denied inside the sandbox or volume",
+    404: "the sandbox, volume, exec, image, app, secret, file ... does not exist",
+    409: "already exists, or conflicts with the object's state (e.g. the sandbox has finished)",
+    413: "too large (a file or a request body)",
+    429: "a resource limit of the server is exhausted",
+    500: "the sandbox host failed (ExecutionError)",
+}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's document with shoal's error statuses: one ErrorResponse body for all."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    doc = get_openapi(title=app.title, version=app.version, description=app.description,
+                      routes=app.routes)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    for name, model in (("ErrorResponse", ErrorResponse),):
+        sub = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for dname, d in sub.pop("$defs", {}).items():
+            schemas.setdefault(dname, d)
+        schemas[name] = sub
+    ref = {"content": {"application/json": {"schema": {
+        "$ref": "#/components/schemas/ErrorResponse"}}}}
+    for path_item in doc.get("paths", {}).values():
+        for op in path_item.values():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            for status, text in ERROR_STATUSES.items():
+                responses.setdefault(str(status), {"description": text, **ref})
+    app.openapi_schema = doc
+    return doc
+# --- end the HTTP contract

@@ -3,11 +3,25 @@ from these (and checked into docs/openapi.json by a test, so it cannot drift unn
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 from pydantic import BaseModel, ConfigDict, Field
+
+from shoal.server.names import NAME_PATTERN
+
+# --- constraints the server enforces, published in the schema (issue 9) so a client generated
+# from docs/openapi.json cannot send what the server refuses.
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=NAME_PATTERN,
+                            description="1-64 of [A-Za-z0-9._-], not '.' or '..'")]
+NoNul = Annotated[str, Field(pattern=r"^[^\x00]*$")]
+EnvKey = Annotated[str, Field(min_length=1, pattern=r"^[^=\x00]+$")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0, le=24 * 3600)]
+# --- end constraints
 
 
 class AppLookup(BaseModel):
-    name: str
+    name: Name
     create_if_missing: bool = False
 
 
@@ -20,7 +34,7 @@ class AppInfo(BaseModel):
 class ImageBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: str = Field("debian_slim", description="debian_slim | registry | image")
+    kind: Literal["debian_slim", "registry", "image"] = "debian_slim"
     python_version: str | None = None
     tag: str | None = Field(None, description="registry: an image reference")
     username: str | None = None
@@ -33,8 +47,8 @@ class ImageBase(BaseModel):
 class ImageStep(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    op: str = Field(description="apt_install | pip_install | uv_pip_install | run_commands | "
-                                "add_local | env | workdir | entrypoint | user")
+    op: Literal["apt_install", "pip_install", "uv_pip_install", "run_commands", "add_local",
+                "env", "workdir", "entrypoint", "user"]
     packages: list[str] | None = None
     index_url: str | None = None
     extra_index_url: str | None = None
@@ -73,29 +87,31 @@ class MountSpec(BaseModel):
 
 
 class Resources(BaseModel):
-    cpu: float | None = Field(None, description="cores; a hard quota")
-    memory: int | None = Field(None, description="MiB; a process over it is OOM-killed")
-    pids: int | None = None
+    cpu: float | None = Field(None, ge=0.01, description="cores; a hard quota (at most the "
+                              "machine's cores)")
+    memory: int | None = Field(None, ge=16, description="MiB; a process over it is OOM-killed")
+    pids: int | None = Field(None, ge=8)
     ephemeral_disk: int | None = Field(
         None, description="MiB for the writable root and /tmp; writing past it is ENOSPC. "
                           "None: the server's default (SHOAL_EPHEMERAL_DISK, 10 GiB)")
 
 
 class ProbeSpec(BaseModel):
-    exec_args: list[str] | None = Field(None, description="ready when this exits 0")
-    tcp_port: int | None = Field(None, description="ready when this port accepts connections")
-    interval_ms: int = 100
+    exec_args: list[NoNul] | None = Field(None, min_length=1,
+                                          description="ready when this exits 0")
+    tcp_port: Port | None = Field(None, description="ready when this port accepts connections")
+    interval_ms: int = Field(100, ge=10, le=60_000)
 
 
 # --- secrets and bucket mounts (issue 12)
 class SecretCreate(BaseModel):
-    name: str
+    name: Name
     env: dict[str, str]
     force: bool = Field(False, description="replace the values of an existing secret")
 
 
 class SecretLookup(BaseModel):
-    name: str
+    name: Name
     required_keys: list[str] = Field(default_factory=list)
 
 
@@ -124,14 +140,14 @@ class BucketMountSpec(BaseModel):
 
 class CreateSandbox(BaseModel):
     app_id: str
-    args: list[str] = Field(default_factory=list, description="entrypoint; empty = stay up")
-    name: str | None = None
-    tags: dict[str, str] = Field(default_factory=dict)
+    args: list[NoNul] = Field(default_factory=list, description="entrypoint; empty = stay up")
+    name: Name | None = None
+    tags: dict[Name, str] = Field(default_factory=dict)
     image_id: str | None = Field(None, description="from POST /images; None: the default image")
-    env: dict[str, str] = Field(default_factory=dict)
-    workdir: str | None = None
-    timeout: float = 300
-    idle_timeout: float | None = None
+    env: dict[EnvKey, NoNul] = Field(default_factory=dict)
+    workdir: str | None = Field(None, pattern=r"^/[^\x00]*$")
+    timeout: Seconds = 300
+    idle_timeout: Seconds | None = None
     readiness_probe: ProbeSpec | None = None
     mounts: list[MountSpec] = Field(default_factory=list)
     resources: Resources = Field(default_factory=Resources)
@@ -141,10 +157,10 @@ class CreateSandbox(BaseModel):
         None, description="outbound only to these IPv4 CIDRs (plus DNS); None: everywhere "
                           "public")
     outbound_domain_allowlist: list[str] | None = Field(None, description="not supported yet")
-    encrypted_ports: list[int] = Field(default_factory=list, description="TLS tunnels")
-    unencrypted_ports: list[int] = Field(default_factory=list,
-                                         description="TLS and raw TCP tunnels")
-    h2_ports: list[int] = Field(default_factory=list, description="TLS tunnels offering h2")
+    encrypted_ports: list[Port] = Field(default_factory=list, description="TLS tunnels")
+    unencrypted_ports: list[Port] = Field(default_factory=list,
+                                          description="TLS and raw TCP tunnels")
+    h2_ports: list[Port] = Field(default_factory=list, description="TLS tunnels offering h2")
     secret_ids: list[str] = Field(default_factory=list, description="named secrets, resolved "
                                   "by the server; `env` overrides them")
     bucket_mounts: list[BucketMountSpec] = Field(default_factory=list)
@@ -173,7 +189,7 @@ class TunnelsInfo(BaseModel):
 
 
 class TagsBody(BaseModel):
-    tags: dict[str, str]
+    tags: dict[Name, str]
 
 
 class FileInfoModel(BaseModel):
@@ -207,7 +223,7 @@ class OpenBody(BaseModel):
 
 class SeekBody(BaseModel):
     offset: int
-    whence: int = 0
+    whence: Literal[0, 1, 2] = 0
 
 
 class WaitResult(BaseModel):
@@ -216,12 +232,12 @@ class WaitResult(BaseModel):
 
 
 class ExecRequest(BaseModel):
-    args: list[str]
-    env: dict[str, str] = Field(default_factory=dict)
-    workdir: str | None = None
-    timeout: float | None = None
-    stdout: str = Field("pipe", description="pipe | devnull")
-    stderr: str = Field("pipe", description="pipe | devnull | stdout")
+    args: list[NoNul] = Field(min_length=1)
+    env: dict[EnvKey, NoNul] = Field(default_factory=dict)
+    workdir: str | None = Field(None, pattern=r"^/[^\x00]*$")
+    timeout: float | None = Field(None, gt=0)
+    stdout: Literal["pipe", "devnull"] = "pipe"
+    stderr: Literal["pipe", "devnull", "stdout"] = "pipe"
     secret_ids: list[str] = Field(default_factory=list, description="named secrets; `env` wins")
 
 
@@ -231,12 +247,12 @@ class ExecInfo(BaseModel):
 
 
 class VolumeLookup(BaseModel):
-    name: str
+    name: Name
     create_if_missing: bool = False
 
 
 class VolumeCreate(BaseModel):
-    name: str
+    name: Name
     allow_existing: bool = False
 
 
@@ -267,8 +283,8 @@ class ErrorResponse(BaseModel):
 
 
 class RenameRequest(BaseModel):
-    old_name: str
-    new_name: str
+    old_name: Name
+    new_name: Name
 
 
 class CopyRequest(BaseModel):

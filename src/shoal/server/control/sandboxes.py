@@ -36,6 +36,8 @@ from shoal.server.host import disk, mountpaths
 from shoal.server.host.oci import Limits, Mount
 from shoal.server.control.pool import WarmPool
 from shoal.server.models import CreateSandbox, ExecRequest, Resources
+from shoal.server.names import check_name
+from shoal.server.storage.state import WriteConflict
 from shoal.server.network import TunnelInfo, validate_policy
 from shoal.server.storage.state import MountRecord, SandboxRecord, StateStore
 
@@ -45,10 +47,10 @@ RC_TIMEOUT = 124  # as `timeout(1)` and Modal
 RC_KILLED = 137  # 128 + SIGKILL
 MAX_TIMEOUT = 24 * 3600
 RESERVED_MOUNT_PREFIXES = ("/proc", "/sys", "/dev", "/.shoal")
-NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
 LOG_RETENTION = 3600.0  # seconds an ended sandbox's output stays readable
 EXEC_RETENTION = 600.0  # seconds a finished exec's output stays readable
 STREAMS = ("stdout", "stderr")
+NODE = os.uname().nodename  # recorded with each sandbox: the machine that runs it
 DEFAULT_POLICY = validate_policy(False, None)  # Modal's default: outbound network, no ports
 
 
@@ -213,9 +215,10 @@ class SandboxService:
         if not 0 < req.timeout <= MAX_TIMEOUT:
             raise InvalidError(f"timeout must be between 1 and {MAX_TIMEOUT} seconds, "
                                f"got {req.timeout}")
-        if req.name is not None and not NAME_RE.match(req.name):
-            raise InvalidError(f"invalid sandbox name {req.name!r}: use 1-64 characters from "
-                               "letters, digits, '.', '_' and '-'")
+        if req.name is not None:
+            check_name(req.name, "sandbox")
+        for key in req.tags:
+            check_name(key, "tag")
         if req.workdir is not None:
             check_workdir(req.workdir)
         if req.idle_timeout is not None and not 0 < req.idle_timeout <= MAX_TIMEOUT:
@@ -259,7 +262,15 @@ class SandboxService:
         except ValueError as e:
             raise InvalidError(str(e)) from None
 
-    async def create(self, req: CreateSandbox) -> SandboxRecord:
+    async def create(self, req: CreateSandbox, idempotency_key: str | None = None
+                     ) -> SandboxRecord:
+        """Start a sandbox. With `idempotency_key`, a repeated request (a client retrying after
+        a lost connection or a server crash) returns the sandbox the first one made: the key is
+        stored in the sandbox's row, in the same transaction that records it."""
+        if idempotency_key is not None:
+            done = self.store.sandbox_by_idempotency_key(idempotency_key)
+            if done is not None:
+                return done
         self._validate(req)
         policy = validate_policy(req.block_network, req.cidr_allowlist, req.encrypted_ports,
                                  req.unencrypted_ports, req.h2_ports,
@@ -292,10 +303,20 @@ class SandboxService:
                 "env": env, "workdir": workdir, "image_id": image.id, "layers": image.layers,
                 "user": image.config.user}
         rec = SandboxRecord(id=sid, app_id=req.app_id, name=req.name, state="running", spec=spec,
-                            created_at=now, deadline=now + req.timeout, tags=dict(req.tags))
-        # Recorded before anything runs, so a crash from here on is found by `reconcile`.
-        self.store.sandbox_insert(rec, [MountRecord(sid, v.id, posixpath.normpath(m.path),
-                                                    m.read_only) for m, v in vols])
+                            created_at=now, deadline=now + req.timeout, tags=dict(req.tags),
+                            runtime=getattr(self.host, "name", "runc"), node=NODE,
+                            idempotency_key=idempotency_key)
+        # Recorded before anything runs, so a crash from here on is found by `reconcile`. The
+        # database refuses a second running sandbox of the same name (a conditional write).
+        try:
+            self.store.sandbox_insert(rec, [MountRecord(sid, v.id, posixpath.normpath(m.path),
+                                                        m.read_only) for m, v in vols])
+        except WriteConflict as e:
+            if pooled is not None:
+                self._spawn(self.pool.lost(pooled), f"pool-return-{pooled}")
+            if e.constraint == "idempotency_key":
+                return self.get(self.store.sandbox_by_idempotency_key(idempotency_key).id)
+            raise AlreadyExistsError(str(e)) from None
         live = LiveSandbox(sid, idle_timeout=req.idle_timeout, env=env, workdir=workdir)
         self.live[sid] = live
         hspec = SandboxSpec(
@@ -386,6 +407,8 @@ class SandboxService:
         self.get(sandbox_id)
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
             raise InvalidError("tags must be a dict of str to str")
+        for key in tags:
+            check_name(key, "tag")
         self.store.sandbox_update(sandbox_id, tags=tags)
         return self.get(sandbox_id)
 
@@ -504,7 +527,16 @@ class SandboxService:
     def _new_exec_id(sandbox_id: str) -> str:
         return f"ex-{sandbox_id[3:]}-{secrets.token_hex(4)}"
 
-    async def exec(self, sandbox_id: str, req: ExecRequest) -> ExecRecord:
+    async def exec(self, sandbox_id: str, req: ExecRequest,
+                   idempotency_key: str | None = None) -> ExecRecord:
+        """Start a command. With `idempotency_key`, a repeated request returns the command the
+        first one started (its id is stored before the command starts), never a second run."""
+        if idempotency_key is not None:
+            done = self.store.idempotent_get(idempotency_key)
+            if done is not None:
+                if done[1] != f"exec:{sandbox_id}":
+                    raise InvalidError("this Idempotency-Key was used for another request")
+                return self.get_exec(done[3].decode())
         live = self._running(sandbox_id)
         if not req.args or not all(isinstance(a, str) and "\x00" not in a for a in req.args):
             raise InvalidError("exec needs at least one argument, all strings without NUL bytes")
@@ -522,6 +554,9 @@ class SandboxService:
         env = {**live.env, **self._secret_env(req.secret_ids), **req.env}
         workdir = req.workdir or live.workdir or "/"
         eid = self._new_exec_id(sandbox_id)
+        if idempotency_key is not None:
+            self.store.idempotent_put(idempotency_key, "POST", f"exec:{sandbox_id}", 0,
+                                      eid.encode(), "exec-id", time.time())
         live.touch()
         stderr = "stdout" if req.stderr == "stdout" else modes[req.stderr]
         with self._gone_as_terminated(sandbox_id):

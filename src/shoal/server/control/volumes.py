@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from shoal.exception import AlreadyExistsError, ConflictError, InvalidError, NotFoundError
+from shoal.server.names import check_name  # noqa: F401 - re-exported (apps, kv, secrets)
 from shoal.server.storage.paths import normalize
 from shoal.server.storage.state import StateStore, VolumeRecord
 from shoal.server.storage.volumes import VolumeStorage
 
-NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 KINDS = ("volume", "nfs")
 LEASE_TTL = float(os.environ.get("SHOAL_LEASE_TTL", "30"))
 
@@ -34,11 +33,6 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(11)}"
 
 
-def check_name(name: str, what: str = "volume") -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise InvalidError(f"invalid {what} name {name!r}: use 1-64 characters from "
-                           "letters, digits, '.', '_' and '-'")
-    return name
 
 
 BATCH_IDLE_LIMIT = 3600.0  # an upload batch untouched this long is dropped

@@ -568,18 +568,34 @@ def _event_type(mask: int) -> str | None:
 
 
 class AtomicFile:
-    """A file written aside and renamed over `name` in its directory when complete; an existing
-    file's owner and mode carry over, as they would for a process rewriting it."""
+    """A file written aside and landed on `name` in its directory when complete; an existing
+    file's owner and mode carry over, as they would for a process rewriting it.
+
+    The data goes to an unnamed O_TMPFILE in the target's directory, so nothing is visible while
+    it is written and a crash (of the server or of the upload) leaves nothing behind: the kernel
+    frees an unlinked file. `commit` links it straight to `name` when that is free; over an
+    existing file it links to a hidden name and renames that over the target at once (a crash
+    in those microseconds is the only way a `.shoal-*.tmp` can be left). File systems without
+    O_TMPFILE (overlayfs before Linux 6.6) fall back to a named temporary file."""
 
     def __init__(self, dirfd: int, name: str, shown: str):
         self.dirfd = dirfd
         self.name = name
         self.shown = shown
         self.written = 0
-        self.tmp = f".shoal-{secrets.token_hex(6)}.tmp"
+        self.tmp: str | None = None
         with said_as(shown):
-            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                              0o644, dir_fd=dirfd)
+            try:
+                self.fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644,
+                                  dir_fd=dirfd)
+                self.unnamed = True
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+                self.unnamed = False
+                self.tmp = f".shoal-{secrets.token_hex(6)}.tmp"
+                self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                  0o644, dir_fd=dirfd)
 
     def write(self, data: bytes) -> None:
         self.written += _linux.write_all(self.fd, data)
@@ -597,6 +613,17 @@ class AtomicFile:
                     os.fchown(self.fd, old.st_uid, old.st_gid)
                     os.fchmod(self.fd, stat_mod.S_IMODE(old.st_mode))
             os.fsync(self.fd)
+            if self.unnamed:
+                if old is None:
+                    try:
+                        os.link(f"/proc/self/fd/{self.fd}", self.name, dst_dir_fd=self.dirfd,
+                                follow_symlinks=True)
+                        return
+                    except FileExistsError:
+                        pass  # made meanwhile: replace it as below
+                self.tmp = f".shoal-{secrets.token_hex(6)}.tmp"
+                os.link(f"/proc/self/fd/{self.fd}", self.tmp, dst_dir_fd=self.dirfd,
+                        follow_symlinks=True)
             os.rename(self.tmp, self.name, src_dir_fd=self.dirfd, dst_dir_fd=self.dirfd)
             self.tmp = None
 

@@ -8,18 +8,20 @@ import base64
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
+from shoal.server.models import Name
+
 from shoal.server.control.kv import MAX_WAIT
 
 router = APIRouter(tags=["dicts and queues"])
 
 
 class KvLookup(BaseModel):
-    name: str
+    name: Name
     create_if_missing: bool = False
 
 
 class KvDelete(BaseModel):
-    name: str
+    name: Name
     allow_missing: bool = False
 
 

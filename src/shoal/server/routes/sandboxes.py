@@ -30,18 +30,31 @@ def _stream(gen) -> StreamingResponse:
     return StreamingResponse(gen, media_type="application/octet-stream")
 
 
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 0 < len(key) <= 200:
+        raise InvalidError("Idempotency-Key must be 1-200 characters")
+    return key
+
+
 @router.post("/sandboxes", response_model=SandboxInfo)
 async def sandbox_create(body: CreateSandbox, request: Request) -> SandboxInfo:
-    return _info(await _svc(request).create(body))
+    """Create a sandbox. With an `Idempotency-Key` header, a repeat of the request returns the
+    sandbox the first one created."""
+    return _info(await _svc(request).create(body, _idempotency_key(request)))
 
 
 @router.get("/sandboxes", response_model=list[SandboxInfo])
-def sandbox_list(request: Request, app_id: str | None = None, tags: str | None = None,
+def sandbox_list(request: Request, app_id: str | None = None,
+                 tags: str | None = Query(None, description='a JSON object of strings, e.g. '
+                                          '{"role": "worker"}'),
                  include_finished: bool = False) -> list[SandboxInfo]:
     try:
         want = json.loads(tags) if tags else {}
     except ValueError:
-        raise InvalidError("tags must be a JSON object of strings") from None
+        want = None
+    if not isinstance(want, dict) or not all(isinstance(v, str) for v in want.values()):
+        raise InvalidError(f"tags must be a JSON object of strings, got {tags!r}")
     recs = _svc(request).store.sandbox_list(app_id, None if include_finished else "running")
     return [_info(r) for r in recs if all(r.tags.get(k) == v for k, v in want.items())]
 
@@ -105,7 +118,7 @@ async def sandbox_exec(sandbox_id: str, body: ExecRequest, request: Request):
     """Start a command and stream its output and exit code in the same response: one round trip
     for a command that needs no stdin."""
     svc = _svc(request)
-    rec = await svc.exec(sandbox_id, body)
+    rec = await svc.exec(sandbox_id, body, _idempotency_key(request))
     return StreamingResponse(_exec_frames(svc, rec.id, {}, {"exec_id": rec.id,
                                                              "sandbox_id": sandbox_id}),
                              media_type="application/x-shoal-exec")

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from shoal.exception import AlreadyExistsError
+
 
 @dataclass
 class AppRecord:
@@ -36,6 +38,9 @@ class SandboxRecord:
     returncode: int | None = None
     ended_at: float | None = None
     end_reason: str | None = None  # "exited" | "terminated" | "timeout" | "server-restart" | ...
+    runtime: str = "runc"  # which SandboxHost runs it
+    node: str = ""  # which machine (the server's hostname today)
+    idempotency_key: str | None = None  # the create request's Idempotency-Key, if it had one
 
 
 @dataclass
@@ -74,6 +79,11 @@ class StateStore(Protocol):
     def sandbox_list(self, app_id: str | None = None, state: str | None = None) -> list[SandboxRecord]: ...
     def sandbox_update(self, sandbox_id: str, **fields: Any) -> None: ...
     def sandbox_running_by_name(self, app_id: str, name: str) -> SandboxRecord | None: ...
+    def sandbox_by_idempotency_key(self, key: str) -> SandboxRecord | None: ...
+    def idempotent_get(self, key: str) -> tuple[str, str, int, bytes, str] | None: ...
+    def idempotent_put(self, key: str, method: str, path: str, status: int, body: bytes,
+                       content_type: str, now: float) -> None: ...
+    def prune(self, idempotency_before: float, terminated_before: float) -> int: ...
     def volume_insert(self, rec: VolumeRecord) -> None: ...
     def volume_get(self, volume_id: str) -> VolumeRecord | None: ...
     def volume_by_name(self, kind: str, name: str) -> VolumeRecord | None: ...
@@ -90,6 +100,9 @@ class StateStore(Protocol):
     def secret_remove(self, name: str) -> bool: ...
 
 
+# Migrations: numbered steps, each applied once in its own transaction and recorded in
+# schema_version. Never edit a released step; add the next one. Step 1 is the schema before
+# versioning (IF NOT EXISTS, so databases made before schema_version existed pass through it).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS apps (
     id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, created_at REAL NOT NULL);
@@ -111,6 +124,73 @@ CREATE TABLE IF NOT EXISTS secrets (
     updated_at REAL NOT NULL, env TEXT NOT NULL);
 """
 
+MIGRATIONS: list[tuple[int, str]] = [
+    (1, _SCHEMA),
+    # Conditional writes: at most one running sandbox per (app, name), enforced by the database
+    # instead of check-then-insert. Older databases could hold duplicates (that race): keep the
+    # newest running one of each name, end the rest.
+    (2, """
+UPDATE sandboxes SET state = 'terminated', end_reason = 'duplicate-name'
+ WHERE state = 'running' AND name IS NOT NULL AND EXISTS (
+   SELECT 1 FROM sandboxes o WHERE o.app_id = sandboxes.app_id AND o.name = sandboxes.name
+      AND o.state = 'running' AND o.created_at > sandboxes.created_at);
+CREATE UNIQUE INDEX sandboxes_running_name ON sandboxes(app_id, name)
+ WHERE state = 'running' AND name IS NOT NULL;
+"""),
+    # Which runtime (SandboxHost) and node own each sandbox.
+    (3, """
+ALTER TABLE sandboxes ADD COLUMN runtime TEXT NOT NULL DEFAULT 'runc';
+ALTER TABLE sandboxes ADD COLUMN node TEXT NOT NULL DEFAULT '';
+"""),
+    # Idempotency keys: a create's key sits in its sandbox row (one transaction with the
+    # effect); other requests' responses are kept in `idempotency` (see server/idempotency.py).
+    (4, """
+ALTER TABLE sandboxes ADD COLUMN idempotency_key TEXT;
+CREATE UNIQUE INDEX sandboxes_idempotency_key ON sandboxes(idempotency_key)
+ WHERE idempotency_key IS NOT NULL;
+CREATE TABLE idempotency (
+    key TEXT PRIMARY KEY, method TEXT NOT NULL, path TEXT NOT NULL, status INTEGER NOT NULL,
+    body BLOB NOT NULL, content_type TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE INDEX idempotency_created ON idempotency(created_at);
+"""),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+class WriteConflict(AlreadyExistsError):
+    """A conditional write lost: a uniqueness rule holds another row. `constraint` says which
+    ("name": a running sandbox of that name; "idempotency_key": a create with that key)."""
+
+    def __init__(self, message: str, constraint: str):
+        super().__init__(message)
+        self.constraint = constraint
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply the steps this database lacks; returns its schema version. Preconditions: no
+    transaction open on `conn` (isolation_level=None)."""
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+    current = row[0] or 0
+    if current > SCHEMA_VERSION:
+        raise RuntimeError(f"the state database is at schema version {current}, newer than this "
+                           f"shoal's {SCHEMA_VERSION}: upgrade shoal")
+    for version, script in MIGRATIONS:
+        if version <= current:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in (x.strip() for x in script.split(";")):
+                if stmt:
+                    conn.execute(stmt)
+            conn.execute("INSERT INTO schema_version VALUES (?)", (version,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return SCHEMA_VERSION
+
+
 _JSON_FIELDS = {"spec", "tags"}
 
 
@@ -125,7 +205,8 @@ class SqliteStore:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.execute("PRAGMA foreign_keys=ON")
-            self.conn.executescript(_SCHEMA)
+            self.conn.execute("PRAGMA busy_timeout=10000")
+            self.schema_version = migrate(self.conn)
 
     def close(self) -> None:
         with self.mu:
@@ -170,16 +251,61 @@ class SqliteStore:
             try:
                 self.conn.execute(
                     "INSERT INTO sandboxes (id, app_id, name, state, spec, created_at, deadline, pid,"
-                    " tags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " tags, runtime, node, idempotency_key)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (rec.id, rec.app_id, rec.name, rec.state, json.dumps(rec.spec),
-                     rec.created_at, rec.deadline, rec.pid, json.dumps(rec.tags)))
+                     rec.created_at, rec.deadline, rec.pid, json.dumps(rec.tags), rec.runtime,
+                     rec.node, rec.idempotency_key))
                 self.conn.executemany(
                     "INSERT INTO mounts VALUES (?, ?, ?, ?)",
                     [(m.sandbox_id, m.volume_id, m.path, int(m.read_only)) for m in mounts])
                 self.conn.execute("COMMIT")
+            except sqlite3.IntegrityError as e:
+                self.conn.execute("ROLLBACK")
+                if "idempotency_key" in str(e):
+                    raise WriteConflict(f"a sandbox was created with idempotency key "
+                                        f"{rec.idempotency_key!r}", "idempotency_key") from None
+                if "sandboxes.name" in str(e) or "sandboxes_running_name" in str(e):
+                    raise WriteConflict(f"a running sandbox named {rec.name!r} already exists in "
+                                        "this app", "name") from None
+                raise
             except BaseException:
                 self.conn.execute("ROLLBACK")
                 raise
+
+    def sandbox_by_idempotency_key(self, key: str) -> SandboxRecord | None:
+        rows = self._all("SELECT * FROM sandboxes WHERE idempotency_key = ?", (key,))
+        return self._sandbox(rows[0]) if rows else None
+
+    # --- idempotency keys of other requests: the stored response, replayed on a retry
+    def idempotent_get(self, key: str) -> tuple[str, str, int, bytes, str] | None:
+        rows = self._all("SELECT method, path, status, body, content_type FROM idempotency "
+                         "WHERE key = ?", (key,))
+        return tuple(rows[0]) if rows else None
+
+    def idempotent_put(self, key: str, method: str, path: str, status: int, body: bytes,
+                       content_type: str, now: float) -> None:
+        self._exec("INSERT OR IGNORE INTO idempotency VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (key, method, path, status, body, content_type, now))
+
+    def prune(self, idempotency_before: float, terminated_before: float) -> int:
+        """Forget idempotency keys older than the first bound, and terminated sandboxes (with
+        their mounts) that ended before the second. Returns the rows removed."""
+        with self.mu:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                n = self.conn.execute("DELETE FROM idempotency WHERE created_at < ?",
+                                      (idempotency_before,)).rowcount
+                old = "SELECT id FROM sandboxes WHERE state = 'terminated' AND ended_at < ?"
+                self.conn.execute(f"DELETE FROM mounts WHERE sandbox_id IN ({old})",
+                                  (terminated_before,))
+                n += self.conn.execute("DELETE FROM sandboxes WHERE state = 'terminated' AND "
+                                       "ended_at < ?", (terminated_before,)).rowcount
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+        return n
 
     def sandbox_get(self, sandbox_id: str) -> SandboxRecord | None:
         rows = self._all("SELECT * FROM sandboxes WHERE id = ?", (sandbox_id,))
