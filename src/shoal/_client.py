@@ -115,6 +115,9 @@ def _start_server(paths: config.Paths) -> subprocess.Popen:
 
 
 async def _autostart(client: Client, paths: config.Paths) -> None:
+    if os.geteuid() != 0:
+        raise exc.ConnectionError(f"no shoal server answers at {paths.socket}, and this process "
+                                  f"cannot start one: {config.NOT_ROOT}")
     paths.home.mkdir(parents=True, exist_ok=True, mode=0o700)
     lock = open(paths.start_lock, "w")
     try:

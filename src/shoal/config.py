@@ -66,6 +66,11 @@ class Paths:
         return Path(env) if env else self.home / "images"
 
 
+NOT_ROOT = ("shoal needs root to run sandboxes (the server mounts overlay file systems and starts "
+            "containers and cgroups with runc): run `shoal serve` as root, e.g. with sudo, or set "
+            "SHOAL_SERVER to a server that runs as root.")
+
+
 def home() -> Path:
     return Path(os.environ.get("SHOAL_HOME") or Path.home() / ".shoal").absolute()
 

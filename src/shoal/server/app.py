@@ -24,7 +24,7 @@ from shoal.server.host import tools
 from shoal.server.host.runc_host import RuncHost
 from shoal.server.host.runc import RuncRuntime, remove_cgroup_parent
 from shoal.server.control.images import ImageService
-from shoal.server.routes import apps, files, images, sandboxes, volumes
+from shoal.server.routes import apps, files, images, ops, sandboxes, volumes
 from shoal.server.control import pool
 from shoal.server.control.sandboxes import SandboxService
 from shoal.server.control.volumes import VolumeService
@@ -98,6 +98,7 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
                   description="Control plane of shoal: sandboxes, volumes, network file systems.")
     for router in (apps.router, sandboxes.router, files.router, volumes.router, images.router):
         app.include_router(router)
+    ops.install(app, paths.home)  # status, stats, metrics, terminal, dashboard
 
     @app.get("/health", tags=["server"])
     def health(request: Request) -> dict:

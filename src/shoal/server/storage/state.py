@@ -73,6 +73,8 @@ class StateStore(Protocol):
     def volume_remove(self, volume_id: str) -> None: ...
     def volume_running_mounts(self, volume_id: str) -> list[MountRecord]: ...
     def mounts_of(self, sandbox_id: str) -> list[MountRecord]: ...
+    def app_list(self) -> list[AppRecord]: ...
+    def sandbox_state_counts(self) -> dict[str, int]: ...
 
 
 _SCHEMA = """
@@ -137,6 +139,13 @@ class SqliteStore:
                               (rec.id, rec.name, rec.created_at))
             row = self.conn.execute("SELECT * FROM apps WHERE name = ?", (rec.name,)).fetchone()
         return AppRecord(**dict(row))
+
+    def app_list(self) -> list[AppRecord]:
+        return [AppRecord(**dict(r)) for r in self._all("SELECT * FROM apps ORDER BY created_at")]
+
+    def sandbox_state_counts(self) -> dict[str, int]:
+        rows = self._all("SELECT state, COUNT(*) AS n FROM sandboxes GROUP BY state")
+        return {r["state"]: r["n"] for r in rows}
 
     # --- sandboxes
     @staticmethod
