@@ -44,6 +44,7 @@ def install(app: FastAPI, home: Path) -> None:
     app.state.started_at = time.time()
     app.state.cpu_samples = {}  # sandbox id -> (monotonic time, cpu µs) of the last stats read
     app.state.disk_cache = (0.0, 0)
+    app.state.layer_sizes = {}
     app.state.log_path = getattr(app.state, "log_path", None)
     metrics = Metrics()
     metrics.app_state = app.state
@@ -208,6 +209,20 @@ async def app_stop(app_id: str, request: Request) -> dict:
     return {"terminated": len(ids)}
 
 
+@router.get("/ops/images/{image_id}")
+async def image_layers(image_id: str, request: Request) -> dict:
+    """An image with the size of each layer (bytes on disk, shared between images)."""
+    images = _svc(request).images
+    m = images.manifest(image_id)
+    sizes = request.app.state.layer_sizes  # layers are immutable: a size is computed once
+    for layer in m.layers:
+        if layer not in sizes:
+            sizes[layer] = await asyncio.to_thread(images.store.size_of, layer)
+    return {"image_id": m.id, "description": m.description, "created_at": m.created_at,
+            "layers": [{"layer_id": layer, "size": sizes[layer]} for layer in m.layers],
+            "size": sum(sizes[layer] for layer in m.layers)}
+
+
 @router.get("/metrics", response_class=Response)
 def metrics(request: Request) -> Response:
     """Prometheus text format."""
@@ -254,6 +269,7 @@ async def terminal(ws: WebSocket, sandbox_id: str, rows: int = 24, cols: int = 8
         await ws.close()
 
     out = asyncio.create_task(pump())
+    offset = 0  # position in the stdin stream
     try:
         while not out.done():
             msg = await ws.receive()
@@ -267,9 +283,13 @@ async def terminal(ws: WebSocket, sandbox_id: str, rows: int = 24, cols: int = 8
                 elif m.get("type") == "input":
                     data = str(m.get("data", "")).encode()
             if data:
-                await svc.exec_stdin(rec.id, data, False, None)
-    except (WebSocketDisconnect, Error, ValueError, KeyError, RuntimeError):
+                await svc.exec_stdin(rec.id, data, False, offset)
+                offset += len(data)
+    except WebSocketDisconnect:
         pass
+    except (Error, ValueError, KeyError, RuntimeError) as e:
+        log.warning("terminal on %s ended: %s: %s", sandbox_id, type(e).__name__, e,
+                    extra={"event": "terminal.error", "sandbox_id": sandbox_id})
     finally:
         out.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
