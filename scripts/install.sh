@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(runc tini busybox-static debootstrap docker-registry python3 python3-venv python3-pip ca-certificates procps)
+# For the tests: a real terminal (tmux) for `shoal shell`, and a browser (chromium) that
+# Playwright drives for the dashboard; Playwright's own browser download is never used.
+APT_PACKAGES+=(tmux chromium)
 
 if [ "$(id -u)" != 0 ]; then
   echo "shoal runs containers and mounts file systems: run this as root" >&2
