@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 
 import click
@@ -203,8 +202,3 @@ def status(as_json: bool) -> None:
             ("log", info["log_path"] or "stderr of the server process")]
     for k, v in rows:
         click.echo(f"{k + ':':11} {v}")
-
-
-def fail(message: str, code: int = 1):
-    click.echo(f"Error: {message}", err=True)
-    sys.exit(code)

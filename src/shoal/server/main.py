@@ -9,7 +9,6 @@ import logging
 import os
 import secrets
 import socket
-import sys
 from pathlib import Path
 
 import uvicorn

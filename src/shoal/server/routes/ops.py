@@ -139,7 +139,7 @@ def _detail(svc, rec, apps: dict[str, str]) -> SandboxDetail:
         resources=spec.get("resources") or {},
         mounts=[{"path": m.path, "volume_id": m.volume_id, "read_only": m.read_only}
                 for m in svc.store.mounts_of(rec.id)],
-        env_keys=sorted(req_env for req_env in (spec.get("env") or {})))
+        env_keys=sorted(spec.get("env") or {}))
 
 
 @router.get("/ops/sandboxes", response_model=list[SandboxDetail])
