@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(runc tini busybox-static debootstrap docker-registry python3 python3-venv python3-pip ca-certificates procps
   iproute2 nftables openssl  # sandbox networking (docs/network.md)
   s3fs fuse3)  # CloudBucketMount (docs/buckets.md)
+# For the tests: a real terminal (tmux) for `shoal shell`, and a browser (chromium) that
+# Playwright drives for the dashboard; Playwright's own browser download is never used.
+APT_PACKAGES+=(tmux chromium)
 
 if [ "$(id -u)" != 0 ]; then
   echo "shoal runs containers and mounts file systems: run this as root" >&2

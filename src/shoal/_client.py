@@ -87,7 +87,8 @@ class Client:
                 raise exc.ConnectionError(
                     f"lost the shoal server ({why}) and it did not come back within "
                     f"{RECONNECT_FOR:.0f} s{where}")
-            if self.autostart is not None and now - began >= AUTOSTART_AFTER:
+            if (self.autostart is not None and now - began >= AUTOSTART_AFTER
+                    and not self.autostart.stopped_marker.exists()):
                 with contextlib.suppress(exc.ConnectionError):
                     await _autostart(self, self.autostart, timeout=max(1.0, deadline - now))
                     return
@@ -175,6 +176,9 @@ def _start_server(paths: config.Paths) -> subprocess.Popen:
 
 
 async def _autostart(client: Client, paths: config.Paths, timeout: float = START_TIMEOUT) -> None:
+    if os.geteuid() != 0:
+        raise exc.ConnectionError(f"no shoal server answers at {paths.socket}, and this process "
+                                  f"cannot start one: {config.NOT_ROOT}")
     paths.home.mkdir(parents=True, exist_ok=True, mode=0o700)
     lock = open(paths.start_lock, "w")
     try:
@@ -220,6 +224,7 @@ async def get_client() -> Client:
     if not await _healthy(client):
         if server:
             raise exc.ConnectionError(f"no shoal server answers at SHOAL_SERVER={server}")
+        paths.stopped_marker.unlink(missing_ok=True)  # a new program may start it again
         await _autostart(client, paths)
     _clients[key] = client
     return client

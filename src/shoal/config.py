@@ -45,6 +45,11 @@ class Paths:
         return self.home / "server.pid"
 
     @property
+    def stopped_marker(self) -> Path:
+        """Written by `shoal stop`: clients that lost the server do not start it again."""
+        return self.home / "stopped"
+
+    @property
     def start_lock(self) -> Path:
         return self.home / "start.lock"
 
@@ -64,6 +69,11 @@ class Paths:
     def images(self) -> Path:
         env = os.environ.get("SHOAL_IMAGES")
         return Path(env) if env else self.home / "images"
+
+
+NOT_ROOT = ("shoal needs root to run sandboxes (the server mounts overlay file systems and starts "
+            "containers and cgroups with runc): run `shoal serve` as root, e.g. with sudo, or set "
+            "SHOAL_SERVER to a server that runs as root.")
 
 
 def home() -> Path:

@@ -209,6 +209,16 @@ class _ContainerProcess:
         """The exit code once `wait()` or `poll()` has seen the process end, else None."""
         return self._returncode
 
+    async def resize(self, rows: int, cols: int) -> None:
+        """Change the size of the process's terminal (an exec with `pty=True`); it gets
+        SIGWINCH. InvalidError for a process without a terminal."""
+        if not all(isinstance(v, int) and 0 < v <= 1000 for v in (rows, cols)):
+            raise exc.InvalidError(f"rows and cols must be between 1 and 1000, got {rows!r} x "
+                                   f"{cols!r}")
+        client = await get_client()
+        await client.call("POST", f"/execs/{self._exec_id}/resize",
+                          json={"rows": rows, "cols": cols})
+
     async def _wait(self, timeout: float) -> int | None:
         client = await get_client()
         r = await client.call("GET", f"/execs/{self._exec_id}/wait", params={"timeout": timeout})

@@ -104,6 +104,24 @@ class _Probe:
         return f"Probe({self._spec})"
 
 
+def _pty_size(pty: bool, info) -> tuple[int, int] | None:
+    """(rows, cols) for exec(pty=True, pty_info=...), or None without a pty."""
+    if not pty and info is None:
+        return None
+    if isinstance(info, (tuple, list)) and len(info) == 2:
+        rows, cols = info
+    elif info is not None:
+        rows, cols = getattr(info, "winsz_rows", 0), getattr(info, "winsz_cols", 0)
+    else:
+        import shutil
+
+        cols, rows = shutil.get_terminal_size((80, 24))
+    if not all(isinstance(v, int) and 0 < v <= 1000 for v in (rows, cols)):
+        raise InvalidError(f"pty_info needs rows and columns between 1 and 1000, got "
+                           f"{rows!r} x {cols!r}")
+    return rows, cols
+
+
 class _Sandbox:
     """An isolated Linux container with its own root filesystem, limits and lifetime.
 
@@ -192,7 +210,9 @@ class _Sandbox:
         if readiness_probe is not None and not isinstance(readiness_probe, _Probe):
             raise InvalidError("readiness_probe must be a shoal.Probe")
         if pty:
-            raise InvalidError("Sandbox.create(pty=True) is not supported yet")
+            raise InvalidError("Sandbox.create(pty=True) is not supported: the entrypoint runs "
+                               "without a terminal; run interactive programs with "
+                               "sb.exec(..., pty=True)")
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             raise InvalidError(f"timeout must be a positive number of seconds, got {timeout!r}")
         if image is not None and not isinstance(image, _Image):
@@ -358,12 +378,16 @@ class _Sandbox:
             p.stdout.read()   # "hi\\n"
             p.wait()          # 3
 
+        With `pty=True` the command runs in a pseudo-terminal (size from `pty_info`, an object
+        with `winsz_rows`/`winsz_cols` as Modal's, or a (rows, cols) tuple; default this
+        terminal's or 24x80): everything it writes arrives on `stdout`, and
+        `p.resize(rows, cols)` changes the size.
+
         Raises SandboxTerminatedError if the sandbox has finished.
         """
         if not args:
             raise InvalidError("exec needs a command, e.g. sb.exec('ls', '-l')")
-        if pty or pty_info or _pty_info:
-            raise InvalidError("exec(pty=True) is not supported yet")
+        pty_size = _pty_size(pty, pty_info or _pty_info)
         if bufsize not in (-1, 1):
             raise InvalidError("bufsize must be -1 (chunks) or 1 (lines)")
         if not isinstance(stdout, StreamType) or stdout == StreamType.STDOUT:
@@ -381,6 +405,8 @@ class _Sandbox:
             "stderr": stderr.wire(),
             "secret_ids": await secret_ids(secrets),
         }
+        if pty_size is not None:
+            body["pty_rows"], body["pty_cols"] = pty_size
         return await _ContainerProcess._start(self._sandbox_id, body, text)
 
     async def _wait_once(self, timeout: float) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 
@@ -30,86 +29,21 @@ class _Group(click.Group):
             _fail(str(e) or type(e).__name__)
 
 
-@click.group(cls=_Group)
+EXIT_CODES = """\b
+Exit codes:
+  0    success
+  1    error: the server refused (not found, invalid, conflict) or a local failure
+  2    usage error (unknown option, missing argument)
+  3    no shoal server answers (status, sandbox, app commands)
+  130  interrupted (Ctrl-C)
+  `sandbox exec` and `shell` exit with the command's exit code."""
+
+
+@click.group(cls=_Group, epilog=EXIT_CODES,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="shoal")
 def main() -> None:
     """shoal: self-hosted sandboxes for untrusted code."""
-
-
-@main.command()
-@click.option("--tcp", metavar="HOST:PORT", help="Also listen on TCP (bearer token required).")
-@click.option("--token", envvar="SHOAL_TOKEN", help="Token for TCP clients (default: generated, "
-              "kept in $SHOAL_HOME/token).")
-@click.option("--log-level", default="info", show_default=True)
-def serve(tcp: str | None, token: str | None, log_level: str) -> None:
-    """Run the control plane in the foreground."""
-    try:
-        from shoal.server.main import ServerAlreadyRunning, serve as run
-    except ModuleNotFoundError as e:
-        if e.name in ("fastapi", "uvicorn", "starlette"):
-            _fail(f"the shoal server needs its extra ({e.name} is missing): "
-                  "pip install 'shoal[server]'")
-        raise
-
-    try:
-        run(config.paths(), tcp, token, log_level)
-    except ServerAlreadyRunning as e:
-        _fail(str(e))
-
-
-@main.command()
-@click.option("--keep-sandboxes", is_flag=True,
-              help="Leave running sandboxes running (the next server adopts them).")
-def stop(keep_sandboxes: bool) -> None:
-    """Stop the server of this SHOAL_HOME, terminating its sandboxes first."""
-    paths = config.paths()
-    if not paths.server_pid.exists():
-        click.echo("no server is running")
-        return
-    pid = int(paths.server_pid.read_text())
-    if not keep_sandboxes and paths.socket.exists():
-        import httpx
-
-        try:
-            transport = httpx.HTTPTransport(uds=str(paths.socket))
-            with httpx.Client(transport=transport, base_url="http://shoal", timeout=60) as c:
-                n = c.post("/admin/terminate-all").json()["terminated"]
-                click.echo(f"terminated {n} sandbox(es)")
-        except httpx.HTTPError as e:
-            click.echo(f"could not reach the server to terminate sandboxes: {e}", err=True)
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        click.echo("no server is running (stale pid file)")
-        return
-    for _ in range(200):
-        if not _alive(pid):
-            click.echo("server stopped")
-            return
-        time.sleep(0.05)
-    _fail(f"server {pid} did not stop within 10 s")
-
-
-def _alive(pid: int) -> bool:
-    """True while `pid` runs; a zombie (exited, not yet reaped by its parent) counts as stopped."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-
-
-@main.command()
-def status() -> None:
-    """Show whether a server is running for this SHOAL_HOME."""
-    paths = config.paths()
-    info = {"home": str(paths.home), "socket": str(paths.socket), "running": False}
-    if paths.server_pid.exists():
-        pid = int(paths.server_pid.read_text())
-        if _alive(pid):
-            info.update(running=True, pid=pid)
-    click.echo(json.dumps(info, indent=1))
-
 
 
 @main.command()
@@ -129,6 +63,12 @@ main.add_command(make_group("nfs"))
 from shoal.cli.secrets import secret  # noqa: E402
 
 main.add_command(secret)
+
+# --- operations (cli/ops.py, cli/sandbox.py)
+from shoal.cli import ops as _ops, sandbox as _sandbox  # noqa: E402
+
+for _cmd in (_ops.serve, _ops.stop, _ops.status, _sandbox.sandbox, _sandbox.shell, _sandbox.app):
+    main.add_command(_cmd)
 
 
 @main.group()

@@ -26,7 +26,7 @@ from shoal.server.host import tools
 from shoal.server.host.runc_host import RuncHost
 from shoal.server.host.runc import RuncRuntime, remove_cgroup_parent
 from shoal.server.control.images import ImageService
-from shoal.server.routes import apps, files, images, sandboxes, volumes
+from shoal.server.routes import apps, files, images, ops, sandboxes, volumes
 from shoal.server.control import pool
 # --- Dicts and Queues (parity branch)
 from shoal.server.control.kv import KvService
@@ -135,6 +135,7 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
     for router in (apps.router, sandboxes.router, files.router, volumes.router, images.router,
                    kv.router, secret_routes.router):
         app.include_router(router)
+    ops.install(app, paths.home)  # status, stats, metrics, terminal, dashboard
 
     @app.get("/health", tags=["server"])
     def health(request: Request) -> dict:

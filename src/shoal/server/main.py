@@ -9,14 +9,15 @@ import logging
 import os
 import secrets
 import socket
-import sys
 from pathlib import Path
 
 import uvicorn
 
 from shoal.server import linux as _linux
 from shoal.config import Paths
+from shoal.server import logs
 from shoal.server.app import create_app
+from shoal.server.logs import RequestContext
 
 log = logging.getLogger("shoal.server")
 
@@ -26,22 +27,42 @@ class ServerAlreadyRunning(Exception):
 
 
 class TokenAuth:
-    """ASGI middleware: TCP clients must send `Authorization: Bearer <token>`. The Unix socket is
-    protected by its file mode instead."""
+    """ASGI middleware: TCP clients must send `Authorization: Bearer <token>` — on HTTP requests
+    and on websocket handshakes (where a browser, which cannot set headers there, may pass
+    `?token=` instead). The Unix socket is protected by its file mode instead. The dashboard's
+    static files are public: they hold no data, and the page asks for the token."""
 
     def __init__(self, app, token: str):
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.token = token.encode()
+        self.expected = b"Bearer " + self.token
+
+    def _allowed(self, scope) -> bool:
+        got = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(got, self.expected):
+            return True
+        if scope["type"] == "websocket":
+            from urllib.parse import parse_qs
+
+            qs = parse_qs(scope.get("query_string", b"").decode(errors="replace"))
+            given = (qs.get("token") or [""])[0].encode()
+            return hmac.compare_digest(given, self.token)
+        return scope.get("method") in ("GET", "HEAD") and (
+            scope["path"] == "/" or scope["path"] == "/dashboard"
+            or scope["path"].startswith("/dashboard/"))
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope.get("client"):  # None on a Unix socket
-            got = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(got, self.expected):
-                body = b'{"error": {"type": "AuthError", "message": "missing or wrong token"}}'
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json")]})
-                await send({"type": "http.response.body", "body": body})
+        if scope["type"] in ("http", "websocket") and scope.get("client") \
+                and not self._allowed(scope):  # client is None on a Unix socket
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 4401,
+                            "reason": "missing or wrong token"})
                 return
+            body = b'{"error": {"type": "AuthError", "message": "missing or wrong token"}}'
+            await send({"type": "http.response.start", "status": 401,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": body})
+            return
         await self.app(scope, receive, send)
 
 
@@ -67,12 +88,14 @@ def _tcp_socket(addr: str) -> socket.socket:
 
 
 def serve(paths: Paths, tcp: str | None = None, token: str | None = None,
-          log_level: str = "info") -> None:
+          log_level: str = "info", log_format: str = "text", access_log: bool = False) -> None:
+    """Serve until SIGTERM or SIGINT (Ctrl-C). Either way the shutdown is graceful: requests in
+    flight get 5 s, the warm pool is removed, and running sandboxes keep running for the next
+    server, which adopts them (`shoal stop` terminates them instead)."""
     paths.home.mkdir(parents=True, exist_ok=True)
     os.chmod(paths.home, 0o700)
     paths.logs.mkdir(exist_ok=True)
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_path = logs.setup(log_format, log_level, access_log)
     lock = open(paths.server_lock, "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -81,6 +104,7 @@ def serve(paths: Paths, tcp: str | None = None, token: str | None = None,
         raise ServerAlreadyRunning(f"a shoal server (pid {pid}) already serves {paths.home}")
     # Sandbox inits re-parent to us when runc exits, so we can reap them and read their status.
     _linux.set_child_subreaper()
+    # `shoal stop` signals this pid only while it holds server.lock (checked in /proc/locks).
     paths.server_pid.write_text(str(os.getpid()))
 
     def remove_traces() -> None:
@@ -90,7 +114,9 @@ def serve(paths: Paths, tcp: str | None = None, token: str | None = None,
         paths.server_pid.unlink(missing_ok=True)
 
     sockets = [_unix_socket(paths.socket)]
-    app = create_app(paths, on_shutdown=remove_traces)
+    fastapi_app = create_app(paths, on_shutdown=remove_traces)
+    fastapi_app.state.log_path = log_path
+    app = RequestContext(fastapi_app)
     if tcp:
         if not token:
             token_file = paths.home / "token"
@@ -102,13 +128,14 @@ def serve(paths: Paths, tcp: str | None = None, token: str | None = None,
                 os.write(fd, token.encode())
                 os.close(fd)
         sockets.append(_tcp_socket(tcp))
-        log.info("serving TCP on %s (token in %s or SHOAL_TOKEN)", tcp, paths.home / "token")
+        log.info("serving TCP on %s (token in %s or SHOAL_TOKEN); dashboard at http://%s/",
+                 tcp, paths.home / "token", tcp)
         app = TokenAuth(app, token)
     # uvloop and httptools when installed (the server extra has them): about a third less per
     # request than asyncio + h11. SHOAL_LOOP=asyncio forces the standard loop.
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                             loop=os.environ.get("SHOAL_LOOP", "auto"),
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, log_config=None)
     try:
         uvicorn.Server(config).run(sockets=sockets)
     finally:

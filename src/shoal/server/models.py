@@ -239,6 +239,10 @@ class ExecRequest(BaseModel):
     stdout: Literal["pipe", "devnull"] = "pipe"
     stderr: Literal["pipe", "devnull", "stdout"] = "pipe"
     secret_ids: list[str] = Field(default_factory=list, description="named secrets; `env` wins")
+    # A pseudo-terminal: the process's stdin, stdout and stderr are the terminal; all its output
+    # arrives on stdout.
+    pty_rows: int | None = Field(None, ge=1, le=1000, description="with pty_cols: run in a pty")
+    pty_cols: int | None = Field(None, ge=1, le=1000)
 
 
 class ExecInfo(BaseModel):
@@ -300,3 +304,65 @@ class BatchCreate(BaseModel):
 
 class BatchInfo(BaseModel):
     batch_id: str
+
+
+# --- operations: status, stats, terminal size (routes/ops.py)
+
+class ResizeBody(BaseModel):
+    rows: int = Field(ge=1, le=1000)
+    cols: int = Field(ge=1, le=1000)
+
+
+class SandboxStatsModel(BaseModel):
+    sandbox_id: str
+    cpu_seconds: float = Field(description="CPU time used since the sandbox started")
+    cpu_percent: float | None = Field(None, description="of one core, since the previous sample")
+    memory_bytes: int
+    memory_limit: int | None
+    pids: int
+    disk_bytes: int = Field(description="written to its root filesystem")
+
+
+class StatusInfo(BaseModel):
+    version: str
+    api_version: str
+    pid: int
+    started_at: float
+    uptime: float
+    runtimes: list[str]
+    sandboxes_running: int
+    pool_size: int
+    pool_hits: int
+    pool_misses: int
+    home: str
+    disk_used: int = Field(description="bytes under SHOAL_HOME (the image store aside)")
+    log_path: str | None
+
+
+class AppSummary(BaseModel):
+    app_id: str
+    name: str
+    created_at: float
+    sandboxes_running: int
+
+
+class SandboxDetail(BaseModel):
+    """A sandbox as operators see it (`shoal sandbox list/inspect`, the dashboard)."""
+    sandbox_id: str
+    app_id: str
+    app_name: str | None
+    name: str | None
+    tags: dict[str, str]
+    state: str
+    created_at: float
+    ended_at: float | None
+    deadline: float | None
+    returncode: int | None
+    end_reason: str | None
+    image_id: str | None
+    runtime: str
+    args: list[str]
+    workdir: str | None
+    resources: dict
+    mounts: list[dict]
+    env_keys: list[str] = Field(description="names only: values may be secrets")

@@ -62,12 +62,18 @@ class ImageService:
 
     async def build(self, recipe: dict, log_line: Callable[[str], None]) -> Manifest:
         recipe = self._resolve_secrets(recipe)
+        started = time.monotonic()
         try:
-            return await self.builder.build(recipe, log_line, self._resolve_base)
+            m = await self.builder.build(recipe, log_line, self._resolve_base)
         except (RecipeError, UnsafeLayerError) as e:
             raise InvalidError(str(e)) from None
         except (BuildError, RegistryError) as e:
+            log.warning("image build failed: %s", e, extra={"event": "image.build_failed"})
             raise ExecutionError(str(e)) from None
+        log.info("image %s ready in %.1f s", m.id, time.monotonic() - started,
+                 extra={"event": "image.built", "image_id": m.id,
+                        "seconds": round(time.monotonic() - started, 3)})
+        return m
 
     async def _resolve_base(self, base: dict, log_line) -> tuple[list[str], ImageConfig, str]:
         kind = base.get("kind")

@@ -348,6 +348,9 @@ class SandboxService:
             raise
         self._arm(live, rec.deadline)
         self._start_probe(live, req.readiness_probe)
+        log.info("sandbox %s created", sid, extra={
+            "event": "sandbox.created", "sandbox_id": sid, "app_id": req.app_id,
+            "image_id": image.id, "pooled": pooled is not None})
         return self.get(sid)
 
     def _arm(self, live: LiveSandbox, deadline: float | None) -> None:
@@ -387,7 +390,9 @@ class SandboxService:
         for m in self.store.mounts_of(live.id):
             self.volumes.collect(m.volume_id)  # a deferred volume deletion may now proceed
         self.ended_event(live.id).set()
-        log.info("sandbox %s ended: %s, returncode %s", live.id, reason, returncode)
+        log.info("sandbox %s ended: %s, returncode %s", live.id, reason, returncode,
+                 extra={"event": "sandbox.ended", "sandbox_id": live.id, "reason": reason,
+                        "returncode": returncode})
 
     async def _stop(self, sandbox_id: str, reason: str) -> None:
         live = self.live.get(sandbox_id)
@@ -559,14 +564,23 @@ class SandboxService:
                                       eid.encode(), "exec-id", time.time())
         live.touch()
         stderr = "stdout" if req.stderr == "stdout" else modes[req.stderr]
+        # --- pty (operations): everything the process writes arrives on stdout
+        pty = None
+        if (req.pty_rows is None) != (req.pty_cols is None):
+            raise InvalidError("a pty needs both pty_rows and pty_cols")
+        if req.pty_rows is not None:
+            pty = (req.pty_rows, req.pty_cols)
+            stderr = "stdout"
         with self._gone_as_terminated(sandbox_id):
             await self.host.exec(sandbox_id, ExecSpec(
                 eid, list(req.args), env, workdir, stdin="pipe", stdout=modes[req.stdout],
-                stderr=stderr, timeout=req.timeout))
+                stderr=stderr, timeout=req.timeout, pty=pty))
         streams = tuple(s for s, mode in (("stdout", req.stdout), ("stderr", req.stderr))
-                        if mode == "pipe")
+                        if mode == "pipe" and not (pty and s == "stderr"))
         rec = self._track(eid, sandbox_id, streams)
         live.running_execs += 1
+        log.info("exec %s started", eid, extra={"event": "exec.started", "exec_id": eid,
+                                                "sandbox_id": sandbox_id, "pty": pty is not None})
         return rec
 
     def _track(self, eid: str, sandbox_id: str, streams: tuple[str, ...]) -> ExecRecord:
@@ -581,6 +595,9 @@ class SandboxService:
             rec.returncode = RC_KILLED
         finally:
             rec.done.set()
+            log.info("exec %s ended, returncode %s", rec.id, rec.returncode,
+                     extra={"event": "exec.ended", "exec_id": rec.id, "returncode": rec.returncode,
+                            "timed_out": rec.timed_out})
             live = self.live.get(rec.sandbox_id)
             if live:
                 live.running_execs = max(0, live.running_execs - 1)
@@ -659,6 +676,18 @@ class SandboxService:
         finally:
             for task in pending:
                 task.cancel()
+
+    async def exec_resize(self, exec_id: str, rows: int, cols: int) -> None:
+        """Resize the pty of a command started with one (the process gets SIGWINCH)."""
+        rec = self.get_exec(exec_id)
+        if rec.done.is_set():
+            return
+        with self._gone_as_terminated(rec.sandbox_id):
+            try:
+                await self.host.exec_resize(rec.sandbox_id, exec_id, rows, cols)
+            except OSError as e:
+                raise InvalidError(f"exec {exec_id} has no terminal to resize "
+                                   f"({e.strerror or e})") from None
 
     # --- files
     async def files(self, sandbox_id: str, op: str, *args):

@@ -73,6 +73,16 @@ class ExecSpec:
 
 
 @dataclass
+class SandboxStats:
+    """Resource use of one sandbox, read from the host side (never from inside the sandbox)."""
+    cpu_usec: int  # CPU time used since the sandbox started, microseconds
+    memory_bytes: int  # memory charged now (page cache included, as the kernel counts it)
+    memory_limit: int | None  # bytes; None: unlimited
+    pids: int  # processes and threads now
+    disk_bytes: int  # what the sandbox wrote to its root filesystem (its private upper layer)
+
+
+@dataclass
 class HostEvent:
     sandbox_id: str
     kind: str  # "exited"
@@ -121,6 +131,9 @@ class SandboxHost(Protocol):
 
     async def close(self) -> None:
         """Server shutdown: stop watching; sandboxes keep running for the next server."""
+
+    async def stats(self, sandbox_id: str) -> SandboxStats:
+        """Current resource use; SandboxGone if the sandbox does not run."""
 
     # --- the entrypoint's stdio
     async def write_stdin(self, sandbox_id: str, data: bytes, eof: bool) -> None: ...

@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shoal.server.host.base import ExecSpec, HostError, HostEvent, SandboxGone, SandboxSpec
+from shoal.server.host.base import (ExecSpec, HostError, HostEvent, SandboxGone, SandboxSpec,
+                                    SandboxStats)
 
 
 @dataclass
@@ -122,6 +123,14 @@ class FakeHost:
         pass
 
     # --- stdio
+    async def stats(self, sandbox_id: str) -> SandboxStats:
+        box = self._box(sandbox_id)
+        running = sum(1 for e in box.execs.values() if e.code is None)
+        disk = sum(len(v) for v in box.files.values())
+        return SandboxStats(cpu_usec=1000 * len(box.execs), memory_bytes=(1 + running) << 20,
+                            memory_limit=box.spec.limits.memory_mib << 20, pids=1 + running,
+                            disk_bytes=disk)
+
     async def write_stdin(self, sandbox_id: str, data: bytes, eof: bool) -> None:
         self._box(sandbox_id).stdin += data
 

@@ -27,9 +27,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shoal.server.host import agent_client, disk, filemax, mountpaths, tools
+from shoal.server.host import agent_client, cgroups, disk, filemax, mountpaths, tools
 from shoal.server.host.base import (HostError, HostEvent, RuntimeError_, SandboxGone, SandboxSpec,
-                                    ExecSpec)
+                                    SandboxStats, ExecSpec)
 from shoal.server.host.oci import DEFAULT_PATH, ContainerSpec, Mount
 from shoal.server.host.rootfs import Rootfs
 from shoal.server.host.runc import RuncRuntime
@@ -337,6 +337,19 @@ class RuncHost:
 
     def read_log(self, sandbox_id: str, stream: str, offset: int, finished) -> AsyncIterator[bytes]:
         return _tail_file(self.root / sandbox_id / stream, offset, finished)
+
+    async def stats(self, sandbox_id: str) -> SandboxStats:
+        sb = self._running(sandbox_id)
+
+        def read() -> SandboxStats:
+            try:
+                dirs = cgroups.cgroup_dirs(sb.pid)
+            except (OSError, ValueError):
+                raise SandboxGone(sandbox_id) from None
+            cpu, mem, limit, pids = cgroups.read_stats(dirs)
+            return SandboxStats(cpu, mem, limit, pids, cgroups.tree_size(sb.rootfs.upper))
+
+        return await asyncio.to_thread(read)
 
     # --- commands
     async def exec(self, sandbox_id: str, spec: ExecSpec) -> None:

@@ -98,6 +98,8 @@ class StateStore(Protocol):
     def secret_get(self, secret_id: str) -> SecretRecord | None: ...
     def secret_list(self) -> list[SecretRecord]: ...
     def secret_remove(self, name: str) -> bool: ...
+    def app_list(self) -> list[AppRecord]: ...
+    def sandbox_state_counts(self) -> dict[str, int]: ...
 
 
 # Migrations: numbered steps, each applied once in its own transaction and recorded in
@@ -236,6 +238,13 @@ class SqliteStore:
                               (rec.id, rec.name, rec.created_at))
             row = self.conn.execute("SELECT * FROM apps WHERE name = ?", (rec.name,)).fetchone()
         return AppRecord(**dict(row))
+
+    def app_list(self) -> list[AppRecord]:
+        return [AppRecord(**dict(r)) for r in self._all("SELECT * FROM apps ORDER BY created_at")]
+
+    def sandbox_state_counts(self) -> dict[str, int]:
+        rows = self._all("SELECT state, COUNT(*) AS n FROM sandboxes GROUP BY state")
+        return {r["state"]: r["n"] for r in rows}
 
     # --- sandboxes
     @staticmethod

@@ -1,0 +1,139 @@
+"""Prometheus metrics (`GET /metrics`, text format).
+
+Request-shaped metrics (creation, exec and file-API latency, volume bytes, image build time, errors
+by type) are measured by one ASGI middleware from the route each request matched, so no route or
+service carries metrics code. State-shaped ones (sandboxes by state and runtime, warm-pool hits and
+misses) are read from the services when Prometheus scrapes. Each app has its own registry.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+LATENCY = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
+BUILD = (1, 5, 15, 30, 60, 120, 300, 600, 1800)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.creations = Counter("shoal_sandbox_creations_total",
+                                 "Sandbox creations by result", ["result"], registry=r)
+        self.create_seconds = Histogram("shoal_sandbox_create_seconds",
+                                        "Time to create a sandbox", buckets=LATENCY, registry=r)
+        self.exec_seconds = Histogram("shoal_exec_start_seconds",
+                                      "Time until a command started (response headers sent)",
+                                      buckets=LATENCY, registry=r)
+        self.file_seconds = Histogram("shoal_file_api_seconds",
+                                      "Latency of sandbox file API calls", ["op"],
+                                      buckets=LATENCY, registry=r)
+        self.volume_bytes = Counter("shoal_volume_bytes_total",
+                                    "Bytes moved through the volume API", ["direction"],
+                                    registry=r)
+        self.build_seconds = Histogram("shoal_image_build_seconds",
+                                       "Duration of image builds", buckets=BUILD, registry=r)
+        self.errors = Counter("shoal_errors_total", "Error responses by error type", ["type"],
+                              registry=r)
+        self.app_state = None  # the app's state; its `svc` is read at scrape time
+        r.register(_StateCollector(self))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector:
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        svc = getattr(self.metrics.app_state, "svc", None)
+        states = GaugeMetricFamily("shoal_sandboxes", "Sandboxes by state and runtime",
+                                   labels=["state", "runtime"])
+        hits = CounterMetricFamily("shoal_pool_hits", "Creations served by the warm pool")
+        misses = CounterMetricFamily("shoal_pool_misses", "Creations the warm pool could not serve")
+        idle = GaugeMetricFamily("shoal_pool_idle", "Warm sandboxes waiting")
+        if svc is not None:
+            runtime = svc.sandboxes.host.name
+            counts = {"running": 0, "terminated": 0, **svc.store.sandbox_state_counts()}
+            for state, n in counts.items():
+                states.add_metric([state, runtime], n)
+            pool = svc.sandboxes.pool
+            hits.add_metric([], pool.hits if pool else 0)
+            misses.add_metric([], pool.misses if pool else 0)
+            idle.add_metric([], pool.total() if pool else 0)
+        yield from (states, hits, misses, idle)
+
+
+class MetricsMiddleware:
+    """Measures requests by the route they matched (FastAPI puts it in scope["route"])."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        m = self.metrics
+        started = time.monotonic()
+        state = {"status": 0, "first": None, "error_body": None}
+        volume = scope["path"].startswith(("/volumes/", "/nfs/", "/network_file_systems/"))
+
+        def file_route() -> bool:
+            return getattr(scope.get("route"), "path", "").endswith("/file")
+
+        async def counting_receive():
+            message = await receive()
+            if volume and message["type"] == "http.request" and file_route():
+                m.volume_bytes.labels("in").inc(len(message.get("body", b"")))
+            return message
+
+        async def measuring_send(message):
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+                state["first"] = time.monotonic() - started
+                if message["status"] >= 400:
+                    state["error_body"] = b""
+            elif message["type"] == "http.response.body":
+                body = message.get("body", b"")
+                if volume and 200 <= state["status"] < 300 and file_route():
+                    m.volume_bytes.labels("out").inc(len(body))
+                if state["error_body"] is not None and len(state["error_body"]) < 4096:
+                    state["error_body"] += body
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, measuring_send)
+        finally:
+            self._record(scope, state, time.monotonic() - started)
+
+    def _record(self, scope, state, total: float) -> None:
+        m = self.metrics
+        route = getattr(scope.get("route"), "path", "")
+        method = scope.get("method")
+        ok = 200 <= state["status"] < 400
+        if route == "/sandboxes" and method == "POST":
+            m.creations.labels("ok" if ok else "error").inc()
+            if ok:
+                m.create_seconds.observe(total)
+        elif route == "/sandboxes/{sandbox_id}/exec" and ok:
+            m.exec_seconds.observe(state["first"] or total)
+        elif route.startswith("/sandboxes/{sandbox_id}/fs/"):
+            op = route.split("/fs/", 1)[1].replace("/{handle}", "")
+            m.file_seconds.labels(f"{method.lower()} {op}").observe(total)
+        elif route == "/images" and method == "POST" and ok:
+            m.build_seconds.observe(total)
+        if state["error_body"] is not None:
+            kind = "HTTPError"
+            try:
+                kind = json.loads(state["error_body"])["error"]["type"]
+            except (ValueError, KeyError, TypeError):
+                pass
+            m.errors.labels(kind).inc()

@@ -1,0 +1,231 @@
+"""`shoal sandbox|app|status|stop|serve` run for real, as subprocesses, against real servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import DEFAULT_IMAGES, leftovers, shoal_cli
+
+
+def cli(*args: str, ok: bool = True, env: dict | None = None, **kw):
+    r = shoal_cli(*args, check=False, timeout=120, env=env, **kw)
+    if ok:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+@pytest.fixture
+def named(app):
+    import shoal
+
+    name = f"ops-{uuid.uuid4().hex[:6]}"
+    sb = shoal.Sandbox.create("sh", "-c", "echo hello; echo oops >&2; sleep 300", app=app,
+                              name=name, tags={"team": "ops", "run": name}, timeout=120)
+    yield sb, name
+    sb.terminate()
+
+
+def test_list_inspect_logs_exec(named):
+    sb, name = named
+    rows = json.loads(cli("sandbox", "list", "--json").stdout)
+    assert sb.object_id in [r["sandbox_id"] for r in rows]
+    tagged = json.loads(cli("sandbox", "list", "--tag", f"run={name}", "--json").stdout)
+    assert [r["sandbox_id"] for r in tagged] == [sb.object_id]
+    assert tagged[0]["app_name"] == "tests" and tagged[0]["runtime"] == "runc"
+    assert json.loads(cli("sandbox", "list", "--tag", "run=nobody", "--json").stdout) == []
+    assert sb.object_id in cli("sandbox", "list", "--app", "tests").stdout
+    info = json.loads(cli("sandbox", "inspect", name).stdout)
+    assert info["sandbox_id"] == sb.object_id and info["image_id"].startswith("im-")
+    deadline = time.monotonic() + 10
+    while "hello" not in (r := cli("sandbox", "logs", name)).stdout:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert r.stdout == "hello\n" and r.stderr == "oops\n"
+    r = cli("sandbox", "exec", name, "--", "sh", "-c", "echo out; echo err >&2; exit 7", ok=False)
+    assert (r.returncode, r.stdout, r.stderr) == (7, "out\n", "err\n")
+    r = cli("sandbox", "exec", "-i", sb.object_id, "--", "wc", "-c", input="12345")
+    assert r.stdout.strip() == "5"
+    assert cli("sandbox", "exec", "-t", name, "--", "tput", "cols",
+               env={**os.environ, "COLUMNS": "97", "LINES": "20"}).stdout.strip() == "97"
+
+
+def test_logs_follow_ends_with_the_sandbox(app):
+    import shoal
+
+    sb = shoal.Sandbox.create("sh", "-c", "for i in 1 2 3; do echo line$i; sleep 0.3; done",
+                              app=app, timeout=60)
+    r = cli("sandbox", "logs", "-f", sb.object_id)
+    assert r.stdout == "line1\nline2\nline3\n"
+
+
+def test_stop_and_list_all(app):
+    import shoal
+
+    a = shoal.Sandbox.create(app=app, name=f"stop-{uuid.uuid4().hex[:6]}", timeout=60)
+    b = shoal.Sandbox.create(app=app, timeout=60)
+    assert cli("sandbox", "stop", a.object_id, b.object_id).stdout.split() == [a.object_id,
+                                                                               b.object_id]
+    assert a.poll() == 137
+    everything = json.loads(cli("sandbox", "list", "--all", "--json").stdout)
+    ended = {r["sandbox_id"]: r for r in everything}
+    assert ended[b.object_id]["end_reason"] == "terminated"
+    running = {r["sandbox_id"] for r in json.loads(cli("sandbox", "list", "--json").stdout)}
+    assert a.object_id not in running and b.object_id not in running
+    assert cli("sandbox", "stop", ok=False).returncode == 2  # neither ids nor --all
+
+
+def test_stats(named):
+    sb, name = named
+    sb.exec("sh", "-c", "head -c 3000000 /dev/zero > /tmp/blob").wait()
+    rows = {r["sandbox_id"]: r for r in json.loads(cli("sandbox", "stats", "--json").stdout)}
+    mine = rows[sb.object_id]
+    assert mine["memory_bytes"] > 0 and mine["pids"] >= 2  # the agent and the entrypoint
+    assert mine["memory_limit"] == 2048 << 20
+    assert mine["disk_bytes"] >= 3_000_000
+    assert mine["cpu_percent"] is not None
+    table = cli("sandbox", "stats", "--no-stream").stdout
+    assert "CPU %" in table and name in table
+
+
+def test_app_list_and_stop(server):
+    import shoal
+
+    app_name = f"ops-app-{uuid.uuid4().hex[:6]}"
+    a = shoal.App.lookup(app_name, create_if_missing=True)
+    sbs = [shoal.Sandbox.create(app=a, timeout=60) for _ in range(2)]
+    apps = {x["name"]: x for x in json.loads(cli("app", "list", "--json").stdout)}
+    assert apps[app_name]["sandboxes_running"] == 2
+    assert "terminated 2 sandbox(es)" in cli("app", "stop", app_name).stdout
+    assert all(sb.poll() == 137 for sb in sbs)
+    assert cli("app", "stop", "no-such-app-here", ok=False).returncode == 1
+
+
+def test_errors_help_and_exit_codes(server):
+    r = cli("sandbox", "inspect", "sb-0000000000000000000000", ok=False)
+    assert r.returncode == 1 and r.stderr.startswith("Error: ") and len(r.stderr.splitlines()) == 1
+    r = cli("sandbox", "logs", "nobody-is-called-this", ok=False)
+    assert r.returncode == 1 and "shoal sandbox list" in r.stderr
+    for args in (["-h"], ["sandbox", "-h"], ["sandbox", "list", "-h"], ["app", "stop", "-h"],
+                 ["status", "--help"], ["shell", "-h"]):
+        assert "Usage:" in cli(*args).stdout
+    assert "Exit codes" in cli("--help").stdout
+    assert cli("sandbox", "list", "--bogus", ok=False).returncode == 2
+
+
+def test_status(server):
+    info = json.loads(cli("status", "--json").stdout)
+    assert info["runtimes"] == ["runc"] and info["version"]
+    assert info["pid"] == server.proc.pid and info["uptime"] > 0
+    assert info["log_path"].endswith("server.log") and info["disk_used"] > 0
+    assert "uptime:" in cli("status").stdout
+    with tempfile.TemporaryDirectory(prefix="shoal-none-", dir="/tmp") as empty:
+        r = cli("status", ok=False, env={**os.environ, "SHOAL_HOME": empty})
+        assert r.returncode == 3 and "no shoal server answers" in r.stderr
+        r = cli("sandbox", "list", ok=False, env={**os.environ, "SHOAL_HOME": empty})
+        assert r.returncode == 3
+        assert not (Path(empty) / "shoal.sock").exists()  # nothing was started
+
+
+def test_stop_never_signals_a_stranger(tmp_path):
+    """A stale server.pid (after kill -9) pointing at some other process: left alone."""
+    home = Path(tempfile.mkdtemp(prefix="shoal-stale-", dir="/tmp"))
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        (home / "server.pid").write_text(str(stranger.pid))
+        (home / "server.lock").touch()
+        r = cli("stop", env={**os.environ, "SHOAL_HOME": str(home)})
+        assert "no server is running" in r.stdout
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def _nobody_env(home: str) -> dict:
+    return {**os.environ, "SHOAL_HOME": home, "HOME": home}
+
+
+def test_non_root_gets_one_sentence():
+    home = tempfile.mkdtemp(prefix="shoal-nobody-", dir="/tmp")
+    os.chmod(home, 0o777)
+    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable]
+    r = subprocess.run([*drop, "-m", "shoal", "serve"], env=_nobody_env(home),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.startswith("Error: shoal needs root") and len(r.stderr.splitlines()) == 1
+    r = subprocess.run([*drop, "-c", "import shoal; shoal.App.lookup('x', create_if_missing=True)"],
+                       env=_nobody_env(home), capture_output=True, text=True, timeout=60)
+    assert "shoal needs root" in r.stderr and "Permission denied" not in r.stderr
+    assert not os.path.exists(os.path.join(home, "shoal.sock"))
+
+
+def test_ctrl_c_on_foreground_serve_hands_sandboxes_over():
+    """Ctrl-C: clean shutdown, the sandbox keeps running, the next server adopts it; JSON log
+    lines with events and request ids, the access log, one line for a client abort."""
+    home = Path(tempfile.mkdtemp(prefix="shoal-test-", dir="/tmp"))
+    env = {**os.environ, "SHOAL_HOME": str(home), "SHOAL_IMAGES": str(DEFAULT_IMAGES)}
+    log = home / "fg.log"
+
+    def start():
+        return subprocess.Popen([sys.executable, "-m", "shoal", "serve", "--log-format", "json",
+                                 "--access-log"], env=env, stdout=open(log, "ab"),
+                                stderr=subprocess.STDOUT)
+
+    def http():
+        return httpx.Client(transport=httpx.HTTPTransport(uds=str(home / "shoal.sock")),
+                            base_url="http://shoal", timeout=30)
+
+    def wait_up(proc):
+        for _ in range(600):
+            assert proc.poll() is None, log.read_text()[-2000:]
+            try:
+                with http() as c:
+                    if c.get("/health").status_code == 200:
+                        return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError("server did not start")
+
+    srv = start()
+    try:
+        wait_up(srv)
+        code = ("import shoal; a = shoal.App.lookup('fg', create_if_missing=True); "
+                "print(shoal.Sandbox.create(app=a, timeout=120).object_id)")
+        sid = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=120, check=True).stdout.strip()
+        # A client that goes away in the middle of a streamed response.
+        with http() as c, c.stream("GET", f"/sandboxes/{sid}/logs/stdout",
+                                   params={"follow": True}, timeout=1) as r:
+            assert r.status_code == 200
+        srv.send_signal(signal.SIGINT)
+        assert srv.wait(timeout=30) == 0
+        assert not (home / "shoal.sock").exists()
+        lines = [json.loads(line) for line in log.read_text().splitlines()
+                 if line.startswith("{")]
+        events = {e.get("event") for e in lines}
+        assert {"sandbox.created", "http.request"} <= events, events
+        created = next(e for e in lines if e.get("event") == "sandbox.created")
+        assert created["sandbox_id"] == sid and created["request_id"]
+        assert "Traceback" not in log.read_text()
+        assert "running sandboxes keep running" in log.read_text()
+
+        srv = start()
+        wait_up(srv)
+        with http() as c:
+            assert c.get(f"/sandboxes/{sid}").json()["state"] == "running"  # adopted
+    finally:
+        subprocess.run([sys.executable, "-m", "shoal", "stop"], env=env, timeout=120)
+        srv.wait(timeout=30)
+    assert not leftovers(home)

@@ -1,0 +1,124 @@
+"""Pseudo-terminals end to end: the SDK's exec(pty=True) and resize, and `shoal shell` driven in a
+real terminal (tmux): prompt, width, SIGWINCH, Ctrl-C to the sandbox, the terminal restored."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+import shoal
+
+
+def test_exec_pty_size_and_resize(sandbox):
+    p = sandbox.exec("sh", "-c", "stty size; read x; stty size; test -t 0 && echo tty",
+                     pty=True, pty_info=(33, 111))
+    first = p.stdout.readline() if hasattr(p.stdout, "readline") else None
+    p.resize(40, 100)
+    p.stdin.write("\n")
+    p.stdin.drain()
+    rest = p.stdout.read()
+    out = (first or "") + rest
+    assert p.wait() == 0
+    assert "33 111" in out and "40 100" in out and "tty" in out
+
+
+def test_exec_pty_merges_stderr(sandbox):
+    p = sandbox.exec("sh", "-c", "echo to-err >&2", pty=True)
+    assert "to-err" in p.stdout.read()
+    assert p.stderr.read() == ""
+    assert p.wait() == 0
+
+
+def test_pty_argument_errors(sandbox, app):
+    with pytest.raises(shoal.exception.InvalidError, match="pty_info"):
+        sandbox.exec("true", pty=True, pty_info=(0, 80))
+    with pytest.raises(shoal.exception.InvalidError, match="exec\\(..., pty=True\\)"):
+        shoal.Sandbox.create(app=app, pty=True)
+    p = sandbox.exec("true")
+    p.wait()
+    with pytest.raises(shoal.exception.InvalidError):
+        p.resize(0, 10)
+
+
+class Tmux:
+    def __init__(self, cols: int = 90, rows: int = 30):
+        self.name = f"shoal-{uuid.uuid4().hex[:8]}"
+        self.cols, self.rows = cols, rows
+
+    def run(self, *args: str, check: bool = True) -> str:
+        return subprocess.run(["tmux", "-L", self.name, *args], capture_output=True, text=True,
+                              check=check, timeout=30).stdout
+
+    def start(self, command: str) -> None:
+        self.run("new-session", "-d", "-x", str(self.cols), "-y", str(self.rows), "-s", "t",
+                 "sh", "-c", command)
+        self.run("set-option", "-t", "t", "remain-on-exit", "on")
+
+    def screen(self) -> str:
+        return self.run("capture-pane", "-p", "-t", "t", "-S", "-200")
+
+    def keys(self, *keys: str) -> None:
+        self.run("send-keys", "-t", "t", *keys)
+
+    def wait_for(self, text: str, timeout: float = 20) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s = self.screen()
+            if text in s:
+                return s
+            time.sleep(0.1)
+        raise AssertionError(f"{text!r} not on screen:\n{self.screen()}")
+
+    def kill(self) -> None:
+        self.run("kill-server", check=False)
+
+
+@pytest.fixture
+def tmux():
+    t = Tmux()
+    yield t
+    t.kill()
+
+
+def test_shell_in_a_real_terminal(sandbox, tmux, tmp_path):
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in os.environ.items()
+                   if k.startswith("SHOAL_"))
+    marker = tmp_path / "done"
+    # After the shell: record the local terminal's modes, to check they were restored.
+    tmux.start(f"env {env} TERM=xterm-256color {sys.executable} -m shoal shell "
+               f"{sandbox.object_id}; echo \"exit=$?\" > {marker}.tmp; stty -a >> {marker}.tmp; "
+               f"mv {marker}.tmp {marker}")
+    tmux.wait_for("root@sandbox")  # bash's prompt, from /etc/bash.bashrc over a real pty
+    tmux.keys("tput cols; echo W=$(tput cols)", "Enter")
+    tmux.wait_for(f"W={tmux.cols}")
+    tmux.run("resize-window", "-t", "t", "-x", "70", "-y", "20")
+    time.sleep(0.5)
+    tmux.keys("echo R=$(stty size)", "Enter")
+    tmux.wait_for("R=20 70")
+    tmux.keys("ls --color=always /; echo listed", "Enter")
+    tmux.wait_for("\nlisted")
+    screen = tmux.run("capture-pane", "-e", "-p", "-t", "t")
+    assert "\x1b[" in screen  # colours reach the terminal
+    tmux.keys("sleep 30; echo after-sleep=$?", "Enter")
+    time.sleep(1)
+    tmux.keys("C-c")
+    tmux.wait_for("root@sandbox", timeout=5)
+    tmux.keys("echo still-here", "Enter")
+    tmux.wait_for("still-here")
+    # Ctrl-C ended the sleep and the rest of its line with it, within a second, not 30.
+    assert "^C" in tmux.screen() and not re.search(r"after-sleep=\d", tmux.screen())
+    tmux.keys("exit 5", "Enter")
+    deadline = time.monotonic() + 20
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    text = marker.read_text()
+    assert text.startswith("exit=5")
+    assert " icanon " in f" {text} " and " echo " in f" {text} "  # cooked mode again
+    assert sandbox.poll() is None  # the sandbox keeps running
