@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(runc tini busybox-static debootstrap docker-registry python3 python3-venv python3-pip ca-certificates procps
+  musl-tools  # builds the in-sandbox agent (src/shoal/server/agent)
   iproute2 nftables openssl  # sandbox networking (docs/network.md)
   s3fs fuse3)  # CloudBucketMount (docs/buckets.md)
 # For the tests: a real terminal (tmux) for `shoal shell`, and a browser (chromium) that
@@ -34,3 +35,7 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   .venv/bin/pip install -q --disable-pip-version-check -e '.[server,test]'
   echo "$want" > "$stamp"
 fi
+
+# The in-sandbox agent: a static binary built from src/shoal/server/agent (the server also builds
+# it when its sources change).
+.venv/bin/python -c "from shoal.server.agent import ensure_built; ensure_built()"
