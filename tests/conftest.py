@@ -100,7 +100,7 @@ def pytest_configure(config):
     os.environ["SHOAL_LEASE_TTL"] = "3"
     # Tests restart the server themselves (ServerProcess.restart); an SDK that restarts it too
     # after losing it would race them for the server lock. Later than any restart takes here.
-    os.environ["SHOAL_AUTOSTART_AFTER"] = "25"
+    os.environ["SHOAL_AUTOSTART_AFTER"] = "120"
     os.environ.pop("SHOAL_SERVER", None)
     os.environ.pop("SHOAL_TOKEN", None)
     config._shoal_home = home
@@ -135,6 +135,7 @@ class ServerProcess:
 
         paths = config.paths()
         paths.logs.mkdir(parents=True, exist_ok=True)
+        self._end_others(paths)
         log = open(paths.server_log, "ab")
         # The server dies with this pytest (PR_SET_PDEATHSIG) if the session is killed before
         # its teardown; a normal teardown stops it with `shoal stop`.
@@ -155,6 +156,29 @@ class ServerProcess:
                 pass
             time.sleep(0.05)
         raise RuntimeError("server did not start")
+
+    def _end_others(self, paths) -> None:
+        """A server of this home that is not ours (an SDK call that found the server gone
+        started one, as clients do) would answer in place of ours: the session owns this home,
+        so end it first."""
+        try:
+            pid = int(paths.server_pid.read_text())
+        except (OSError, ValueError):
+            return
+        if self.proc is not None and pid == self.proc.pid:
+            return
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            except (OSError, IndexError):
+                break
+            time.sleep(0.05)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         assert self.proc is not None

@@ -788,7 +788,7 @@ def test_entrypoint_signals_are_forwarded(tmp_path):
     try:
         asyncio.run(_connected(a))
         a.proc.send_signal(signal.SIGTERM)
-        assert a.proc.wait(timeout=5) == 128 + signal.SIGTERM
+        assert a.proc.wait(timeout=30) == 128 + signal.SIGTERM
     finally:
         a.stop()
 
