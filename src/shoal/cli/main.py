@@ -41,8 +41,12 @@ def main() -> None:
 @click.option("--token", envvar="SHOAL_TOKEN", help="Token for TCP clients (default: generated, "
               "kept in $SHOAL_HOME/token).")
 @click.option("--log-level", default="info", show_default=True)
-def serve(tcp: str | None, token: str | None, log_level: str) -> None:
+@click.option("--runtime", type=click.Choice(["runc", "gvisor"]), envvar="SHOAL_RUNTIME",
+              default="runc", show_default=True,
+              help="Default sandbox runtime (per sandbox: experimental_options={'runtime': ...}).")
+def serve(tcp: str | None, token: str | None, log_level: str, runtime: str) -> None:
     """Run the control plane in the foreground."""
+    os.environ["SHOAL_RUNTIME"] = runtime
     try:
         from shoal.server.main import ServerAlreadyRunning, serve as run
     except ModuleNotFoundError as e:
