@@ -13,6 +13,7 @@ construction.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import grp
 import posixpath
@@ -65,6 +66,20 @@ class _Handle:
     path: str
 
 
+@contextlib.contextmanager
+def said_as_agent(path: str):
+    """`said_as`, plus the agent's own way of refusing a device, FIFO or socket (EINVAL "not a
+    regular file"), said as the runc file API says it (PermissionError)."""
+    with said_as(path):
+        try:
+            yield
+        except OSError as e:
+            if e.errno == errno.EINVAL and "not a regular file" in str(e.strerror):
+                raise PermissionError(errno.EACCES, "not a regular file (a device, FIFO or "
+                                      "socket); the file API opens only regular files") from None
+            raise
+
+
 class AgentFiles:
     """File operations of running sandboxes, each one or a few agent requests. `call` is the
     host's `_call(sandbox_id, method, *args)` (it maps a lost agent to SandboxGone/HostError)."""
@@ -79,20 +94,20 @@ class AgentFiles:
 
     async def stat(self, sandbox_id: str, path: str) -> dict:
         rel = sandbox_rel(path)
-        with said_as(path):
+        with said_as_agent(path):
             st = await self._call(sandbox_id, "stat", "/" + rel)
         return entry_info("/" + rel, st)
 
     async def listdir(self, sandbox_id: str, path: str) -> list[dict]:
         rel = sandbox_rel(path)
-        with said_as(path):
+        with said_as_agent(path):
             entries = await self._call(sandbox_id, "listdir", "/" + rel)
         return [entry_info(posixpath.join("/" + rel, e["name"]), e) for e in entries]
 
     async def read_file(self, sandbox_id: str, path: str,
                         limit: int | None) -> tuple[int, AsyncIterator[bytes]]:
         rel = sandbox_rel(path)
-        with said_as(path):
+        with said_as_agent(path):
             st = await self._call(sandbox_id, "stat", "/" + rel)
             if st["type"] == "DIRECTORY":
                 raise IsADirectoryError(errno.EISDIR, rel)
@@ -113,7 +128,7 @@ class AgentFiles:
                     offset += len(data)
                 if eof or not data:
                     return
-                with said_as(path):
+                with said_as_agent(path):
                     data, eof, _ = await self._call(sandbox_id, "read_file", "/" + rel, offset,
                                                     CHUNK)
         return size, chunks()
@@ -123,15 +138,15 @@ class AgentFiles:
         rel = sandbox_rel(path)
         if not rel:
             raise IsADirectoryError(errno.EISDIR, "/ is a directory")
-        with said_as(path):
+        with said_as_agent(path):
             handle = await self._call(sandbox_id, "write_begin", "/" + rel, parents)
         written = 0
         try:
             async for chunk in chunks:
-                with said_as(path):
+                with said_as_agent(path):
                     await self._call(sandbox_id, "write_chunk", handle, chunk)
                 written += len(chunk)
-            with said_as(path):
+            with said_as_agent(path):
                 await self._call(sandbox_id, "write_commit", handle)
         except BaseException:
             try:
@@ -147,14 +162,14 @@ class AgentFiles:
             if exist_ok:
                 return
             raise FileExistsError(errno.EEXIST, "already exists: /")
-        with said_as(path):
+        with said_as_agent(path):
             await self._call(sandbox_id, "mkdir", "/" + rel, parents, exist_ok)
 
     async def remove(self, sandbox_id: str, path: str, recursive: bool) -> None:
         rel = sandbox_rel(path)
         if not rel:
             raise InvalidError("refusing to remove the sandbox's root directory")
-        with said_as(path):
+        with said_as_agent(path):
             await self._call(sandbox_id, "remove", "/" + rel, recursive)
 
     async def rename(self, sandbox_id: str, src: str, dst: str, overwrite: bool) -> None:
@@ -167,12 +182,12 @@ class AgentFiles:
         try:
             await self._call(sandbox_id, "rename", "/" + srel, "/" + drel, overwrite)
         except FileNotFoundError:
-            with said_as(src):
+            with said_as_agent(src):
                 await self._call(sandbox_id, "stat", "/" + srel)
-            with said_as(dst):
+            with said_as_agent(dst):
                 raise
         except OSError:
-            with said_as(dst):
+            with said_as_agent(dst):
                 raise
 
     # --- FileIO handles
@@ -188,7 +203,7 @@ class AgentFiles:
         rel = sandbox_rel(path)
         if sum(h.sandbox_id == sandbox_id for h in self.handles.values()) >= MAX_HANDLES:
             raise InvalidError(f"too many open files in this sandbox ({MAX_HANDLES}); close some")
-        with said_as(path):
+        with said_as_agent(path):
             if not rel:
                 raise IsADirectoryError(errno.EISDIR, rel)
             ah = await self._call(sandbox_id, "h_open", "/" + rel, _MODES[mode])
@@ -199,7 +214,7 @@ class AgentFiles:
     async def handle_read(self, sandbox_id: str, hid: str, n: int, line: bool) -> bytes:
         h = self._handle(sandbox_id, hid)
         parts, got = [], 0
-        with said_as(h.path):
+        with said_as_agent(h.path):
             while n < 0 or got < n:
                 want = CHUNK if n < 0 else min(CHUNK, n - got)
                 data, eof = await self._call(sandbox_id, "h_read", h.agent_handle, want, line)
@@ -211,18 +226,18 @@ class AgentFiles:
 
     async def handle_write(self, sandbox_id: str, hid: str, data: bytes) -> int:
         h = self._handle(sandbox_id, hid)
-        with said_as(h.path):
+        with said_as_agent(h.path):
             await self._call(sandbox_id, "h_write", h.agent_handle, data)
         return len(data)
 
     async def handle_seek(self, sandbox_id: str, hid: str, offset: int, whence: int) -> int:
         h = self._handle(sandbox_id, hid)
-        with said_as(h.path):
+        with said_as_agent(h.path):
             return await self._call(sandbox_id, "h_seek", h.agent_handle, offset, whence)
 
     async def handle_flush(self, sandbox_id: str, hid: str) -> int:
         h = self._handle(sandbox_id, hid)
-        with said_as(h.path):
+        with said_as_agent(h.path):
             await self._call(sandbox_id, "h_flush", h.agent_handle)
             return await self._call(sandbox_id, "h_seek", h.agent_handle, 0, 1)
 
@@ -230,7 +245,7 @@ class AgentFiles:
         h = self.handles.pop(hid, None)
         if h is None or h.sandbox_id != sandbox_id:
             return
-        with said_as(h.path):
+        with said_as_agent(h.path):
             await self._call(sandbox_id, "h_close", h.agent_handle)
 
     # --- watching
@@ -239,7 +254,7 @@ class AgentFiles:
         """Starts the watch (errors raise here), then streams events as runc_files.Watch does."""
         rel = sandbox_rel(path)
         w = agent.watch("/" + rel, recursive)
-        with said_as(path):
+        with said_as_agent(path):
             await w.__aenter__()
 
         async def events() -> AsyncIterator[bytes]:

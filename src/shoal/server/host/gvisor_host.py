@@ -65,7 +65,23 @@ class GvisorHost(RuncHost):
 
     async def destroy(self, sandbox_id: str) -> None:
         self.agent_files.forget(sandbox_id)
-        await super().destroy(sandbox_id)
+        sb = self.live.get(sandbox_id)
+        if sb is not None and not sb.exited and sb.pidfd is not None:
+            # After kill: let the pidfd watcher reap the sandbox process (and read its status);
+            # `runsc delete` waits for it to be gone, and an unreaped zombie never is.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(sb.exit_event.wait(), 5)
+        reaper = asyncio.ensure_future(self._reap_while_deleting())
+        try:
+            await super().destroy(sandbox_id)
+        finally:
+            reaper.cancel()
+
+    async def _reap_while_deleting(self) -> None:
+        """The gofer and runsc's helpers exit during `runsc delete`: reap them as they go."""
+        while True:
+            _reap_runsc_strays({s.pid for s in self.live.values() if not s.exited})
+            await asyncio.sleep(0.01)
 
     async def sandboxes(self) -> set[str]:
         found = {c.id for c in await self.runtime.list()}
@@ -145,7 +161,7 @@ def gvisor_config(cspec: ContainerSpec) -> dict:
     resources.pop("devices", None)
     config["process"]["rlimits"].append(
         {"type": "RLIMIT_NPROC", "hard": nproc, "soft": nproc})
-    config["linux"].pop("seccomp", None)  # runsc ignores it (no --oci-seccomp): say so by absence
+    config["linux"].pop("seccomp", None)  # not applied (see runsc.py): say so by its absence
     return config
 
 

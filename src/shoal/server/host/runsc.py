@@ -11,7 +11,11 @@ What differs from runc (RUNTIME-NOTES.md, measured on this machine):
   the namespace the config names (policy stays in the host's nftables); without, `--network=none`;
 - a host `pids.max` panics the whole sandbox: the config carries no pids limit (see gvisor_host);
 - `--overlay2=none --file-access=shared`: rootfs writes land as real files in the host overlay's
-  upper dir, coherent with the host, so snapshots copy them as for runc.
+  upper dir, coherent with the host, so snapshots copy them as for runc;
+- no `--oci-seccomp`: with it, threads fail inside (glibc's clone3 -> clone fallback breaks under
+  gVisor's emulation of the filter); the system calls runc's filter denies are served by gVisor's
+  own kernel, never the host's; `--net-raw`: CAP_NET_RAW as under runc (ping), in the sandbox's
+  own namespace.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ class RunscRuntime:
     def _cmd(self, *args: str, network: str = "none") -> list[str]:
         return [self.binary, "--root", str(self.root), "--platform=systrap",
                 f"--network={network}", "--overlay2=none", "--file-access=shared",
-                "--host-uds=all", *args]
+                "--host-uds=all", "--net-raw", *args]
 
     async def _run(self, *args: str, check: bool = True, timeout: float = CALL_TIMEOUT) -> str:
         proc = await asyncio.create_subprocess_exec(
