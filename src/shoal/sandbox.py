@@ -196,6 +196,10 @@ class _Sandbox:
         IPv4 networks (plus DNS to shoal's resolvers); a bad CIDR raises InvalidError.
         `encrypted_ports` / `unencrypted_ports` / `h2_ports`: ports reachable through
         `tunnels()`.
+
+        Runtime (docs/gvisor.md): `experimental_options={"runtime": "gvisor"}` runs the sandbox
+        under gVisor's user-space kernel instead of the server's default (runc unless `shoal
+        serve --runtime gvisor`); InvalidError when the server has no gVisor or for any other key.
         """
         check_client(client, environment_name)
         _refuse_create(locals())
