@@ -27,6 +27,30 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
+# gVisor (the `gvisor` runtime, docs/gvisor.md): Debian 12's own runsc (20221219) is broken on
+# current kernels; the bookworm-backports build works. Add that suite, pin runsc to this version
+# (apt never moves it), and install exactly it.
+RUNSC_VERSION=0.0~20240729.0-4~bpo12+2
+if [ "$(dpkg-query -W -f='${Version}' runsc 2>/dev/null || true)" != "$RUNSC_VERSION" ]; then
+  if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    cat > /etc/apt/sources.list.d/shoal-backports.sources <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  fi
+  cat > /etc/apt/preferences.d/shoal-runsc <<PIN
+Package: runsc
+Pin: version $RUNSC_VERSION
+Pin-Priority: 1001
+PIN
+  echo "installing runsc $RUNSC_VERSION from bookworm-backports"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "runsc=$RUNSC_VERSION"
+fi
+
 stamp=.venv/.shoal-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then

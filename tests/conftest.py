@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+TEST_RUNTIME = os.environ.get("SHOAL_TEST_RUNTIME") or "runc"  # runc | gvisor
 DEFAULT_IMAGES = Path(os.environ.get("SHOAL_IMAGES") or Path.home() / ".shoal" / "images")
 
 
@@ -103,6 +104,9 @@ def pytest_configure(config):
     os.environ["SHOAL_AUTOSTART_AFTER"] = "120"
     os.environ.pop("SHOAL_SERVER", None)
     os.environ.pop("SHOAL_TOKEN", None)
+    # --- runtimes (issue 10): SHOAL_TEST_RUNTIME=gvisor runs the session's server with gVisor as
+    # its default runtime, so every sandbox the tests make is a gVisor one.
+    os.environ["SHOAL_RUNTIME"] = TEST_RUNTIME
     config._shoal_home = home
     (home / "session.pid").write_text(str(os.getpid()))  # whose home this is, for other sessions
     if not hasattr(config, "workerinput"):
@@ -223,6 +227,15 @@ def server(pytestconfig, world):
     srv.stop()
 
 
+def pytest_report_header(config):
+    return f"shoal sandbox runtime: {TEST_RUNTIME} (SHOAL_TEST_RUNTIME)"
+
+
+def runc_only(reason: str):
+    """Skip a test under gVisor: `reason` says what about it is runc's by nature."""
+    return pytest.mark.skipif(TEST_RUNTIME != "runc", reason=f"runc only: {reason}")
+
+
 @pytest.fixture(scope="session")
 def app(server):
     import shoal
@@ -248,6 +261,13 @@ def leftovers(home: Path, server_may_run: bool = False, only: str | None = None)
         out = subprocess.run(["runc", "--root", str(runc_root), "list", "-q"],
                              capture_output=True, text=True).stdout.split()
         found += [f"container {c}" for c in out]
+    runsc_root = home / "runsc"
+    if runsc_root.exists():
+        out = subprocess.run(["runsc", "--root", str(runsc_root), "list", "-quiet"],
+                             capture_output=True, text=True).stdout.split()
+        found += [f"gvisor container {c}" for c in out]
+        from shoal.server.host.runsc import RunscRuntime
+        found += [f"runsc process {p}" for p in RunscRuntime(runsc_root).stray_pids()]
     with open("/proc/self/mountinfo") as f:
         found += [f"mount {line.split()[4]}" for line in f if str(home) in line.split()[4]]
     sandboxes = home / "sandboxes"

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import TEST_RUNTIME, runc_only
 
 import shoal
 
@@ -300,7 +301,9 @@ def test_capabilities_are_docker_default_with_no_new_privs_and_seccomp(shared, w
         assert caps == DOCKER_DEFAULT_CAPS, f"{field}={st[field]}"
         for bit in (CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_SYS_MODULE, CAP_NET_ADMIN):
             assert not caps & (1 << bit), f"{field} has capability {bit}"
-    assert int(st["CapInh"], 16) == 0 and int(st["CapAmb"], 16) == 0
+    assert int(st["CapInh"], 16) == 0 and int(st.get("CapAmb", "0"), 16) == 0
+    if TEST_RUNTIME == "gvisor":
+        return  # gVisor's /proc/<pid>/status has no CapAmb, NoNewPrivs, Seccomp (docs/gvisor.md)
     assert st["NoNewPrivs"] == "1"
     assert st["Seccomp"] == "2"  # filter mode
 
@@ -371,6 +374,8 @@ def run_on_host(code: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+@runc_only("under gVisor these system calls are served by gVisor's own kernel, never the host's; "
+           "the OCI seccomp filter is not applied there (docs/gvisor.md)")
 def test_seccomp_denies_namespace_mount_trace_key_bpf_syscalls_but_not_fork(shared):
     inside = py_json(shared, SECCOMP_PROBE)
     for name in DENIED:
@@ -430,6 +435,7 @@ print(json.dumps({
 """
 
 
+@runc_only("gVisor serves every ABI itself; the OCI seccomp filter is not applied there")
 def test_seccomp_also_filters_i386_and_x32_syscall_abis(shared):
     """A deny-list keyed on x86_64 numbers alone is bypassed by `int 0x80` (i386 numbering)."""
     inside = py_json(shared, ABI_PROBE)
@@ -470,7 +476,9 @@ out['listing'] = sorted(os.listdir('/dev'))
 print(json.dumps(out))
 """)
     for label in ("disk", "mem", "kmsg"):
-        assert res[label] == "EPERM", f"{label}: {res[label]}"
+        # gVisor has no host devices at all: a node made inside opens nothing (ENXIO)
+        allowed = ("EPERM",) if TEST_RUNTIME == "runc" else ("EPERM", "ENXIO")
+        assert res[label] in allowed, f"{label}: {res[label]}"
     assert name not in res["listing"] and "mem" not in res["listing"], res["listing"]
 
 
@@ -538,10 +546,17 @@ def test_proc_sys_and_sys_are_read_only(shared):
     assert os.listdir("/sys/firmware"), "control: the host's /sys/firmware has entries"
     res = py_json(shared, WRITE_PROBE)
     for label in ("proc_sys_hostname", "proc_sys_vm", "sys_attr"):
+        if TEST_RUNTIME == "gvisor":
+            # gVisor's own /proc and /sys: its hostname is gVisor's UTS namespace's only, and
+            # most kernel files do not exist at all
+            if label != "proc_sys_hostname":
+                assert res[label] in ("EROFS", "absent"), f"{label}: {res[label]}"
+            continue
         assert res[label] == "EROFS", f"{label}: {res[label]}"
     # /proc/sysrq-trigger only exists with CONFIG_MAGIC_SYSRQ (not on this kernel).
     expected = "EROFS" if Path("/proc/sysrq-trigger").exists() else "absent"
-    assert res["sysrq_trigger"] == expected, res["sysrq_trigger"]
+    if TEST_RUNTIME == "runc":  # gVisor has its own /proc/sysrq-trigger, which reaches no host
+        assert res["sysrq_trigger"] == expected, res["sysrq_trigger"]
     assert res["sys_mkdir"] in ("EROFS", "EPERM", "ENOENT"), res["sys_mkdir"]
     assert res["firmware"] == []  # masked
     assert res["hostname"] == "sandbox"
@@ -567,7 +582,9 @@ print(json.dumps({'ifaces': ifaces, 'err': err, 'secs': time.monotonic() - t}))
     host_ifaces = {line.split(":")[0].strip()
                    for line in Path("/proc/net/dev").read_text().splitlines()[2:]}
     assert host_ifaces - {"lo"}, "control: the host has a non-loopback interface"
-    assert res["err"] == "ENETUNREACH", res
+    # (gVisor's loopback-only stack says EHOSTUNREACH)
+    assert res["err"] in (("ENETUNREACH",) if TEST_RUNTIME == "runc"
+                          else ("ENETUNREACH", "EHOSTUNREACH")), res
     assert res["secs"] < 1.0, res  # refused at once, not a timeout
 
 
@@ -604,6 +621,7 @@ print(c.recv(64).decode())
 
 # --- resource limits ------------------------------------------------------------------------------
 
+@runc_only("over its memory limit a gVisor sandbox ends as a whole (tests/test_runtimes.py)")
 def test_memory_limit_oom_kills_process_and_sandbox_survives(app):
     sb = shoal.Sandbox.create(app=app, timeout=60, memory=64)
     try:
@@ -627,6 +645,8 @@ def test_memory_limit_oom_kills_process_and_sandbox_survives(app):
 
 
 @pytest.mark.slow
+@runc_only("a host pids.max panics gVisor: its pids limit is RLIMIT_NPROC "
+           "(tests/test_runtimes.py)")
 def test_pids_limit_stops_task_explosion_and_sandbox_stays_usable(app):
     sb = shoal.Sandbox.create(app=app, timeout=60)
     sid = sb.object_id
@@ -704,7 +724,8 @@ ru = resource.getrusage(resource.RUSAGE_CHILDREN)
 print(json.dumps({'cpu': ru.ru_utime + ru.ru_stime, 'wall': time.monotonic() - start}))
 """)
         after = key_values((cpu / "cpu.stat").read_text())
-        assert res["cpu"] <= 0.5 * res["wall"] + 0.3, res
+        if TEST_RUNTIME == "runc":  # gVisor's rusage counts throttled time as run time
+            assert res["cpu"] <= 0.5 * res["wall"] + 0.3, res
         assert int(after["nr_throttled"]) > int(before["nr_throttled"]), (before, after)
     finally:
         sb.terminate()

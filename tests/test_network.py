@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import TEST_RUNTIME
 
 import shoal
 from shoal.exception import InvalidError, SandboxTerminatedError
@@ -272,8 +273,9 @@ def test_kill9_restart_removes_what_no_sandbox_owns(app, server, world):
     gone_slot = state["owned"][ended.object_id]["slot"]
     server.kill(signal.SIGKILL)
     # What a crash can leave: a sandbox that ended meanwhile, an unrecorded namespace and veth.
-    subprocess.run(["runc", "--root", str(home / "runc"), "kill", ended.object_id, "KILL"],
-                   check=True)
+    runtime = [TEST_RUNTIME if TEST_RUNTIME == "runc" else "runsc", "--root",
+               str(home / ("runc" if TEST_RUNTIME == "runc" else "runsc"))]
+    subprocess.run([*runtime, "kill", ended.object_id, "KILL"], check=True)
     subprocess.run(["ip", "netns", "add", f"shoal-{tag}-1999"], check=True)
     subprocess.run(["ip", "link", "add", f"sh{tag}1998", "type", "veth", "peer", "name",
                     f"sh{tag}1997"], check=True)

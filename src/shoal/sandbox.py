@@ -35,12 +35,34 @@ def _refuse_create(given: dict) -> None:
     defaults = {"gpu": None, "cloud": None, "region": None, "runtime": None,
                 "outbound_cidr_allowlist": None, "inbound_cidr_allowlist": None,
                 "custom_domain": None, "proxy": None,
-                "include_oidc_identity_token": False, "experimental_options": None,
-                "pty_info": None}
+                "include_oidc_identity_token": False, "pty_info": None}
     bad = sorted(k for k, d in defaults.items() if given[k] not in (d, None, (), [], {}, False))
     if bad:
         raise InvalidError(f"Sandbox.create: {', '.join(bad)} not supported by shoal "
                            "(see docs/modal-parity.md)")
+
+
+# --- runtimes (issue 10)
+_EXPERIMENTAL_OPTIONS = {"runtime": ("runc", "gvisor")}
+
+
+def _experimental(options: dict | None) -> dict:
+    """Modal's `experimental_options`: shoal knows `runtime` ("runc" or "gvisor",
+    docs/gvisor.md); any other key is refused rather than ignored."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise InvalidError(f"experimental_options must be a dict, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(_EXPERIMENTAL_OPTIONS))
+    if unknown:
+        raise InvalidError(f"Sandbox.create: experimental_options {', '.join(map(repr, unknown))} "
+                           f"not supported by shoal (known: {', '.join(_EXPERIMENTAL_OPTIONS)})")
+    runtime = options.get("runtime")
+    if runtime is not None and runtime not in _EXPERIMENTAL_OPTIONS["runtime"]:
+        raise InvalidError(f"experimental_options['runtime'] must be 'runc' or 'gvisor', "
+                           f"got {runtime!r}")
+    return {"runtime": runtime}
+# --- end runtimes
 
 
 def _check_args(args: Sequence, what: str) -> list[str]:
@@ -135,6 +157,7 @@ class _Sandbox:
         self._sandbox_id = sandbox_id
         self._returncode: int | None = None
         self._end_reason: str | None = None
+        self._runtime: str | None = None
         self._stdout = _StreamReader(f"/sandboxes/{sandbox_id}/output/stdout", resumable=True)
         self._stderr = _StreamReader(f"/sandboxes/{sandbox_id}/output/stderr", resumable=True)
         self._stdin = _StreamWriter(f"/sandboxes/{sandbox_id}/stdin")
@@ -197,9 +220,13 @@ class _Sandbox:
 
         `ephemeral_disk`: MiB for the sandbox's writable root and /tmp (default: the server's,
         10 GiB); writing past it fails with ENOSPC inside the sandbox (docs/security.md).
+        Runtime (docs/gvisor.md): `experimental_options={"runtime": "gvisor"}` runs the sandbox
+        under gVisor's user-space kernel instead of the server's default (runc unless `shoal
+        serve --runtime gvisor`); InvalidError when the server has no gVisor or for any other key.
         """
         check_client(client, environment_name)
         _refuse_create(locals())
+        experimental = _experimental(experimental_options)
         bad = [k for k in unsupported if k in _UNSUPPORTED or not k.startswith("_")]
         if bad:
             raise InvalidError(f"Sandbox.create: {', '.join(sorted(bad))} not supported by shoal")
@@ -259,6 +286,7 @@ class _Sandbox:
             "h2_ports": list(h2_ports),
             "secret_ids": await secret_ids(secrets),
             "bucket_mounts": [await b._mount_spec(p) for p, b in buckets],
+            "runtime": experimental.get("runtime"),
         }
         output.emit("creating sandbox")
         client = await get_client()
@@ -270,7 +298,9 @@ class _Sandbox:
             body["image_id"] = await image._resolve(fresh=True)  # removed since we resolved it
             r = await client.call("POST", "/sandboxes", json=body)
         output.emit(f"sandbox {r['sandbox_id']} started in {time.monotonic() - started:.2f} s")
-        return cls(r["sandbox_id"])
+        sb = cls(r["sandbox_id"])
+        sb._runtime = r.get("runtime")
+        return sb
 
     @classmethod
     async def from_id(cls, sandbox_id: str, client=None) -> "_Sandbox":
@@ -330,6 +360,7 @@ class _Sandbox:
             yield sb
 
     def _update(self, info: dict) -> None:
+        self._runtime = info.get("runtime", self._runtime)
         if info["state"] != "running":
             self._returncode = info["returncode"]
             self._end_reason = info["end_reason"]
@@ -337,6 +368,18 @@ class _Sandbox:
     @property
     def object_id(self) -> str:
         return self._sandbox_id
+
+    @property
+    def runtime(self) -> str | None:
+        """The runtime isolating this sandbox: "runc" (Linux namespaces, cgroups and seccomp
+        around the host kernel) or "gvisor" (gVisor's user-space kernel in between; choose it with
+        `Sandbox.create(..., experimental_options={"runtime": "gvisor"})`; docs/gvisor.md).
+        None for a handle made from an id alone until `from_id`/`list` filled it in.
+
+            sb = shoal.Sandbox.create(experimental_options={"runtime": "gvisor"})
+            assert sb.runtime == "gvisor"
+        """
+        return self._runtime
 
     @property
     def returncode(self) -> int | None:

@@ -101,7 +101,10 @@ def _alive(pid: int) -> bool:
 @click.option("--log-format", default="text", show_default=True,
               type=click.Choice(["text", "json"]), help="json: one JSON object per line.")
 @click.option("--access-log", is_flag=True, help="Log every request (method, path, status, ms).")
-def serve(tcp, token, log_level, log_format, access_log) -> None:
+@click.option("--runtime", type=click.Choice(["runc", "gvisor"]), envvar="SHOAL_RUNTIME",
+              default="runc", show_default=True,
+              help="Default sandbox runtime (per sandbox: experimental_options={'runtime': ...}).")
+def serve(tcp, token, log_level, log_format, access_log, runtime) -> None:
     """Run the control plane in the foreground.
 
     Ctrl-C (or SIGTERM) shuts it down cleanly: the warm pool is removed and running sandboxes keep
@@ -109,6 +112,7 @@ def serve(tcp, token, log_level, log_format, access_log) -> None:
     """
     if os.geteuid() != 0:
         raise click.ClickException(config.NOT_ROOT)
+    os.environ["SHOAL_RUNTIME"] = runtime
     try:
         from shoal.server.main import ServerAlreadyRunning, serve as run
     except ModuleNotFoundError as e:

@@ -84,7 +84,7 @@ def build_services(paths: Paths) -> Services:
     network = (None if os.environ.get("SHOAL_NET", "on") == "off"
                else NetworkManager(NetworkConfig.from_env(paths.home)))
     images = ImageService(paths.images, RuncRuntime(paths.runc_root), tools_dir, network)
-    host = RuncHost(paths.sandboxes, paths.runc_root, tools_dir, network)
+    host = _sandbox_host(paths, tools_dir, network)
     sbx = SandboxService(store, host, vols, images, pool.parse_sizes(None))
     # Named secrets and bucket mounts: attached, so the constructors stay as they are.
     secrets_svc = SecretService(store, paths.db)
@@ -93,6 +93,23 @@ def build_services(paths: Paths) -> Services:
     sbx.buckets = buckets
     return Services(store, vols, sbx, images, KvService(KvStore(paths.db)), network,
                     secrets_svc, buckets)
+
+
+# --- runtimes (issue 10): runc and gVisor side by side, the default from SHOAL_RUNTIME
+def _sandbox_host(paths: Paths, tools_dir, network):
+    from shoal.server.host import runsc
+    from shoal.server.host.gvisor_host import GvisorHost
+    from shoal.server.host.multi import MultiHost, check_runtime
+
+    default = check_runtime(os.environ.get("SHOAL_RUNTIME") or "runc")
+    runc_host = RuncHost(paths.sandboxes, paths.runc_root, tools_dir, network)
+    gvisor = GvisorHost(paths.sandboxes, paths.home / "runsc", tools_dir, network)
+    missing = runsc.installed()
+    if missing and default == "gvisor":
+        raise RuntimeError(f"SHOAL_RUNTIME=gvisor: {missing}")
+    return MultiHost({"runc": runc_host, "gvisor": gvisor}, default, paths.sandboxes,
+                     {"gvisor": missing} if missing else None)
+# --- end runtimes
 
 
 def _error(status: int, type_name: str, message: str, errno: int | None = None) -> JSONResponse:

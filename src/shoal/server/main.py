@@ -131,10 +131,11 @@ def serve(paths: Paths, tcp: str | None = None, token: str | None = None,
         log.info("serving TCP on %s (token in %s or SHOAL_TOKEN); dashboard at http://%s/",
                  tcp, paths.home / "token", tcp)
         app = TokenAuth(app, token)
-    # uvloop and httptools when installed (the server extra has them): about a third less per
-    # request than asyncio + h11. SHOAL_LOOP=asyncio forces the standard loop.
+    # The standard asyncio loop: uvloop's child handling races the server's own reaping (it is a
+    # child subreaper), which left `runsc delete` waiting forever. httptools parses HTTP when
+    # installed (the server extra has it). SHOAL_LOOP=uvloop to experiment.
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            loop=os.environ.get("SHOAL_LOOP", "auto"),
+                            loop=os.environ.get("SHOAL_LOOP", "asyncio"),
                             timeout_graceful_shutdown=5, log_config=None)
     try:
         uvicorn.Server(config).run(sockets=sockets)

@@ -164,6 +164,9 @@ class CreateSandbox(BaseModel):
     secret_ids: list[str] = Field(default_factory=list, description="named secrets, resolved "
                                   "by the server; `env` overrides them")
     bucket_mounts: list[BucketMountSpec] = Field(default_factory=list)
+    # --- runtimes (issue 10): experimental_options={"runtime": ...} in the SDK
+    runtime: str | None = Field(None, description="runc | gvisor; None: the server's default "
+                                "(docs/gvisor.md)")
 
 
 class SandboxInfo(BaseModel):
@@ -175,6 +178,7 @@ class SandboxInfo(BaseModel):
     created_at: float
     returncode: int | None
     end_reason: str | None
+    runtime: str = Field("runc", description="runc | gvisor (docs/gvisor.md)")
 
 
 class TunnelModel(BaseModel):

@@ -872,7 +872,20 @@ void h_exec(struct conn *c, const struct msg *m)
         struct winsize ws = {.ws_row = (unsigned short)pty[0], .ws_col = (unsigned short)pty[1]};
         ioctl(master, TIOCSWINSZ, &ws);
     }
-    pid_t pid = fork();
+    /* vfork: the child borrows the agent's memory until it execs, so no address space is
+     * copied. Under gVisor a fork costs a new address space (a host stub process): fork + exec
+     * took ~20 ms there, vfork + exec ~7 ms. The child only makes system calls on its own stack
+     * and exits or execs (child_main); signals stay blocked until it has reset every handler, so
+     * no agent handler ever runs in it. */
+    sigset_t all, old;
+    sigfillset(&all);
+    sigprocmask(SIG_BLOCK, &all, &old);
+    pid_t pid = vfork();
+    if (pid == 0)
+        child_main(&x);
+    int fork_errno = errno;
+    sigprocmask(SIG_SETMASK, &old, NULL);
+    errno = fork_errno;
     if (pid < 0) {
         int e = errno;
         for (int i = 0; i < 3; i++)
@@ -882,8 +895,6 @@ void h_exec(struct conn *c, const struct msg *m)
         reply_err(c, m->id, e == EAGAIN ? EMFILE : e, "fork: %s", strerror(e));
         goto out;
     }
-    if (pid == 0)
-        child_main(&x);
     close_child_ends(&x);
 
     struct session *s = calloc(1, sizeof *s);

@@ -119,13 +119,27 @@ static int open_fallback(const char *path, int flags)
     char cur[MAX_PATH_BYTES + 1], link[MAX_PATH_BYTES + 1], next[2 * MAX_PATH_BYTES + 2];
     bool follow = !(flags & O_NOFOLLOW);
     snprintf(cur, sizeof cur, "%s", path);
+    /* O_DIRECTORY is checked after the last hop: with O_NOFOLLOW it fails on a symlink to a
+     * directory (ENOTDIR) before that link could be followed. */
+    bool want_dir = flags & O_DIRECTORY;
+    flags &= ~O_DIRECTORY;
     for (int hop = 0; hop < 40; hop++) {
         int fd = openat(AT_FDCWD, cur, flags | O_NOFOLLOW | O_CLOEXEC);
         if (fd < 0)
             return -errno;
         struct stat st;
-        if (!follow || fstat(fd, &st) < 0 || !S_ISLNK(st.st_mode))
+        if (fstat(fd, &st) < 0) {
+            int e = errno;
+            close(fd);
+            return -e;
+        }
+        if (!follow || !S_ISLNK(st.st_mode)) {
+            if (want_dir && !S_ISDIR(st.st_mode)) {
+                close(fd);
+                return -ENOTDIR;
+            }
             return fd;
+        }
         ssize_t n = readlinkat(fd, "", link, sizeof link - 1);
         close(fd);
         if (n <= 0)

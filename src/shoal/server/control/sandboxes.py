@@ -176,6 +176,19 @@ class SandboxService:
                 await self.buckets.mount_all(sid, req.bucket_mounts, self._secret_env)]
     # --- end named secrets and bucket mounts
 
+    # --- runtimes (issue 10)
+    def _runtime(self, requested: str | None) -> str:
+        """The runtime a request gets: its own or the server's default (InvalidError when it is
+        unknown or not installed). A host with one runtime has no choice to offer."""
+        check = getattr(self.host, "check", None)
+        if check is not None:
+            return check(requested)
+        if requested not in (None, self.host.name):
+            raise InvalidError(f"runtime {requested!r} is not available on this server "
+                               f"(it runs {self.host.name} only)")
+        return self.host.name
+    # --- end runtimes
+
     # --- queries
     def get(self, sandbox_id: str) -> SandboxRecord:
         rec = self.store.sandbox_get(sandbox_id)
@@ -278,6 +291,7 @@ class SandboxService:
         if policy is not None and not self.host.has_network:
             raise InvalidError("this server runs without sandbox networking (SHOAL_NET=off): "
                                "pass block_network=True")
+        runtime = self._runtime(req.runtime)  # runtimes (issue 10)
         if self.store.app_get(req.app_id) is None:
             raise NotFoundError(f"app {req.app_id} not found")
         if req.name and self.store.sandbox_running_by_name(req.app_id, req.name):
@@ -295,13 +309,14 @@ class SandboxService:
         # A warm sandbox serves a request that asks for nothing it was not started with.
         fits = (not args and not req.mounts and not req.bucket_mounts
                 and req.resources == Resources()
-                and policy == (DEFAULT_POLICY if self.host.has_network else None))
+                and policy == (DEFAULT_POLICY if self.host.has_network else None)
+                and runtime == self._runtime(None))
         pooled = self.pool.claim(image.id, fits) if self.pool is not None else None
         sid = pooled or new_id("sb")
         now = time.time()
         spec = {**req.model_dump(exclude={"bucket_mounts": {"__all__": {"secret_env"}}}),
                 "env": env, "workdir": workdir, "image_id": image.id, "layers": image.layers,
-                "user": image.config.user}
+                "user": image.config.user, "runtime": runtime}
         rec = SandboxRecord(id=sid, app_id=req.app_id, name=req.name, state="running", spec=spec,
                             created_at=now, deadline=now + req.timeout, tags=dict(req.tags),
                             runtime=getattr(self.host, "name", "runc"), node=NODE,
@@ -327,7 +342,7 @@ class SandboxService:
                           disk_mib=req.resources.ephemeral_disk),
             mounts=[Mount(str(self.volumes.storage.host_path(v.id)), posixpath.normpath(m.path),
                           m.read_only) for m, v in vols],
-            network=policy)
+            network=policy, runtime=runtime)
         try:
             buckets = await self._mount_buckets(sid, req)  # fails before anything runs
             hspec.mounts.extend(buckets)

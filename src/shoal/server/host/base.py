@@ -56,6 +56,7 @@ class SandboxSpec:
     hostname: str = "sandbox"
     log_limit: int = 64 << 20  # bytes of entrypoint output kept per stream
     network: object | None = None  # a shoal.server.network.Policy; None: loopback only
+    runtime: str | None = None  # "runc" | "gvisor"; None: the server's default (host/multi.py)
 
 
 @dataclass

@@ -69,6 +69,7 @@ class _Sandbox:
 
 class RuncHost:
     name = "runc"
+    agent_flags: tuple[str, ...] = ()  # extra agent arguments (gVisor: --compat)
 
     def __init__(self, root: Path, runc_root: Path, tools_dir: Path, network=None):
         self.root = root
@@ -105,7 +106,7 @@ class RuncHost:
             sb.user = uid, gid = resolve_user(merged, spec.user)  # ValueError: a bad USER
             (sdir / "user").write_text(f"{uid}:{gid}")
             args = [tools.AGENT, "--socket", AGENT_SOCKET, "--uid", str(uid), "--gid", str(gid),
-                    "--log-limit", str(spec.log_limit), "--", *spec.args]
+                    "--log-limit", str(spec.log_limit), *self.agent_flags, "--", *spec.args]
             cspec = ContainerSpec(
                 id=spec.id, rootfs=str(merged), args=args, env=spec.env, cwd=spec.workdir,
                 hostname=spec.hostname, limits=spec.limits,
@@ -122,7 +123,7 @@ class RuncHost:
             stdout = os.open(sdir / "stdout", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             stderr = os.open(sdir / "stderr", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
-                sb.pid = await self.runtime.start(cspec, sdir / "bundle", stdin_r, stdout, stderr)
+                sb.pid = await self._start(cspec, sdir / "bundle", stdin_r, stdout, stderr)
             except RuntimeError_ as e:
                 detail = (sdir / "stderr").read_text(errors="replace").strip()
                 raise HostError(f"the sandbox failed to start: {detail or e}") from None
@@ -140,6 +141,12 @@ class RuncHost:
             for fd in (stdin_r, stdout, stderr):
                 if fd >= 0:
                     os.close(fd)
+
+    async def _start(self, cspec: ContainerSpec, bundle: Path, stdin: int, stdout: int,
+                     stderr: int) -> int:
+        """Start the container; returns the pid whose exit status is the sandbox's (a hook for
+        runtimes built on this host: gvisor_host)."""
+        return await self.runtime.start(cspec, bundle, stdin, stdout, stderr)
 
     async def _first_contact(self, sb: _Sandbox) -> None:
         """Wait for the new sandbox's agent to answer — or for the sandbox to end first (an

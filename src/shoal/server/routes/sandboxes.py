@@ -23,7 +23,7 @@ def _svc(request: Request):
 def _info(rec: SandboxRecord) -> SandboxInfo:
     return SandboxInfo(sandbox_id=rec.id, app_id=rec.app_id, name=rec.name, tags=rec.tags,
                        state=rec.state, created_at=rec.created_at, returncode=rec.returncode,
-                       end_reason=rec.end_reason)
+                       end_reason=rec.end_reason, runtime=rec.spec.get("runtime") or "runc")
 
 
 def _stream(gen) -> StreamingResponse:
