@@ -85,9 +85,16 @@ async def _frames(resp: httpx.Response):
         raise httpx.ReadError("the exec stream ended inside a frame")
 
 
+def _modal_rc(exit_info: dict) -> int:
+    """Modal's client reports an exec killed at its timeout as -1 (the server says 124)."""
+    return -1 if exit_info.get("timed_out") else exit_info["returncode"]
+
+
 class _ContainerProcess:
     """Handle to a running command: `stdout`, `stderr`, `stdin`, `wait()`, `poll()`,
-    `returncode`. Exit codes follow the shell: 124 after the exec's `timeout`, 137 when killed."""
+    `returncode`. Exit codes as Modal's client gives them: the process's own, 128 + N when
+    killed by signal N (137 for SIGKILL), and -1 when the exec's `timeout` ran out (Modal's
+    client returns -1 there rather than raising ExecTimeoutError)."""
 
     def __init__(self, exec_id: str, text: bool = True, resp: httpx.Response | None = None,
                  captured: tuple[str, ...] = ("stdout", "stderr")):
@@ -146,7 +153,7 @@ class _ContainerProcess:
                             await self._channels["stdout" if kind == FRAME_STDOUT
                                                  else "stderr"].put(payload)
                         elif kind == FRAME_EXIT:
-                            self._returncode = json.loads(payload)["returncode"]
+                            self._returncode = _modal_rc(json.loads(payload))
                             self._exited.set()
                         elif kind == FRAME_ERROR:
                             err = json.loads(payload)["error"]
@@ -205,8 +212,18 @@ class _ContainerProcess:
         return self._stdin
 
     @property
-    def returncode(self) -> int | None:
-        """The exit code once `wait()` or `poll()` has seen the process end, else None."""
+    def returncode(self) -> int:
+        """The exit code, once `wait()` or `poll()` has seen the process end.
+
+        Raises InvalidError before that (as Modal's client does): call `wait()`, or `poll()`
+        to check without blocking.
+
+            p = sb.exec("true"); p.wait(); assert p.returncode == 0
+        """
+        if self._returncode is None:
+            raise exc.InvalidError("You must call wait() before accessing the returncode. "
+                                   "To poll for the status of a running process, use poll() "
+                                   "instead.")
         return self._returncode
 
     async def resize(self, rows: int, cols: int) -> None:
@@ -223,7 +240,7 @@ class _ContainerProcess:
         client = await get_client()
         r = await client.call("GET", f"/execs/{self._exec_id}/wait", params={"timeout": timeout})
         if r["done"]:
-            self._returncode = r["returncode"]
+            self._returncode = _modal_rc(r)
         return self._returncode
 
     async def poll(self) -> int | None:

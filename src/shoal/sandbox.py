@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import logging
 import time
+from dataclasses import dataclass
 from collections.abc import AsyncIterator, Sequence
 
 from shoal import output
@@ -102,6 +105,38 @@ class _Probe:
 
     def __repr__(self) -> str:
         return f"Probe({self._spec})"
+
+
+def _resources(cpu, memory) -> dict:
+    """Modal's `cpu=` / `memory=`: a number is a request the sandbox may burst past (a CPU share,
+    a memory reservation); a `(request, limit)` tuple adds a hard cap (a CPU quota, a memory
+    limit past which processes are OOM-killed). Checks as Modal's client does; the server
+    refuses more than the machine has (cores, RAM) with an InvalidError."""
+    def pair(v, what: str, kind: tuple) -> tuple:
+        if v is None or v == 0:
+            return None, None
+        if isinstance(v, tuple):
+            if len(v) != 2 or not all(isinstance(x, kind) and not isinstance(x, bool) for x in v):
+                raise InvalidError(f"{what} must be a number or a (request, limit) tuple, "
+                                   f"got {v!r}")
+            if not v[0] or v[0] <= 0:
+                raise InvalidError(f"{what.upper() if what == 'cpu' else 'Memory'} request must "
+                                   "be a positive number")
+            if not v[1] or v[1] <= 0:
+                raise InvalidError(f"{what.upper() if what == 'cpu' else 'Memory'} limit must be "
+                                   "a positive number")
+            if v[1] < v[0]:
+                raise InvalidError(f"Cannot specify a {what.upper() if what == 'cpu' else what} "
+                                   f"limit lower than request: {v[1]} < {v[0]}")
+            return v
+        if not isinstance(v, kind) or isinstance(v, bool) or v < 0:
+            raise InvalidError(f"{what} must be a positive number or a (request, limit) tuple, "
+                               f"got {v!r}")
+        return v, None
+
+    cpu_req, cpu_lim = pair(cpu, "cpu", (int, float))
+    mem_req, mem_lim = pair(memory, "memory", (int,))
+    return {"cpu": cpu_req, "cpu_limit": cpu_lim, "memory": mem_req, "memory_limit": mem_lim}
 
 
 def _pty_size(pty: bool, info) -> tuple[int, int] | None:
@@ -219,10 +254,7 @@ class _Sandbox:
             raise InvalidError(f"image must be a shoal.Image, got {type(image).__name__}")
         if isinstance(app, _App):  # the App's defaults (App(image=, secrets=, volumes=))
             image, secrets, volumes = app._sandbox_defaults(image, secrets, volumes)
-        if isinstance(cpu, tuple):
-            cpu = cpu[1]  # Modal's (request, limit): shoal enforces the limit
-        if isinstance(memory, tuple):
-            memory = memory[1]
+        resources = _resources(cpu, memory)
         volumes = dict(volumes or {})  # CloudBucketMounts stand beside volumes (issue 12)
         buckets = _mounts({p: volumes.pop(p) for p in list(volumes)
                            if isinstance(volumes[p], CloudBucketMount)}, CloudBucketMount, "volumes")
@@ -249,7 +281,7 @@ class _Sandbox:
             "idle_timeout": idle_timeout,
             "readiness_probe": readiness_probe._spec if readiness_probe else None,
             "mounts": [o._mount_spec(p) for p, o in vols + nfss],
-            "resources": {"cpu": cpu, "memory": memory, "ephemeral_disk": ephemeral_disk},
+            "resources": {**resources, "ephemeral_disk": ephemeral_disk},
             "block_network": bool(block_network),
             "cidr_allowlist": list(cidr_allowlist) if cidr_allowlist is not None else None,
             "outbound_domain_allowlist": (list(outbound_domain_allowlist)
@@ -328,6 +360,17 @@ class _Sandbox:
             sb = cls(r["sandbox_id"])
             sb._update(r)
             yield sb
+
+    def logs(self) -> "_SandboxLogsManager":
+        """The entrypoint's logs (Modal's `Sandbox.logs()`): `.tail(n)` and `.fetch(since=...)`
+        yield LogEntry objects (message, timestamp, source "stdout"/"stderr"/"system").
+        Output of `exec()` is not included, as in Modal. "system" entries say how the sandbox
+        ended (an OOM kill says so). Raises NotFoundError (when iterated) for an unknown sandbox.
+
+            for entry in sb.logs().tail(20):
+                print(entry.source, entry.message, end="")
+        """
+        return _SandboxLogsManager(self._sandbox_id)
 
     def _update(self, info: dict) -> None:
         if info["state"] != "running":
@@ -419,10 +462,19 @@ class _Sandbox:
         return r["done"]
 
     async def wait(self, raise_on_termination: bool = True) -> None:
-        """Wait for the sandbox to finish. Raises SandboxTimeoutError if it reached its timeout,
-        and SandboxTerminatedError if it was terminated, unless `raise_on_termination=False`."""
+        """Wait for the sandbox to finish.
+
+        Raises SandboxTimeoutError if it reached its timeout, and SandboxTerminatedError if it
+        was terminated, unless `raise_on_termination=False`. A sandbox killed for running out of
+        memory ends as Modal's does: no exception, `returncode` 137, and a warning on the
+        "shoal" logger plus a "system" entry in `sb.logs()` saying it was OOM-killed.
+
+            sb.wait(raise_on_termination=False); print(sb.returncode)
+        """
         while not await self._wait_once(60):
             pass
+        if self._end_reason == "oom":
+            _log.warning("%s", _oom_message(self._sandbox_id))
         if raise_on_termination:
             if self._end_reason in ("timeout", "idle-timeout"):
                 raise SandboxTimeoutError(f"sandbox {self._sandbox_id} reached its timeout")
@@ -501,6 +553,38 @@ class _Sandbox:
         client = await get_client()
         r = await client.call("POST", f"/sandboxes/{self._sandbox_id}/snapshot")
         return _Image.from_id(r["image_id"])
+
+    async def snapshot_directory(self, path: str, *, timeout: int = 55, ttl: int | None = None,
+                                 _experimental_encryption_key: bytes | None = None) -> _Image:
+        """Not supported by shoal: always raises InvalidError (Modal's directory snapshots are
+        images mounted live into running sandboxes, which shoal's runtime cannot do yet). Use
+        `snapshot_filesystem()` and `Sandbox.create(image=...)`, or a Volume, instead.
+
+            image = sb.snapshot_filesystem()   # the whole root filesystem instead
+        """
+        raise InvalidError("Sandbox.snapshot_directory is not supported by shoal (no live image "
+                           "mounts); use sb.snapshot_filesystem() and Sandbox.create(image=...), "
+                           "or a Volume (see docs/modal-parity.md)")
+
+    async def mount_image(self, path: str, image: _Image, *,
+                          _experimental_encryption_key: bytes | None = None) -> None:
+        """Not supported by shoal: always raises InvalidError (mounting an image into a running
+        sandbox needs a live mount into its mount namespace). Start a sandbox from the image
+        with `Sandbox.create(image=...)`, or share files through a Volume.
+
+            sb = shoal.Sandbox.create(image=image, app=app)   # instead of mount_image
+        """
+        raise InvalidError("Sandbox.mount_image is not supported by shoal (no live image "
+                           "mounts); start a sandbox with Sandbox.create(image=...), or use a "
+                           "Volume (see docs/modal-parity.md)")
+
+    async def unmount_image(self, path: str) -> None:
+        """Not supported by shoal (see `mount_image`): always raises InvalidError.
+
+            sb.unmount_image("/data")   # raises InvalidError
+        """
+        raise InvalidError("Sandbox.unmount_image is not supported by shoal: nothing can be "
+                           "mounted with mount_image (see docs/modal-parity.md)")
 
     # --- files (Modal's first file API)
     async def open(self, path: str, mode: str = "r") -> _FileIO:
@@ -586,5 +670,85 @@ class _Sandbox:
         return f"Sandbox({self._sandbox_id})"
 
 
+_log = logging.getLogger("shoal")
+
+
+def _oom_message(sandbox_id: str) -> str:
+    return (f"sandbox {sandbox_id} ran out of memory and was OOM-killed (returncode 137); "
+            "give it more with memory=(request, limit) or see docs/modal-parity.md")
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One log line of a sandbox (Modal's `modal.types.LogEntry`). shoal does not timestamp
+    each line: `timestamp` is when the sandbox started."""
+
+    message: str
+    timestamp: datetime.datetime
+    source: str
+    object_id: str
+    context_ids: list
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _SandboxLogsManager:
+    """Access to a sandbox's entrypoint logs: `tail(entries)` and `fetch(since=...)`."""
+
+    def __init__(self, sandbox_id: str):
+        self._sandbox_id = sandbox_id
+
+    async def _entries(self, source: str | None, search_text: str = "") -> list[LogEntry]:
+        client = await get_client()
+        info = await client.call("GET", f"/sandboxes/{self._sandbox_id}")
+        at = datetime.datetime.fromtimestamp(info["created_at"], datetime.timezone.utc)
+        out = []
+        for stream in ("stdout", "stderr"):
+            if source not in (None, stream):
+                continue
+            resp = await client.http.get(f"/sandboxes/{self._sandbox_id}/logs/{stream}")
+            if resp.status_code >= 400:
+                from shoal._client import _error_from
+
+                raise _error_from(resp.status_code, resp.content)
+            for line in resp.content.decode(errors="replace").splitlines(keepends=True):
+                out.append(LogEntry(line, at, stream, self._sandbox_id, [self._sandbox_id]))
+        if source in (None, "system") and info["state"] != "running":
+            msg = (_oom_message(self._sandbox_id) if info["end_reason"] == "oom" else
+                   f"sandbox {self._sandbox_id} ended: {info['end_reason']}, returncode "
+                   f"{info['returncode']}")
+            out.append(LogEntry(msg + "\n", at, "system", self._sandbox_id, [self._sandbox_id]))
+        return [e for e in out if search_text in e.message]
+
+    async def tail(self, entries: int = 100, *, source: str | None = None
+                   ) -> AsyncIterator[LogEntry]:
+        """The last `entries` log lines (stdout and stderr, then how the sandbox ended).
+
+        Raises NotFoundError for an unknown sandbox.
+
+            for e in sb.logs().tail(10): print(e.message, end="")
+        """
+        for e in (await self._entries(source))[-entries:] if entries > 0 else []:
+            yield e
+
+    async def fetch(self, *, since: datetime.datetime, until: datetime.datetime | None = None,
+                    source: str | None = None, search_text: str = "") -> AsyncIterator[LogEntry]:
+        """Log lines containing `search_text`, of a sandbox that started between `since` and
+        `until` (lines carry no time of their own: all or none of a sandbox's lines match).
+
+        Raises NotFoundError for an unknown sandbox.
+
+            for e in sb.logs().fetch(since=datetime.now() - timedelta(hours=1)): print(e)
+        """
+        def utc(d):
+            return d if d.tzinfo else d.astimezone(datetime.timezone.utc)
+
+        for e in await self._entries(source, search_text):
+            if utc(since) <= e.timestamp and (until is None or e.timestamp <= utc(until)):
+                yield e
+
+
+SandboxLogsManager = synchronize_api(_SandboxLogsManager)
 Probe = synchronize_api(_Probe)
 Sandbox = synchronize_api(_Sandbox)
