@@ -92,6 +92,10 @@ class Client:
     """Whether `close()` was called.
 
     assert not client.is_closed()
+
+    Raises nothing.
+
+        client.close(); assert client.is_closed()
     """
 
     @property

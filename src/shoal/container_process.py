@@ -228,7 +228,12 @@ class _ContainerProcess:
 
     async def resize(self, rows: int, cols: int) -> None:
         """Change the size of the process's terminal (an exec with `pty=True`); it gets
-        SIGWINCH. InvalidError for a process without a terminal."""
+        SIGWINCH.
+
+        Raises InvalidError for a process without a terminal or a size outside 1-1000.
+
+            p = sb.exec("bash", pty=True); p.resize(40, 120)
+        """
         if not all(isinstance(v, int) and 0 < v <= 1000 for v in (rows, cols)):
             raise exc.InvalidError(f"rows and cols must be between 1 and 1000, got {rows!r} x "
                                    f"{cols!r}")
@@ -244,13 +249,24 @@ class _ContainerProcess:
         return self._returncode
 
     async def poll(self) -> int | None:
-        """The exit code if the process has ended, else None (does not block)."""
+        """The exit code if the process has ended, else None (does not block).
+
+        Raises ConnectionError if the server cannot be reached.
+
+            rc = p.poll()  # None while it runs
+        """
         if self._returncode is None and not self._exited.is_set():
             await self._wait(0)
         return self._returncode
 
     async def wait(self) -> int:
-        """Wait for the process to end; returns its exit code."""
+        """Wait for the process to end; returns its exit code.
+
+        Raises ConnectionError if the server stays unreachable, NotFoundError if the exec ended
+        more than 10 minutes ago.
+
+            rc = sb.exec("sh", "-c", "exit 3").wait()  # 3
+        """
         while self._returncode is None:
             reader_stuck = self._reader is None or self._reader.done() or any(
                 ch.full() for ch in self._channels.values())

@@ -102,13 +102,28 @@ class ContainerProcess:
 
     resize: _spec_ContainerProcess_resize
     """Change the size of the process's terminal (an exec with `pty=True`); it gets
-    SIGWINCH. InvalidError for a process without a terminal.
+    SIGWINCH.
+
+    Raises InvalidError for a process without a terminal or a size outside 1-1000.
+
+        p = sb.exec("bash", pty=True); p.resize(40, 120)
     """
 
     poll: _spec_ContainerProcess_poll
-    """The exit code if the process has ended, else None (does not block)."""
+    """The exit code if the process has ended, else None (does not block).
+
+    Raises ConnectionError if the server cannot be reached.
+
+        rc = p.poll()  # None while it runs
+    """
 
     wait: _spec_ContainerProcess_wait
-    """Wait for the process to end; returns its exit code."""
+    """Wait for the process to end; returns its exit code.
+
+    Raises ConnectionError if the server stays unreachable, NotFoundError if the exec ended
+    more than 10 minutes ago.
+
+        rc = sb.exec("sh", "-c", "exit 3").wait()  # 3
+    """
 
     def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None: ...

@@ -107,31 +107,76 @@ class FileIO:
     """An open file in a sandbox: read, readline, readlines, write, flush, seek, tell, close."""
 
     create: _spec_FileIO_create
+    """Open `path` in sandbox `sandbox_id` (what `Sandbox.open` calls).
+
+    Raises ValueError for a bad mode, FileNotFoundError, IsADirectoryError, PermissionError or
+    FileExistsError as the built-in `open` does.
+
+        f = shoal.FileIO.create("/tmp/x", "w", sb.object_id)
+    """
 
     read: _spec_FileIO_read
     """Up to `n` bytes (characters, in text mode), or everything to the end. At most 100 MiB
     per call (Modal's limit): more raises SandboxFilesystemFileTooLargeError.
+
+        text = sb.open("/etc/hostname").read()
     """
 
     readline: _spec_FileIO_readline
     """The next line, with its newline; empty at the end. A line over 16 MiB raises
     SandboxFilesystemFileTooLargeError (read it with read(n)).
+
+        first = sb.open("/etc/passwd").readline()
     """
 
     readlines: _spec_FileIO_readlines
-    """All remaining lines."""
+    """All remaining lines.
+
+    Raises ValueError on a closed file, io.UnsupportedOperation if not open for reading.
+
+        lines = sb.open("/etc/passwd").readlines()
+    """
 
     write: _spec_FileIO_write
-    """Write `data` (bytes in binary mode, str in text mode); returns its length."""
+    """Write `data` (bytes in binary mode, str in text mode); returns its length.
+
+    Raises TypeError for the wrong kind of data, ValueError on a closed file,
+    io.UnsupportedOperation if not open for writing.
+
+        sb.open("/tmp/patch.diff", "w").write(patch)
+    """
 
     flush: _spec_FileIO_flush
+    """Flush the file in the sandbox (each write already reaches it, as in Modal).
+
+    Raises ValueError on a closed file.
+
+        f.write("data"); f.flush()
+    """
 
     seek: _spec_FileIO_seek
-    """Move to `offset` relative to the start (0), the current position (1) or the end (2)."""
+    """Move to `offset` relative to the start (0), the current position (1) or the end (2).
+
+    Raises ValueError for a bad `whence` or a closed file.
+
+        f.seek(0)  # back to the start
+    """
 
     tell: _spec_FileIO_tell
+    """The current position in the file.
+
+    Raises ValueError on a closed file.
+
+        pos = f.tell()
+    """
 
     close: _spec_FileIO_close
+    """Close the file (writes have already reached it); closing twice does nothing.
+
+    Raises NotFoundError if the sandbox is gone.
+
+        f = sb.open("/tmp/x", "w"); f.write("hi"); f.close()
+    """
 
     @property
     def closed(self) -> bool: ...

@@ -208,6 +208,11 @@ class Image:
     """Debian bookworm with Python 3 (`python`, `pip`, `bash` work), built from Debian's
     packages. `python_version` may be one the distribution provides ("3.11"); the server says
     which when another is asked for.
+
+    Raises InvalidError for `force_build=True` or a Python version the server cannot provide
+    (when the image is built).
+
+        image = shoal.Image.debian_slim(python_version="3.11")
     """
 
     from_registry: _spec_Image_from_registry
@@ -232,7 +237,12 @@ class Image:
     """
 
     from_id: _spec_Image_from_id
-    """An image by its id (e.g. one made by `Sandbox.snapshot_filesystem`)."""
+    """An image by its id (e.g. one made by `Sandbox.snapshot_filesystem`).
+
+    Raises NotFoundError (when used) if there is no such image.
+
+        image = shoal.Image.from_id("im-...")
+    """
 
     from_dockerfile: _spec_Image_from_dockerfile
     """An image from a Dockerfile: FROM, RUN, COPY, ADD (local files), ENV, WORKDIR, ARG,
@@ -337,10 +347,20 @@ class Image:
     """
 
     env: _spec_Image_env
-    """Set environment variables for later steps and for sandboxes."""
+    """Set environment variables for later steps and for sandboxes.
+
+    Raises InvalidError if `vars` is not a dict of str to str.
+
+        image = shoal.Image.debian_slim().env({"PYTHONUNBUFFERED": "1"})
+    """
 
     workdir: _spec_Image_workdir
-    """The working directory of later steps and of sandboxes."""
+    """The working directory of later steps and of sandboxes.
+
+    Raises InvalidError if `path` is not absolute.
+
+        image = shoal.Image.debian_slim().workdir("/app")
+    """
 
     cmd: _spec_Image_cmd
     """The image's default command (Docker's CMD). Recorded only: a sandbox's command is
@@ -352,19 +372,38 @@ class Image:
     """
 
     entrypoint: _spec_Image_entrypoint
-    """A command that a sandbox's arguments are appended to (like Docker's ENTRYPOINT)."""
+    """A command that a sandbox's arguments are appended to (like Docker's ENTRYPOINT).
+
+    Raises InvalidError if `entrypoint_commands` is not a list of str.
+
+        image = shoal.Image.debian_slim().entrypoint(["/bin/sh", "-c"])
+    """
 
     add_local_file: _spec_Image_add_local_file
-    """Add a file from this machine at `remote_path` (a directory if it ends with '/')."""
+    """Add a file from this machine at `remote_path` (a directory if it ends with '/').
+
+    Raises InvalidError for a missing file or a relative `remote_path`.
+
+        image = shoal.Image.debian_slim().add_local_file("cfg.toml", "/app/cfg.toml")
+    """
 
     add_local_dir: _spec_Image_add_local_dir
     """Add a directory from this machine at `remote_path`. `ignore`: glob patterns (or a
     function of the relative path) for files to leave out.
+
+    Raises InvalidError if `local_path` is not a directory or `remote_path` is not absolute
+    (when the image is built: NotFoundError for a missing file).
+
+        image = shoal.Image.debian_slim().add_local_dir("src", "/app/src")
     """
 
     add_local_python_source: _spec_Image_add_local_python_source
     """Add the source of local Python packages or modules, importable in the sandbox: they are
     placed under /root/pysrc, which the image puts on PYTHONPATH.
+
+    Raises InvalidError (at build) if a module cannot be found locally.
+
+        image = shoal.Image.debian_slim().add_local_python_source("mypkg")
     """
 
     build: _spec_Image_build

@@ -34,7 +34,13 @@ class _spec_StreamReader_read(typing_extensions.Protocol):
 
 class StreamReader:
     read: _spec_StreamReader_read
-    """Everything the stream still holds, waiting until the process closes it."""
+    """Everything the stream still holds, waiting until the process closes it.
+
+    Raises ConnectionError if the server is lost for good, SandboxTerminatedError where the
+    stream's sandbox is gone.
+
+        out = sb.exec("ls").stdout.read()
+    """
 
     @property
     def file_descriptor(self) -> int: ...
@@ -65,12 +71,27 @@ class _spec_StreamWriter_drain(typing_extensions.Protocol):
 
 class StreamWriter:
     write: _spec_StreamWriter_write
-    """Buffer `data`; `drain()` sends it."""
+    """Buffer `data`; `drain()` sends it.
+
+    Raises TypeError for data that is not str or bytes, ValueError after write_eof().
+
+        p.stdin.write(b"input\\n"); p.stdin.drain()
+    """
 
     write_eof: _spec_StreamWriter_write_eof
-    """Close stdin once the buffered data is sent (on the next `drain()`)."""
+    """Close stdin once the buffered data is sent (on the next `drain()`).
+
+    Raises nothing itself; `drain()` sends it.
+
+        p.stdin.write_eof(); p.stdin.drain()
+    """
 
     drain: _spec_StreamWriter_drain
-    """Send what `write()` buffered (and the end of input, after `write_eof()`)."""
+    """Send what `write()` buffered (and the end of input, after `write_eof()`).
+
+    Raises SandboxTerminatedError if the sandbox has finished.
+
+        p.stdin.write("data"); p.stdin.drain()
+    """
 
     def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None: ...

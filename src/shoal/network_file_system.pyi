@@ -138,41 +138,86 @@ class NetworkFileSystem:
     def name(self) -> str | None: ...
 
     info: _spec_NetworkFileSystem_info
-    """Name and creation time."""
+    """Name and creation time.
+
+    Raises NotFoundError for a deleted volume (or file system).
+
+        print(vol.info().created_at)
+    """
 
     read_file: _spec_NetworkFileSystem_read_file
     """The file's contents as a stream of byte chunks (never held whole in memory).
     FileNotFoundError if there is no such file.
 
         for chunk in vol.read_file("a.txt"): ...
+
+    Raises FileNotFoundError for a missing file, NotFoundError for a deleted volume (or file
+    system).
     """
 
     read_file_into_fileobj: _spec_NetworkFileSystem_read_file_into_fileobj
-    """Stream the file into a binary file object; returns the number of bytes."""
+    """Stream the file into a binary file object; returns the number of bytes.
+
+    Raises FileNotFoundError for a missing file, NotFoundError for a deleted volume (or file
+    system).
+
+        with open("out.bin", "wb") as f: vol.read_file_into_fileobj("/out.bin", f)
+    """
 
     listdir: _spec_NetworkFileSystem_listdir
     """Entries under `path` (relative to the root); with `recursive`, the whole tree. Glob
     patterns (`*`, `?`, `**`) list the matching entries.
+
+    Raises FileNotFoundError for a missing path, NotFoundError for a deleted volume (or file
+    system).
+
+        paths = [e.path for e in vol.listdir("/")]
     """
 
     iterdir: _spec_NetworkFileSystem_iterdir
-    """Like `listdir`, as an iterator (recursive by default, as Modal's)."""
+    """Like `listdir`, as an iterator (recursive by default, as Modal's).
+
+    Raises FileNotFoundError for a missing path, NotFoundError for a deleted volume (or file
+    system).
+
+        for entry in vol.iterdir("/", recursive=True): print(entry.path)
+    """
 
     remove_file: _spec_NetworkFileSystem_remove_file
     """Remove a file, link or directory (a non-empty one only with `recursive`).
     FileNotFoundError if there is none.
+
+    Raises FileNotFoundError for a missing path; a non-empty directory needs `recursive=True`.
+
+        vol.remove_file("/old", recursive=True)
     """
 
     write_file: _spec_NetworkFileSystem_write_file
     """Write the contents of the binary file object `fp` to `remote_path` atomically: readers
     see the old file or the whole new one. Returns the number of bytes written.
+
+    Raises InvalidError for a bad path, NotFoundError for a deleted file system.
+
+        with open("a.txt", "rb") as f: nfs.write_file("/a.txt", f)
     """
 
     add_local_file: _spec_NetworkFileSystem_add_local_file
-    """Upload a local file (to its name at the root, by default)."""
+    """Upload a local file (to its name at the root, by default).
+
+    Raises FileNotFoundError if `local_path` does not exist, NotFoundError for a deleted file
+    system.
+
+        nfs.add_local_file("model.bin", "/model.bin")
+    """
 
     add_local_dir: _spec_NetworkFileSystem_add_local_dir
-    """Upload a local directory's files (to a directory of its name, by default)."""
+    """Upload a local directory's files (to a directory of its name, by default).
+
+    Raises FileNotFoundError if `local_path` does not exist, NotFoundError for a deleted file
+    system.
+
+        nfs.add_local_dir("data", "/data")
+    """
 
     delete: _spec_NetworkFileSystem_delete
     """Delete a named network file system and its data.

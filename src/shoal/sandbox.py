@@ -75,14 +75,24 @@ class _Probe:
 
     @staticmethod
     def with_exec(*args: str, interval_ms: int = 100) -> "_Probe":
-        """Ready once this command exits 0."""
+        """Ready once this command exits 0.
+
+        Raises InvalidError without a command or with non-str arguments.
+
+            probe = shoal.Probe.with_exec("test", "-f", "/tmp/ready")
+        """
         if not args:
             raise InvalidError("Probe.with_exec needs a command")
         return _Probe({"exec_args": _check_args(args, "probe"), "interval_ms": interval_ms})
 
     @staticmethod
     def with_tcp(port: int, interval_ms: int = 100) -> "_Probe":
-        """Ready once something inside the sandbox accepts TCP connections on `port`."""
+        """Ready once something inside the sandbox accepts TCP connections on `port`.
+
+        Raises InvalidError for a port outside 1-65535.
+
+            probe = shoal.Probe.with_tcp(8000)
+        """
         if not isinstance(port, int) or not 0 < port < 65536:
             raise InvalidError(f"port must be an int between 1 and 65535, got {port!r}")
         return _Probe({"tcp_port": port, "interval_ms": interval_ms})
@@ -232,6 +242,8 @@ class _Sandbox:
 
         `ephemeral_disk`: MiB for the sandbox's writable root and /tmp (default: the server's,
         10 GiB); writing past it fails with ENOSPC inside the sandbox (docs/security.md).
+
+            sb = shoal.Sandbox.create(app=app, cpu=(0.5, 2), memory=(512, 1024))
         """
         check_client(client, environment_name)
         _refuse_create(locals())
@@ -482,13 +494,23 @@ class _Sandbox:
                 raise SandboxTerminatedError(f"sandbox {self._sandbox_id} was terminated")
 
     async def poll(self) -> int | None:
-        """The return code if the sandbox has finished, else None (does not block)."""
+        """The return code if the sandbox has finished, else None (does not block).
+
+        Raises NotFoundError for an unknown sandbox.
+
+            if sb.poll() is not None: print(sb.returncode)
+        """
         await self._wait_once(0)
         return self._returncode
 
     async def terminate(self, *, wait: bool = False) -> int | None:
         """Stop the sandbox (SIGKILL to all its processes). Its returncode becomes 137. Terminating
-        a finished sandbox does nothing."""
+        a finished sandbox does nothing.
+
+        Raises NotFoundError for an unknown sandbox.
+
+            sb.terminate(); sb.wait(raise_on_termination=False)
+        """
         client = await get_client()
         info = await client.call("POST", f"/sandboxes/{self._sandbox_id}/terminate")
         self._update(info)
@@ -508,6 +530,12 @@ class _Sandbox:
         await client.call("PUT", f"/sandboxes/{self._sandbox_id}/tags", json={"tags": tags})
 
     async def get_tags(self) -> dict[str, str]:
+        """The sandbox's tags.
+
+        Raises NotFoundError for an unknown sandbox.
+
+            tags = sb.get_tags()
+        """
         client = await get_client()
         return (await client.call("GET", f"/sandboxes/{self._sandbox_id}"))["tags"]
 
@@ -518,6 +546,8 @@ class _Sandbox:
 
             t = sb.tunnels()[8000]
             print(t.url)                # https://127.0.0.1:40123
+
+        Raises SandboxTerminatedError if the sandbox has ended.
         """
         client = await get_client()
         r = await client.call("GET", f"/sandboxes/{self._sandbox_id}/tunnels")
@@ -526,7 +556,10 @@ class _Sandbox:
     async def wait_until_ready(self, *, timeout: float = 300) -> None:
         """Wait for the readiness probe given at create to pass (at once without one). Raises
         shoal.exception.TimeoutError after `timeout` seconds, SandboxTerminatedError if the sandbox
-        ends first."""
+        ends first.
+
+            sb.wait_until_ready(timeout=60)
+        """
         client = await get_client()
         deadline = time.monotonic() + timeout
         while True:
@@ -581,7 +614,9 @@ class _Sandbox:
     async def unmount_image(self, path: str) -> None:
         """Not supported by shoal (see `mount_image`): always raises InvalidError.
 
-            sb.unmount_image("/data")   # raises InvalidError
+        sb.unmount_image("/data")   # raises InvalidError
+
+            sb.unmount_image("/data")  # InvalidError
         """
         raise InvalidError("Sandbox.unmount_image is not supported by shoal: nothing can be "
                            "mounted with mount_image (see docs/modal-parity.md)")
@@ -589,6 +624,10 @@ class _Sandbox:
     # --- files (Modal's first file API)
     async def open(self, path: str, mode: str = "r") -> _FileIO:
         """Open a file in the sandbox, like the built-in `open` (modes r w a x, with b and +).
+        Each write reaches the file before it returns, as with Modal's FileIO.
+
+        Raises ValueError for a bad mode; FileNotFoundError, IsADirectoryError, PermissionError
+        or FileExistsError as the built-in `open` does.
 
             with sb.open("/tmp/out.txt", "w") as f:
                 f.write("hi")
@@ -596,7 +635,13 @@ class _Sandbox:
         return await _FileIO.create(path, mode, self._sandbox_id)
 
     async def ls(self, path: str) -> list[str]:
-        """Names in a directory of the sandbox."""
+        """Names in a directory of the sandbox.
+
+        Raises FileNotFoundError, NotADirectoryError, SandboxTerminatedError if the sandbox has
+        finished.
+
+            names = sb.ls("/tmp")
+        """
         names, offset = [], 0
         while True:  # the server answers in pages of at most LIST_PAGE entries
             page = await self._fs("GET", "list", params={"path": path, "offset": offset,
@@ -607,21 +652,45 @@ class _Sandbox:
                 return names
 
     async def mkdir(self, path: str, parents: bool = False) -> None:
+        """Make a directory in the sandbox (with its parents, and no error if it exists, when
+        `parents`).
+
+        Raises FileExistsError, FileNotFoundError (a missing parent), SandboxTerminatedError.
+
+            sb.mkdir("/work/out", parents=True)
+        """
         await self._fs("POST", "mkdir", json={"path": path, "parents": parents,
                                               "exist_ok": parents})
 
     async def rm(self, path: str, recursive: bool = False) -> None:
+        """Remove a file or an empty directory (a non-empty one with `recursive`).
+
+        Raises FileNotFoundError, SandboxFilesystemDirectoryNotEmptyError without `recursive`,
+        SandboxTerminatedError.
+
+            sb.rm("/tmp/build", recursive=True)
+        """
         await self._fs("DELETE", "file", params={"path": path, "recursive": recursive})
 
     async def mv(self, src: str, dst: str) -> None:
-        """Move or rename a file or directory inside the sandbox (atomic; not in Modal)."""
+        """Move or rename a file or directory inside the sandbox (atomic; not in Modal).
+
+        Raises FileNotFoundError if `src` is missing, SandboxTerminatedError.
+
+            sb.mv("/tmp/a", "/tmp/b")
+        """
         await self._fs("POST", "rename", json={"src": src, "dst": dst, "overwrite": True})
 
     async def watch(self, path: str, filter: list[FileWatchEventType] | None = None,
                     recursive: bool | None = None,
                     timeout: int | None = None) -> AsyncIterator[FileWatchEvent]:
         """File events under `path`, as they happen, until `timeout` seconds pass or the sandbox
-        ends. FileNotFoundError if `path` does not exist."""
+        ends. FileNotFoundError if `path` does not exist.
+
+        Raises FileNotFoundError if `path` does not exist.
+
+            for event in sb.watch("/tmp", timeout=10): print(event.type, event.paths)
+        """
         async for event in watch_events(self._sandbox_id, path, filter, recursive, timeout):
             yield event
 
@@ -664,7 +733,12 @@ class _Sandbox:
         """
 
     async def detach(self) -> None:
-        """Forget this handle; the sandbox keeps running (it was never tied to the client)."""
+        """Forget this handle; the sandbox keeps running (it was never tied to the client).
+
+        Raises nothing.
+
+            sb.detach()
+        """
 
     def __repr__(self) -> str:
         return f"Sandbox({self._sandbox_id})"

@@ -181,10 +181,20 @@ class Probe:
     """How `Sandbox.wait_until_ready` knows the sandbox is ready."""
 
     with_exec: _spec_Probe_with_exec
-    """Ready once this command exits 0."""
+    """Ready once this command exits 0.
+
+    Raises InvalidError without a command or with non-str arguments.
+
+        probe = shoal.Probe.with_exec("test", "-f", "/tmp/ready")
+    """
 
     with_tcp: _spec_Probe_with_tcp
-    """Ready once something inside the sandbox accepts TCP connections on `port`."""
+    """Ready once something inside the sandbox accepts TCP connections on `port`.
+
+    Raises InvalidError for a port outside 1-65535.
+
+        probe = shoal.Probe.with_tcp(8000)
+    """
 
     @property
     def exec_argv(self) -> tuple[str, ...] | None: ...
@@ -353,6 +363,8 @@ class Sandbox:
 
     `ephemeral_disk`: MiB for the sandbox's writable root and /tmp (default: the server's,
     10 GiB); writing past it fails with ENOSPC inside the sandbox (docs/security.md).
+
+        sb = shoal.Sandbox.create(app=app, cpu=(0.5, 2), memory=(512, 1024))
     """
 
     from_id: _spec_Sandbox_from_id
@@ -433,11 +445,20 @@ class Sandbox:
     """
 
     poll: _spec_Sandbox_poll
-    """The return code if the sandbox has finished, else None (does not block)."""
+    """The return code if the sandbox has finished, else None (does not block).
+
+    Raises NotFoundError for an unknown sandbox.
+
+        if sb.poll() is not None: print(sb.returncode)
+    """
 
     terminate: _spec_Sandbox_terminate
     """Stop the sandbox (SIGKILL to all its processes). Its returncode becomes 137. Terminating
     a finished sandbox does nothing.
+
+    Raises NotFoundError for an unknown sandbox.
+
+        sb.terminate(); sb.wait(raise_on_termination=False)
     """
 
     set_tags: _spec_Sandbox_set_tags
@@ -449,6 +470,12 @@ class Sandbox:
     """
 
     get_tags: _spec_Sandbox_get_tags
+    """The sandbox's tags.
+
+    Raises NotFoundError for an unknown sandbox.
+
+        tags = sb.get_tags()
+    """
 
     tunnels: _spec_Sandbox_tunnels
     """The tunnels of the ports given at create (`encrypted_ports`, `unencrypted_ports`,
@@ -457,12 +484,16 @@ class Sandbox:
 
         t = sb.tunnels()[8000]
         print(t.url)                # https://127.0.0.1:40123
+
+    Raises SandboxTerminatedError if the sandbox has ended.
     """
 
     wait_until_ready: _spec_Sandbox_wait_until_ready
     """Wait for the readiness probe given at create to pass (at once without one). Raises
     shoal.exception.TimeoutError after `timeout` seconds, SandboxTerminatedError if the sandbox
     ends first.
+
+        sb.wait_until_ready(timeout=60)
     """
 
     snapshot_filesystem: _spec_Sandbox_snapshot_filesystem
@@ -495,28 +526,63 @@ class Sandbox:
     """Not supported by shoal (see `mount_image`): always raises InvalidError.
 
     sb.unmount_image("/data")   # raises InvalidError
+
+        sb.unmount_image("/data")  # InvalidError
     """
 
     open: _spec_Sandbox_open
     """Open a file in the sandbox, like the built-in `open` (modes r w a x, with b and +).
+    Each write reaches the file before it returns, as with Modal's FileIO.
 
-    with sb.open("/tmp/out.txt", "w") as f:
-        f.write("hi")
+    Raises ValueError for a bad mode; FileNotFoundError, IsADirectoryError, PermissionError
+    or FileExistsError as the built-in `open` does.
+
+        with sb.open("/tmp/out.txt", "w") as f:
+            f.write("hi")
     """
 
     ls: _spec_Sandbox_ls
-    """Names in a directory of the sandbox."""
+    """Names in a directory of the sandbox.
+
+    Raises FileNotFoundError, NotADirectoryError, SandboxTerminatedError if the sandbox has
+    finished.
+
+        names = sb.ls("/tmp")
+    """
 
     mkdir: _spec_Sandbox_mkdir
+    """Make a directory in the sandbox (with its parents, and no error if it exists, when
+    `parents`).
+
+    Raises FileExistsError, FileNotFoundError (a missing parent), SandboxTerminatedError.
+
+        sb.mkdir("/work/out", parents=True)
+    """
 
     rm: _spec_Sandbox_rm
+    """Remove a file or an empty directory (a non-empty one with `recursive`).
+
+    Raises FileNotFoundError, SandboxFilesystemDirectoryNotEmptyError without `recursive`,
+    SandboxTerminatedError.
+
+        sb.rm("/tmp/build", recursive=True)
+    """
 
     mv: _spec_Sandbox_mv
-    """Move or rename a file or directory inside the sandbox (atomic; not in Modal)."""
+    """Move or rename a file or directory inside the sandbox (atomic; not in Modal).
+
+    Raises FileNotFoundError if `src` is missing, SandboxTerminatedError.
+
+        sb.mv("/tmp/a", "/tmp/b")
+    """
 
     watch: _spec_Sandbox_watch
     """File events under `path`, as they happen, until `timeout` seconds pass or the sandbox
     ends. FileNotFoundError if `path` does not exist.
+
+    Raises FileNotFoundError if `path` does not exist.
+
+        for event in sb.watch("/tmp", timeout=10): print(event.type, event.paths)
     """
 
     @property
@@ -543,6 +609,11 @@ class Sandbox:
     """
 
     detach: _spec_Sandbox_detach
-    """Forget this handle; the sandbox keeps running (it was never tied to the client)."""
+    """Forget this handle; the sandbox keeps running (it was never tied to the client).
+
+    Raises nothing.
+
+        sb.detach()
+    """
 
     def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None: ...

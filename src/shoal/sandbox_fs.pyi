@@ -138,35 +138,102 @@ class SandboxFilesystem:
     read_bytes: _spec_SandboxFilesystem_read_bytes
     """The whole file (up to 512 MiB; SandboxFilesystemFileTooLargeError beyond: use
     copy_to_local).
+
+    Raises FileNotFoundError, IsADirectoryError, SandboxFilesystemFileTooLargeError,
+    SandboxTerminatedError.
+
+        data = sb.filesystem.read_bytes("/tmp/out.bin")
     """
 
     read_text: _spec_SandboxFilesystem_read_text
+    """A file's content as text (UTF-8).
+
+    Raises FileNotFoundError, IsADirectoryError, UnicodeDecodeError, SandboxTerminatedError.
+
+        text = sb.filesystem.read_text("/etc/hostname")
+    """
 
     write_bytes: _spec_SandboxFilesystem_write_bytes
-    """Create or replace the file with `data`, atomically; missing parents are created."""
+    """Create or replace the file with `data`, atomically; missing parents are created.
+
+    Raises IsADirectoryError, NotADirectoryError (a parent is a file), TypeError,
+    SandboxTerminatedError.
+
+        sb.filesystem.write_bytes(b"\\x00\\x01", "/tmp/data.bin")
+    """
 
     write_text: _spec_SandboxFilesystem_write_text
+    """Write text (UTF-8) to a file, replacing it.
+
+    Raises IsADirectoryError, NotADirectoryError (a parent is a file), TypeError,
+    SandboxTerminatedError.
+
+        sb.filesystem.write_text("hello", "/tmp/hello.txt")
+    """
 
     copy_from_local: _spec_SandboxFilesystem_copy_from_local
-    """Upload a local file of any size (streamed)."""
+    """Upload a local file of any size (streamed).
+
+    Raises FileNotFoundError if `local_path` is missing, IsADirectoryError,
+    SandboxTerminatedError.
+
+        sb.filesystem.copy_from_local("model.bin", "/tmp/model.bin")
+    """
 
     copy_to_local: _spec_SandboxFilesystem_copy_to_local
-    """Download a file of any size (streamed); the local file appears only when complete."""
+    """Download a file of any size (streamed); the local file appears only when complete.
+
+    Raises FileNotFoundError if `remote_path` is missing, SandboxTerminatedError.
+
+        sb.filesystem.copy_to_local("/tmp/out.tar", "out.tar")
+    """
 
     list_files: _spec_SandboxFilesystem_list_files
+    """The entries of a directory, as FileInfo (name, type, size, mode, mtime).
+
+    Raises FileNotFoundError, NotADirectoryError, SandboxTerminatedError.
+
+        for info in sb.filesystem.list_files("/tmp"): print(info.name, info.size)
+    """
 
     stat: _spec_SandboxFilesystem_stat
-    """Information about `remote_path` itself (a symlink is described, not followed)."""
+    """Information about `remote_path` itself (a symlink is described, not followed).
+
+    Raises FileNotFoundError, SandboxTerminatedError.
+
+        print(sb.filesystem.stat("/tmp").type)
+    """
 
     make_directory: _spec_SandboxFilesystem_make_directory
+    """Make a directory (with missing parents when `create_parents`).
+
+    Raises FileExistsError, FileNotFoundError (a missing parent), SandboxTerminatedError.
+
+        sb.filesystem.make_directory("/work/out")
+    """
 
     remove: _spec_SandboxFilesystem_remove
-    """Remove a file, link or directory (a non-empty one only with `recursive`)."""
+    """Remove a file, link or directory (a non-empty one only with `recursive`).
+
+    Raises FileNotFoundError, SandboxFilesystemDirectoryNotEmptyError without `recursive`.
+
+        sb.filesystem.remove("/tmp/build", recursive=True)
+    """
 
     rename: _spec_SandboxFilesystem_rename
-    """Move `src` to `dst` atomically (not in Modal; agents need it)."""
+    """Move `src` to `dst` atomically (not in Modal; agents need it).
+
+    Raises FileNotFoundError if the source is missing, SandboxTerminatedError.
+
+        sb.filesystem.rename("/tmp/a", "/tmp/b")
+    """
 
     watch: _spec_SandboxFilesystem_watch
-    """Events under `remote_path` until `timeout` seconds pass or the sandbox ends."""
+    """Events under `remote_path` until `timeout` seconds pass or the sandbox ends.
+
+    Raises FileNotFoundError if the path does not exist.
+
+        for ev in sb.filesystem.watch("/tmp", timeout=5): print(ev)
+    """
 
     def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None: ...

@@ -77,13 +77,28 @@ class SecretManager:
     create: _spec_SecretManager_create
     """Store a named secret. AlreadyExistsError if it exists, unless `allow_existing`
     (then its values are replaced).
+
+    Raises AlreadyExistsError if it exists (unless `allow_existing`), InvalidError for a bad
+    name or values.
+
+        shoal.Secret.objects.create("api", {"TOKEN": "..."})
     """
 
     list: _spec_SecretManager_list
-    """Named secrets: names, dates and key names (never values)."""
+    """Named secrets: names, dates and key names (never values).
+
+    Raises ConnectionError if the server cannot be reached.
+
+        names = [s.name for s in shoal.Secret.objects.list()]
+    """
 
     delete: _spec_SecretManager_delete
-    """Delete a named secret. NotFoundError if missing, unless `allow_missing`."""
+    """Delete a named secret. NotFoundError if missing, unless `allow_missing`.
+
+    Raises NotFoundError if there is no such secret (unless `allow_missing`).
+
+        shoal.Secret.objects.delete("api")
+    """
 
     def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None: ...
 
@@ -122,12 +137,18 @@ class Secret:
     from_dict: _spec_Secret_from_dict
     """A secret from a dict of environment variables (None values are dropped).
 
-    shoal.Secret.from_dict({"API_TOKEN": "..."})
+    Raises InvalidError if a key or value is not a str.
+
+        shoal.Secret.from_dict({"API_TOKEN": "..."})
     """
 
     from_local_environ: _spec_Secret_from_local_environ
     """A secret from variables of the calling process's environment. InvalidError names the
     ones that are not set.
+
+    Raises InvalidError if a named variable is not set here.
+
+        secret = shoal.Secret.from_local_environ(["HF_TOKEN"])
     """
 
     from_dotenv: _spec_Secret_from_dotenv
@@ -136,6 +157,8 @@ class Secret:
     No file found: an empty secret, as Modal's.
 
         shoal.Secret.from_dotenv(__file__)
+
+    Raises InvalidError if the file cannot be read.
     """
 
     from_name: _spec_Secret_from_name
@@ -144,6 +167,8 @@ class Secret:
     `required_keys`. Its values stay on the server.
 
         sb = shoal.Sandbox.create(secrets=[shoal.Secret.from_name("aws")], app=app)
+
+    Raises NotFoundError (when used) if no secret has that name.
     """
 
     hydrate: _spec_Secret_hydrate
@@ -165,7 +190,12 @@ class Secret:
     def name(self) -> str | None: ...
 
     info: _spec_Secret_info
-    """Name, dates and key names of a named secret (never its values)."""
+    """Name, dates and key names of a named secret (never its values).
+
+    Raises NotFoundError for a deleted secret, InvalidError for an unnamed one.
+
+        print(shoal.Secret.from_name("api").info().name)
+    """
 
     objects: typing.Any
 

@@ -129,11 +129,20 @@ class VolumeUploadContextManager:
     """
 
     put_file: _spec_VolumeUploadContextManager_put_file
-    """Upload a local file (path or binary file object) to `remote_path`."""
+    """Upload a local file (path or binary file object) to `remote_path`.
+
+    Raises FileNotFoundError (on leaving the block) for a missing local file.
+
+        batch.put_file("a.txt", "/a.txt")
+    """
 
     put_directory: _spec_VolumeUploadContextManager_put_directory
     """Upload the files of a local directory under `remote_path` (symlinks are followed only
     when they point to files; the upload never writes outside `remote_path`).
+
+    Raises FileNotFoundError (on leaving the block) for a missing local directory.
+
+        batch.put_directory("data/", "/data")
     """
 
     def __enter__(self) -> VolumeUploadContextManager: ...
@@ -163,14 +172,29 @@ class VolumeManager:
     """`Volume.objects`: create, list and delete named volumes."""
 
     create: _spec_VolumeManager_create
-    """Create a named volume. AlreadyExistsError if it exists, unless `allow_existing`."""
+    """Create a named volume. AlreadyExistsError if it exists, unless `allow_existing`.
+
+    Raises AlreadyExistsError if it exists (unless `allow_existing`), InvalidError for a bad
+    name.
+
+        shoal.Volume.objects.create("data")
+    """
 
     list: _spec_VolumeManager_list
-    """All named volumes."""
+    """All named volumes.
+
+    Raises ConnectionError if the server cannot be reached.
+
+        names = [v.name for v in shoal.Volume.objects.list()]
+    """
 
     delete: _spec_VolumeManager_delete
     """Delete a named volume and its data. NotFoundError if missing, unless
     `allow_missing`; ConflictError while a running sandbox mounts it.
+
+    Raises NotFoundError if there is no such volume (unless `allow_missing`).
+
+        shoal.Volume.objects.delete("data")
     """
 
     def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None: ...
@@ -310,29 +334,58 @@ class Volume:
     def name(self) -> str | None: ...
 
     info: _spec_Volume_info
-    """Name and creation time."""
+    """Name and creation time.
+
+    Raises NotFoundError for a deleted volume (or file system).
+
+        print(vol.info().created_at)
+    """
 
     read_file: _spec_Volume_read_file
     """The file's contents as a stream of byte chunks (never held whole in memory).
     FileNotFoundError if there is no such file.
 
         for chunk in vol.read_file("a.txt"): ...
+
+    Raises FileNotFoundError for a missing file, NotFoundError for a deleted volume (or file
+    system).
     """
 
     read_file_into_fileobj: _spec_Volume_read_file_into_fileobj
-    """Stream the file into a binary file object; returns the number of bytes."""
+    """Stream the file into a binary file object; returns the number of bytes.
+
+    Raises FileNotFoundError for a missing file, NotFoundError for a deleted volume (or file
+    system).
+
+        with open("out.bin", "wb") as f: vol.read_file_into_fileobj("/out.bin", f)
+    """
 
     listdir: _spec_Volume_listdir
     """Entries under `path` (relative to the root); with `recursive`, the whole tree. Glob
     patterns (`*`, `?`, `**`) list the matching entries.
+
+    Raises FileNotFoundError for a missing path, NotFoundError for a deleted volume (or file
+    system).
+
+        paths = [e.path for e in vol.listdir("/")]
     """
 
     iterdir: _spec_Volume_iterdir
-    """Like `listdir`, as an iterator (recursive by default, as Modal's)."""
+    """Like `listdir`, as an iterator (recursive by default, as Modal's).
+
+    Raises FileNotFoundError for a missing path, NotFoundError for a deleted volume (or file
+    system).
+
+        for entry in vol.iterdir("/", recursive=True): print(entry.path)
+    """
 
     remove_file: _spec_Volume_remove_file
     """Remove a file, link or directory (a non-empty one only with `recursive`).
     FileNotFoundError if there is none.
+
+    Raises FileNotFoundError for a missing path; a non-empty directory needs `recursive=True`.
+
+        vol.remove_file("/old", recursive=True)
     """
 
     from_id: _spec_Volume_from_id
@@ -362,24 +415,40 @@ class Volume:
     commit: _spec_Volume_commit
     """Writes are visible everywhere already (see the consistency model); returns once the
     volume is confirmed to exist.
+
+    Raises NotFoundError for a deleted volume (or file system).
+
+        vol.commit()
     """
 
     reload: _spec_Volume_reload
     """Writes are visible everywhere already (see the consistency model); returns once the
     volume is confirmed to exist.
+
+    Raises NotFoundError for a deleted volume (or file system).
+
+        vol.reload()
     """
 
     batch_upload: _spec_Volume_batch_upload
-    """Upload files together:
+    """Upload files together, in one batch sent when the block ends.
 
-    with vol.batch_upload() as batch:
-        batch.put_file("local.txt", "/remote.txt")
-        batch.put_directory("data/", "/data")
+    Raises FileNotFoundError for a missing local file, FileExistsError for an existing remote
+    file unless `force`.
+
+        with vol.batch_upload() as batch:
+            batch.put_file("local.txt", "/remote.txt")
+            batch.put_directory("data/", "/data")
     """
 
     copy_files: _spec_Volume_copy_files
     """Copy within the volume, like `cp`: into `dst_path` if it is a directory (required for
     several sources), else to `dst_path`; directories only with `recursive`.
+
+    Raises FileNotFoundError for a missing source, InvalidError for several sources into a non-
+    directory.
+
+        vol.copy_files(["/a.txt"], "/backup/")
     """
 
     rename: _spec_Volume_rename
@@ -391,7 +460,12 @@ class Volume:
     """
 
     delete: _spec_Volume_delete
-    """Delete a named volume and its data (Modal 0.x name; prefer `Volume.objects.delete`)."""
+    """Delete a named volume and its data (Modal 0.x name; prefer `Volume.objects.delete`).
+
+    Raises NotFoundError if there is no such volume.
+
+        shoal.Volume.delete("scratch")
+    """
 
     objects: typing.Any
 
