@@ -137,7 +137,7 @@ socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close(); print("unix ok")
 
 
 def test_tcp_buffers_are_accounted_while_held(app):
-    sb = shoal.Sandbox.create(app=app, timeout=120, block_network=True, memory=256)
+    sb = shoal.Sandbox.create(app=app, timeout=120, block_network=True, memory=(256, 256))
     try:
         cg = host_cgroup("memory", sb.object_id)
         # runc 1.1.5 ignores OCI kernelTCP; shoal's createRuntime hook sets it: memory / 4.
@@ -169,7 +169,7 @@ def test_fd_exhaustion_is_bounded_per_process_and_by_memory(app):
 
     # The host's side: fs.file-max is at least RAM / FILE_COST (host/filemax.py).
     assert int(Path("/proc/sys/fs/file-max").read_text()) >= needed()
-    sb = shoal.Sandbox.create(app=app, timeout=120, block_network=True, memory=64)
+    sb = shoal.Sandbox.create(app=app, timeout=120, block_network=True, memory=(64, 64))
     try:
         rc, out, _ = run(sb, "ulimit -Hn; ulimit -Sn")
         assert out.split() == ["8192", "8192"], out

@@ -623,7 +623,7 @@ print(c.recv(64).decode())
 
 @runc_only("over its memory limit a gVisor sandbox ends as a whole (tests/test_runtimes.py)")
 def test_memory_limit_oom_kills_process_and_sandbox_survives(app):
-    sb = shoal.Sandbox.create(app=app, timeout=60, memory=64)
+    sb = shoal.Sandbox.create(app=app, timeout=60, memory=(64, 64))
     try:
         mem = host_cgroup("memory", sb.object_id)
         assert int((mem / "memory.limit_in_bytes").read_text()) == 64 << 20
@@ -698,7 +698,7 @@ print(json.dumps({'threads': n, 'thread_error': thread_error, 'fork_error': fork
 
 @pytest.mark.slow
 def test_cpu_limit_sets_quota_and_throttles(app):
-    sb = shoal.Sandbox.create(app=app, timeout=60, cpu=0.5)
+    sb = shoal.Sandbox.create(app=app, timeout=60, cpu=(0.5, 0.5))
     try:
         cpu = host_cgroup("cpu", sb.object_id)
         assert int((cpu / "cpu.cfs_period_us").read_text()) == 100_000

@@ -83,7 +83,7 @@ def test_gvisor_snapshot_keeps_writes_and_deletions(app):
 
 
 def test_gvisor_memory_limit_ends_the_whole_sandbox(app):
-    sb = shoal.Sandbox.create("python3", "-c", "x = bytearray(400 << 20)", app=app, memory=128,
+    sb = shoal.Sandbox.create("python3", "-c", "x = bytearray(400 << 20)", app=app, memory=(128, 128),
                               experimental_options=GVISOR, timeout=60)
     sb.wait()
     assert sb.returncode == 137

@@ -95,7 +95,11 @@ class _Client:
     def is_closed(self) -> bool:
         """Whether `close()` was called.
 
-            assert not client.is_closed()
+        assert not client.is_closed()
+
+        Raises nothing.
+
+            client.close(); assert client.is_closed()
         """
         return self._closed
 

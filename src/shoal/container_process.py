@@ -85,9 +85,16 @@ async def _frames(resp: httpx.Response):
         raise httpx.ReadError("the exec stream ended inside a frame")
 
 
+def _modal_rc(exit_info: dict) -> int:
+    """Modal's client reports an exec killed at its timeout as -1 (the server says 124)."""
+    return -1 if exit_info.get("timed_out") else exit_info["returncode"]
+
+
 class _ContainerProcess:
     """Handle to a running command: `stdout`, `stderr`, `stdin`, `wait()`, `poll()`,
-    `returncode`. Exit codes follow the shell: 124 after the exec's `timeout`, 137 when killed."""
+    `returncode`. Exit codes as Modal's client gives them: the process's own, 128 + N when
+    killed by signal N (137 for SIGKILL), and -1 when the exec's `timeout` ran out (Modal's
+    client returns -1 there rather than raising ExecTimeoutError)."""
 
     def __init__(self, exec_id: str, text: bool = True, resp: httpx.Response | None = None,
                  captured: tuple[str, ...] = ("stdout", "stderr")):
@@ -146,7 +153,7 @@ class _ContainerProcess:
                             await self._channels["stdout" if kind == FRAME_STDOUT
                                                  else "stderr"].put(payload)
                         elif kind == FRAME_EXIT:
-                            self._returncode = json.loads(payload)["returncode"]
+                            self._returncode = _modal_rc(json.loads(payload))
                             self._exited.set()
                         elif kind == FRAME_ERROR:
                             err = json.loads(payload)["error"]
@@ -205,13 +212,28 @@ class _ContainerProcess:
         return self._stdin
 
     @property
-    def returncode(self) -> int | None:
-        """The exit code once `wait()` or `poll()` has seen the process end, else None."""
+    def returncode(self) -> int:
+        """The exit code, once `wait()` or `poll()` has seen the process end.
+
+        Raises InvalidError before that (as Modal's client does): call `wait()`, or `poll()`
+        to check without blocking.
+
+            p = sb.exec("true"); p.wait(); assert p.returncode == 0
+        """
+        if self._returncode is None:
+            raise exc.InvalidError("You must call wait() before accessing the returncode. "
+                                   "To poll for the status of a running process, use poll() "
+                                   "instead.")
         return self._returncode
 
     async def resize(self, rows: int, cols: int) -> None:
         """Change the size of the process's terminal (an exec with `pty=True`); it gets
-        SIGWINCH. InvalidError for a process without a terminal."""
+        SIGWINCH.
+
+        Raises InvalidError for a process without a terminal or a size outside 1-1000.
+
+            p = sb.exec("bash", pty=True); p.resize(40, 120)
+        """
         if not all(isinstance(v, int) and 0 < v <= 1000 for v in (rows, cols)):
             raise exc.InvalidError(f"rows and cols must be between 1 and 1000, got {rows!r} x "
                                    f"{cols!r}")
@@ -223,17 +245,28 @@ class _ContainerProcess:
         client = await get_client()
         r = await client.call("GET", f"/execs/{self._exec_id}/wait", params={"timeout": timeout})
         if r["done"]:
-            self._returncode = r["returncode"]
+            self._returncode = _modal_rc(r)
         return self._returncode
 
     async def poll(self) -> int | None:
-        """The exit code if the process has ended, else None (does not block)."""
+        """The exit code if the process has ended, else None (does not block).
+
+        Raises ConnectionError if the server cannot be reached.
+
+            rc = p.poll()  # None while it runs
+        """
         if self._returncode is None and not self._exited.is_set():
             await self._wait(0)
         return self._returncode
 
     async def wait(self) -> int:
-        """Wait for the process to end; returns its exit code."""
+        """Wait for the process to end; returns its exit code.
+
+        Raises ConnectionError if the server stays unreachable, NotFoundError if the exec ended
+        more than 10 minutes ago.
+
+            rc = sb.exec("sh", "-c", "exit 3").wait()  # 3
+        """
         while self._returncode is None:
             reader_stuck = self._reader is None or self._reader.done() or any(
                 ch.full() for ch in self._channels.values())

@@ -60,6 +60,13 @@ class _FileIO:
 
     @classmethod
     async def create(cls, path: str, mode: str, sandbox_id: str) -> "_FileIO":
+        """Open `path` in sandbox `sandbox_id` (what `Sandbox.open` calls).
+
+        Raises ValueError for a bad mode, FileNotFoundError, IsADirectoryError, PermissionError or
+        FileExistsError as the built-in `open` does.
+
+            f = shoal.FileIO.create("/tmp/x", "w", sb.object_id)
+        """
         server_mode, *_ = parse_mode(mode)
         client = await get_client()
         r = await client.call("POST", f"/sandboxes/{sandbox_id}/fs/handles",
@@ -111,7 +118,10 @@ class _FileIO:
 
     async def read(self, n: int | None = None):
         """Up to `n` bytes (characters, in text mode), or everything to the end. At most 100 MiB
-        per call (Modal's limit): more raises SandboxFilesystemFileTooLargeError."""
+        per call (Modal's limit): more raises SandboxFilesystemFileTooLargeError.
+
+            text = sb.open("/etc/hostname").read()
+        """
         self._check(reading=True)
         if n is None or n < 0:
             return self._out(await self._read_bytes(-1))
@@ -131,19 +141,33 @@ class _FileIO:
 
     async def readline(self):
         """The next line, with its newline; empty at the end. A line over 16 MiB raises
-        SandboxFilesystemFileTooLargeError (read it with read(n))."""
+        SandboxFilesystemFileTooLargeError (read it with read(n)).
+
+            first = sb.open("/etc/passwd").readline()
+        """
         self._check(reading=True)
         return self._out(await self._read_raw(-1, True))
 
     async def readlines(self) -> list:
-        """All remaining lines."""
+        """All remaining lines.
+
+        Raises ValueError on a closed file, io.UnsupportedOperation if not open for reading.
+
+            lines = sb.open("/etc/passwd").readlines()
+        """
         lines = []
         while line := await self.readline():
             lines.append(line)
         return lines
 
     async def write(self, data) -> int:
-        """Write `data` (bytes in binary mode, str in text mode); returns its length."""
+        """Write `data` (bytes in binary mode, str in text mode); returns its length.
+
+        Raises TypeError for the wrong kind of data, ValueError on a closed file,
+        io.UnsupportedOperation if not open for writing.
+
+            sb.open("/tmp/patch.diff", "w").write(patch)
+        """
         self._check(reading=False)
         if self._binary and not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"a bytes-like object is required, not '{type(data).__name__}'")
@@ -154,12 +178,23 @@ class _FileIO:
         return len(data)
 
     async def flush(self) -> None:
+        """Flush the file in the sandbox (each write already reaches it, as in Modal).
+
+        Raises ValueError on a closed file.
+
+            f.write("data"); f.flush()
+        """
         if self._closed:
             raise ValueError("I/O operation on closed file")
         await self._call("flush")
 
     async def seek(self, offset: int, whence: int = 0) -> int:
-        """Move to `offset` relative to the start (0), the current position (1) or the end (2)."""
+        """Move to `offset` relative to the start (0), the current position (1) or the end (2).
+
+        Raises ValueError for a bad `whence` or a closed file.
+
+            f.seek(0)  # back to the start
+        """
         if self._closed:
             raise ValueError("I/O operation on closed file")
         if whence not in (0, 1, 2):
@@ -167,9 +202,21 @@ class _FileIO:
         return (await self._call("seek", json={"offset": offset, "whence": whence}))["position"]
 
     async def tell(self) -> int:
+        """The current position in the file.
+
+        Raises ValueError on a closed file.
+
+            pos = f.tell()
+        """
         return await self.seek(0, 1)
 
     async def close(self) -> None:
+        """Close the file (writes have already reached it); closing twice does nothing.
+
+        Raises NotFoundError if the sandbox is gone.
+
+            f = sb.open("/tmp/x", "w"); f.write("hi"); f.close()
+        """
         if self._closed:
             return
         self._closed = True

@@ -159,7 +159,13 @@ class _Image:
     def debian_slim(python_version: str | None = None, force_build: bool = False) -> "_Image":
         """Debian bookworm with Python 3 (`python`, `pip`, `bash` work), built from Debian's
         packages. `python_version` may be one the distribution provides ("3.11"); the server says
-        which when another is asked for."""
+        which when another is asked for.
+
+        Raises InvalidError for `force_build=True` or a Python version the server cannot provide
+        (when the image is built).
+
+            image = shoal.Image.debian_slim(python_version="3.11")
+        """
         if python_version is not None and not isinstance(python_version, str):
             raise InvalidError("python_version must be a str like '3.11'")
         if force_build:
@@ -225,7 +231,12 @@ class _Image:
 
     @staticmethod
     def from_id(image_id: str) -> "_Image":
-        """An image by its id (e.g. one made by `Sandbox.snapshot_filesystem`)."""
+        """An image by its id (e.g. one made by `Sandbox.snapshot_filesystem`).
+
+        Raises NotFoundError (when used) if there is no such image.
+
+            image = shoal.Image.from_id("im-...")
+        """
         if not isinstance(image_id, str) or not image_id.startswith("im-"):
             raise InvalidError(f"invalid image id {image_id!r}")
         img = _Image({"base": {"kind": "image", "image_id": image_id}, "steps": []})
@@ -476,14 +487,24 @@ class _Image:
                                 force_build=force_build)
 
     def env(self, vars: dict[str, str]) -> "_Image":
-        """Set environment variables for later steps and for sandboxes."""
+        """Set environment variables for later steps and for sandboxes.
+
+        Raises InvalidError if `vars` is not a dict of str to str.
+
+            image = shoal.Image.debian_slim().env({"PYTHONUNBUFFERED": "1"})
+        """
         if not isinstance(vars, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in vars.items()):
             raise InvalidError("env needs a dict of str to str")
         return self._with({"op": "env", "env": dict(vars)})
 
     def workdir(self, path: str | PurePosixPath) -> "_Image":
-        """The working directory of later steps and of sandboxes."""
+        """The working directory of later steps and of sandboxes.
+
+        Raises InvalidError if `path` is not absolute.
+
+            image = shoal.Image.debian_slim().workdir("/app")
+        """
         return self._with({"op": "workdir", "path": _abs(path, "workdir")})
 
     def cmd(self, cmd: list[str]) -> "_Image":
@@ -499,13 +520,23 @@ class _Image:
         return self
 
     def entrypoint(self, entrypoint_commands: list[str]) -> "_Image":
-        """A command that a sandbox's arguments are appended to (like Docker's ENTRYPOINT)."""
+        """A command that a sandbox's arguments are appended to (like Docker's ENTRYPOINT).
+
+        Raises InvalidError if `entrypoint_commands` is not a list of str.
+
+            image = shoal.Image.debian_slim().entrypoint(["/bin/sh", "-c"])
+        """
         return self._with({"op": "entrypoint",
                            "args": _strs(entrypoint_commands, "entrypoint")})
 
     def add_local_file(self, local_path: str | Path, remote_path: str, *,
                        copy: bool = True) -> "_Image":
-        """Add a file from this machine at `remote_path` (a directory if it ends with '/')."""
+        """Add a file from this machine at `remote_path` (a directory if it ends with '/').
+
+        Raises InvalidError for a missing file or a relative `remote_path`.
+
+            image = shoal.Image.debian_slim().add_local_file("cfg.toml", "/app/cfg.toml")
+        """
         local = Path(local_path)
         if not local.is_file():
             raise FileNotFoundError(f"no such local file: {local_path}")
@@ -522,7 +553,13 @@ class _Image:
     def add_local_dir(self, local_path: str | Path, remote_path: str, *, copy: bool = True,
                       ignore: Sequence[str] | Callable[[Path], bool] = ()) -> "_Image":
         """Add a directory from this machine at `remote_path`. `ignore`: glob patterns (or a
-        function of the relative path) for files to leave out."""
+        function of the relative path) for files to leave out.
+
+        Raises InvalidError if `local_path` is not a directory or `remote_path` is not absolute
+        (when the image is built: NotFoundError for a missing file).
+
+            image = shoal.Image.debian_slim().add_local_dir("src", "/app/src")
+        """
         local = Path(local_path)
         if not local.is_dir():
             raise NotADirectoryError(f"no such local directory: {local_path}")
@@ -540,7 +577,12 @@ class _Image:
     def add_local_python_source(self, *module_names: str, copy: bool = True,
                                 ignore: Sequence[str] = ("__pycache__", "*.pyc")) -> "_Image":
         """Add the source of local Python packages or modules, importable in the sandbox: they are
-        placed under /root/pysrc, which the image puts on PYTHONPATH."""
+        placed under /root/pysrc, which the image puts on PYTHONPATH.
+
+        Raises InvalidError (at build) if a module cannot be found locally.
+
+            image = shoal.Image.debian_slim().add_local_python_source("mypkg")
+        """
         import importlib.util
 
         img = self

@@ -59,7 +59,13 @@ class _StreamReader:
         return self._decoder.decode(data) if self._text else data
 
     async def read(self) -> str | bytes:
-        """Everything the stream still holds, waiting until the process closes it."""
+        """Everything the stream still holds, waiting until the process closes it.
+
+        Raises ConnectionError if the server is lost for good, SandboxTerminatedError where the
+        stream's sandbox is gone.
+
+            out = sb.exec("ls").stdout.read()
+        """
         parts = [self._pending]
         self._pending = "" if self._text else b""
         while (piece := await self._next_chunk()) is not None:
@@ -104,7 +110,12 @@ class _StreamWriter:
         self._closed = False
 
     def write(self, data: bytes | bytearray | memoryview | str) -> None:
-        """Buffer `data`; `drain()` sends it."""
+        """Buffer `data`; `drain()` sends it.
+
+        Raises TypeError for data that is not str or bytes, ValueError after write_eof().
+
+            p.stdin.write(b"input\\n"); p.stdin.drain()
+        """
         if self._eof:
             raise ValueError("stdin is closed (write_eof was called)")
         if isinstance(data, str):
@@ -114,11 +125,21 @@ class _StreamWriter:
         self._buffer.extend(data)
 
     def write_eof(self) -> None:
-        """Close stdin once the buffered data is sent (on the next `drain()`)."""
+        """Close stdin once the buffered data is sent (on the next `drain()`).
+
+        Raises nothing itself; `drain()` sends it.
+
+            p.stdin.write_eof(); p.stdin.drain()
+        """
         self._eof = True
 
     async def drain(self) -> None:
-        """Send what `write()` buffered (and the end of input, after `write_eof()`)."""
+        """Send what `write()` buffered (and the end of input, after `write_eof()`).
+
+        Raises SandboxTerminatedError if the sandbox has finished.
+
+            p.stdin.write("data"); p.stdin.drain()
+        """
         if self._closed:
             if self._buffer:
                 raise InvalidError("stdin was already closed")

@@ -37,7 +37,12 @@ class _NetworkFileSystem(_StorageObject):
 
     async def write_file(self, remote_path: str, fp: BinaryIO, progress_cb=None) -> int:
         """Write the contents of the binary file object `fp` to `remote_path` atomically: readers
-        see the old file or the whole new one. Returns the number of bytes written."""
+        see the old file or the whole new one. Returns the number of bytes written.
+
+        Raises InvalidError for a bad path, NotFoundError for a deleted file system.
+
+            with open("a.txt", "rb") as f: nfs.write_file("/a.txt", f)
+        """
         if isinstance(fp, (bytes, bytearray)):
             fp = io.BytesIO(fp)
         if not hasattr(fp, "read"):
@@ -49,7 +54,13 @@ class _NetworkFileSystem(_StorageObject):
     async def add_local_file(self, local_path: str | Path,
                              remote_path: str | PurePosixPath | None = None,
                              progress_cb=None) -> int:
-        """Upload a local file (to its name at the root, by default)."""
+        """Upload a local file (to its name at the root, by default).
+
+        Raises FileNotFoundError if `local_path` does not exist, NotFoundError for a deleted file
+        system.
+
+            nfs.add_local_file("model.bin", "/model.bin")
+        """
         local = Path(local_path)
         if not local.is_file():
             raise FileNotFoundError(f"no such local file: {local_path}")
@@ -60,7 +71,13 @@ class _NetworkFileSystem(_StorageObject):
     async def add_local_dir(self, local_path: str | Path,
                             remote_path: str | PurePosixPath | None = None,
                             progress_cb=None) -> None:
-        """Upload a local directory's files (to a directory of its name, by default)."""
+        """Upload a local directory's files (to a directory of its name, by default).
+
+        Raises FileNotFoundError if `local_path` does not exist, NotFoundError for a deleted file
+        system.
+
+            nfs.add_local_dir("data", "/data")
+        """
         local = Path(local_path)
         if not local.is_dir():
             raise NotADirectoryError(f"no such local directory: {local_path}")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import logging
 import time
+from dataclasses import dataclass
 from collections.abc import AsyncIterator, Sequence
 
 from shoal import output
@@ -94,14 +97,24 @@ class _Probe:
 
     @staticmethod
     def with_exec(*args: str, interval_ms: int = 100) -> "_Probe":
-        """Ready once this command exits 0."""
+        """Ready once this command exits 0.
+
+        Raises InvalidError without a command or with non-str arguments.
+
+            probe = shoal.Probe.with_exec("test", "-f", "/tmp/ready")
+        """
         if not args:
             raise InvalidError("Probe.with_exec needs a command")
         return _Probe({"exec_args": _check_args(args, "probe"), "interval_ms": interval_ms})
 
     @staticmethod
     def with_tcp(port: int, interval_ms: int = 100) -> "_Probe":
-        """Ready once something inside the sandbox accepts TCP connections on `port`."""
+        """Ready once something inside the sandbox accepts TCP connections on `port`.
+
+        Raises InvalidError for a port outside 1-65535.
+
+            probe = shoal.Probe.with_tcp(8000)
+        """
         if not isinstance(port, int) or not 0 < port < 65536:
             raise InvalidError(f"port must be an int between 1 and 65535, got {port!r}")
         return _Probe({"tcp_port": port, "interval_ms": interval_ms})
@@ -124,6 +137,38 @@ class _Probe:
 
     def __repr__(self) -> str:
         return f"Probe({self._spec})"
+
+
+def _resources(cpu, memory) -> dict:
+    """Modal's `cpu=` / `memory=`: a number is a request the sandbox may burst past (a CPU share,
+    a memory reservation); a `(request, limit)` tuple adds a hard cap (a CPU quota, a memory
+    limit past which processes are OOM-killed). Checks as Modal's client does; the server
+    refuses more than the machine has (cores, RAM) with an InvalidError."""
+    def pair(v, what: str, kind: tuple) -> tuple:
+        if v is None or v == 0:
+            return None, None
+        if isinstance(v, tuple):
+            if len(v) != 2 or not all(isinstance(x, kind) and not isinstance(x, bool) for x in v):
+                raise InvalidError(f"{what} must be a number or a (request, limit) tuple, "
+                                   f"got {v!r}")
+            if not v[0] or v[0] <= 0:
+                raise InvalidError(f"{what.upper() if what == 'cpu' else 'Memory'} request must "
+                                   "be a positive number")
+            if not v[1] or v[1] <= 0:
+                raise InvalidError(f"{what.upper() if what == 'cpu' else 'Memory'} limit must be "
+                                   "a positive number")
+            if v[1] < v[0]:
+                raise InvalidError(f"Cannot specify a {what.upper() if what == 'cpu' else what} "
+                                   f"limit lower than request: {v[1]} < {v[0]}")
+            return v
+        if not isinstance(v, kind) or isinstance(v, bool) or v < 0:
+            raise InvalidError(f"{what} must be a positive number or a (request, limit) tuple, "
+                               f"got {v!r}")
+        return v, None
+
+    cpu_req, cpu_lim = pair(cpu, "cpu", (int, float))
+    mem_req, mem_lim = pair(memory, "memory", (int,))
+    return {"cpu": cpu_req, "cpu_limit": cpu_lim, "memory": mem_req, "memory_limit": mem_lim}
 
 
 def _pty_size(pty: bool, info) -> tuple[int, int] | None:
@@ -223,6 +268,8 @@ class _Sandbox:
         Runtime (docs/gvisor.md): `experimental_options={"runtime": "gvisor"}` runs the sandbox
         under gVisor's user-space kernel instead of the server's default (runc unless `shoal
         serve --runtime gvisor`); InvalidError when the server has no gVisor or for any other key.
+
+            sb = shoal.Sandbox.create(app=app, cpu=(0.5, 2), memory=(512, 1024))
         """
         check_client(client, environment_name)
         _refuse_create(locals())
@@ -246,10 +293,7 @@ class _Sandbox:
             raise InvalidError(f"image must be a shoal.Image, got {type(image).__name__}")
         if isinstance(app, _App):  # the App's defaults (App(image=, secrets=, volumes=))
             image, secrets, volumes = app._sandbox_defaults(image, secrets, volumes)
-        if isinstance(cpu, tuple):
-            cpu = cpu[1]  # Modal's (request, limit): shoal enforces the limit
-        if isinstance(memory, tuple):
-            memory = memory[1]
+        resources = _resources(cpu, memory)
         volumes = dict(volumes or {})  # CloudBucketMounts stand beside volumes (issue 12)
         buckets = _mounts({p: volumes.pop(p) for p in list(volumes)
                            if isinstance(volumes[p], CloudBucketMount)}, CloudBucketMount, "volumes")
@@ -276,7 +320,7 @@ class _Sandbox:
             "idle_timeout": idle_timeout,
             "readiness_probe": readiness_probe._spec if readiness_probe else None,
             "mounts": [o._mount_spec(p) for p, o in vols + nfss],
-            "resources": {"cpu": cpu, "memory": memory, "ephemeral_disk": ephemeral_disk},
+            "resources": {**resources, "ephemeral_disk": ephemeral_disk},
             "block_network": bool(block_network),
             "cidr_allowlist": list(cidr_allowlist) if cidr_allowlist is not None else None,
             "outbound_domain_allowlist": (list(outbound_domain_allowlist)
@@ -358,6 +402,17 @@ class _Sandbox:
             sb = cls(r["sandbox_id"])
             sb._update(r)
             yield sb
+
+    def logs(self) -> "_SandboxLogsManager":
+        """The entrypoint's logs (Modal's `Sandbox.logs()`): `.tail(n)` and `.fetch(since=...)`
+        yield LogEntry objects (message, timestamp, source "stdout"/"stderr"/"system").
+        Output of `exec()` is not included, as in Modal. "system" entries say how the sandbox
+        ended (an OOM kill says so). Raises NotFoundError (when iterated) for an unknown sandbox.
+
+            for entry in sb.logs().tail(20):
+                print(entry.source, entry.message, end="")
+        """
+        return _SandboxLogsManager(self._sandbox_id)
 
     def _update(self, info: dict) -> None:
         self._runtime = info.get("runtime", self._runtime)
@@ -462,10 +517,19 @@ class _Sandbox:
         return r["done"]
 
     async def wait(self, raise_on_termination: bool = True) -> None:
-        """Wait for the sandbox to finish. Raises SandboxTimeoutError if it reached its timeout,
-        and SandboxTerminatedError if it was terminated, unless `raise_on_termination=False`."""
+        """Wait for the sandbox to finish.
+
+        Raises SandboxTimeoutError if it reached its timeout, and SandboxTerminatedError if it
+        was terminated, unless `raise_on_termination=False`. A sandbox killed for running out of
+        memory ends as Modal's does: no exception, `returncode` 137, and a warning on the
+        "shoal" logger plus a "system" entry in `sb.logs()` saying it was OOM-killed.
+
+            sb.wait(raise_on_termination=False); print(sb.returncode)
+        """
         while not await self._wait_once(60):
             pass
+        if self._end_reason == "oom":
+            _log.warning("%s", _oom_message(self._sandbox_id))
         if raise_on_termination:
             if self._end_reason in ("timeout", "idle-timeout"):
                 raise SandboxTimeoutError(f"sandbox {self._sandbox_id} reached its timeout")
@@ -473,13 +537,23 @@ class _Sandbox:
                 raise SandboxTerminatedError(f"sandbox {self._sandbox_id} was terminated")
 
     async def poll(self) -> int | None:
-        """The return code if the sandbox has finished, else None (does not block)."""
+        """The return code if the sandbox has finished, else None (does not block).
+
+        Raises NotFoundError for an unknown sandbox.
+
+            if sb.poll() is not None: print(sb.returncode)
+        """
         await self._wait_once(0)
         return self._returncode
 
     async def terminate(self, *, wait: bool = False) -> int | None:
         """Stop the sandbox (SIGKILL to all its processes). Its returncode becomes 137. Terminating
-        a finished sandbox does nothing."""
+        a finished sandbox does nothing.
+
+        Raises NotFoundError for an unknown sandbox.
+
+            sb.terminate(); sb.wait(raise_on_termination=False)
+        """
         client = await get_client()
         info = await client.call("POST", f"/sandboxes/{self._sandbox_id}/terminate")
         self._update(info)
@@ -499,6 +573,12 @@ class _Sandbox:
         await client.call("PUT", f"/sandboxes/{self._sandbox_id}/tags", json={"tags": tags})
 
     async def get_tags(self) -> dict[str, str]:
+        """The sandbox's tags.
+
+        Raises NotFoundError for an unknown sandbox.
+
+            tags = sb.get_tags()
+        """
         client = await get_client()
         return (await client.call("GET", f"/sandboxes/{self._sandbox_id}"))["tags"]
 
@@ -509,6 +589,8 @@ class _Sandbox:
 
             t = sb.tunnels()[8000]
             print(t.url)                # https://127.0.0.1:40123
+
+        Raises SandboxTerminatedError if the sandbox has ended.
         """
         client = await get_client()
         r = await client.call("GET", f"/sandboxes/{self._sandbox_id}/tunnels")
@@ -517,7 +599,10 @@ class _Sandbox:
     async def wait_until_ready(self, *, timeout: float = 300) -> None:
         """Wait for the readiness probe given at create to pass (at once without one). Raises
         shoal.exception.TimeoutError after `timeout` seconds, SandboxTerminatedError if the sandbox
-        ends first."""
+        ends first.
+
+            sb.wait_until_ready(timeout=60)
+        """
         client = await get_client()
         deadline = time.monotonic() + timeout
         while True:
@@ -545,9 +630,47 @@ class _Sandbox:
         r = await client.call("POST", f"/sandboxes/{self._sandbox_id}/snapshot")
         return _Image.from_id(r["image_id"])
 
+    async def snapshot_directory(self, path: str, *, timeout: int = 55, ttl: int | None = None,
+                                 _experimental_encryption_key: bytes | None = None) -> _Image:
+        """Not supported by shoal: always raises InvalidError (Modal's directory snapshots are
+        images mounted live into running sandboxes, which shoal's runtime cannot do yet). Use
+        `snapshot_filesystem()` and `Sandbox.create(image=...)`, or a Volume, instead.
+
+            image = sb.snapshot_filesystem()   # the whole root filesystem instead
+        """
+        raise InvalidError("Sandbox.snapshot_directory is not supported by shoal (no live image "
+                           "mounts); use sb.snapshot_filesystem() and Sandbox.create(image=...), "
+                           "or a Volume (see docs/modal-parity.md)")
+
+    async def mount_image(self, path: str, image: _Image, *,
+                          _experimental_encryption_key: bytes | None = None) -> None:
+        """Not supported by shoal: always raises InvalidError (mounting an image into a running
+        sandbox needs a live mount into its mount namespace). Start a sandbox from the image
+        with `Sandbox.create(image=...)`, or share files through a Volume.
+
+            sb = shoal.Sandbox.create(image=image, app=app)   # instead of mount_image
+        """
+        raise InvalidError("Sandbox.mount_image is not supported by shoal (no live image "
+                           "mounts); start a sandbox with Sandbox.create(image=...), or use a "
+                           "Volume (see docs/modal-parity.md)")
+
+    async def unmount_image(self, path: str) -> None:
+        """Not supported by shoal (see `mount_image`): always raises InvalidError.
+
+        sb.unmount_image("/data")   # raises InvalidError
+
+            sb.unmount_image("/data")  # InvalidError
+        """
+        raise InvalidError("Sandbox.unmount_image is not supported by shoal: nothing can be "
+                           "mounted with mount_image (see docs/modal-parity.md)")
+
     # --- files (Modal's first file API)
     async def open(self, path: str, mode: str = "r") -> _FileIO:
         """Open a file in the sandbox, like the built-in `open` (modes r w a x, with b and +).
+        Each write reaches the file before it returns, as with Modal's FileIO.
+
+        Raises ValueError for a bad mode; FileNotFoundError, IsADirectoryError, PermissionError
+        or FileExistsError as the built-in `open` does.
 
             with sb.open("/tmp/out.txt", "w") as f:
                 f.write("hi")
@@ -555,7 +678,13 @@ class _Sandbox:
         return await _FileIO.create(path, mode, self._sandbox_id)
 
     async def ls(self, path: str) -> list[str]:
-        """Names in a directory of the sandbox."""
+        """Names in a directory of the sandbox.
+
+        Raises FileNotFoundError, NotADirectoryError, SandboxTerminatedError if the sandbox has
+        finished.
+
+            names = sb.ls("/tmp")
+        """
         names, offset = [], 0
         while True:  # the server answers in pages of at most LIST_PAGE entries
             page = await self._fs("GET", "list", params={"path": path, "offset": offset,
@@ -566,21 +695,45 @@ class _Sandbox:
                 return names
 
     async def mkdir(self, path: str, parents: bool = False) -> None:
+        """Make a directory in the sandbox (with its parents, and no error if it exists, when
+        `parents`).
+
+        Raises FileExistsError, FileNotFoundError (a missing parent), SandboxTerminatedError.
+
+            sb.mkdir("/work/out", parents=True)
+        """
         await self._fs("POST", "mkdir", json={"path": path, "parents": parents,
                                               "exist_ok": parents})
 
     async def rm(self, path: str, recursive: bool = False) -> None:
+        """Remove a file or an empty directory (a non-empty one with `recursive`).
+
+        Raises FileNotFoundError, SandboxFilesystemDirectoryNotEmptyError without `recursive`,
+        SandboxTerminatedError.
+
+            sb.rm("/tmp/build", recursive=True)
+        """
         await self._fs("DELETE", "file", params={"path": path, "recursive": recursive})
 
     async def mv(self, src: str, dst: str) -> None:
-        """Move or rename a file or directory inside the sandbox (atomic; not in Modal)."""
+        """Move or rename a file or directory inside the sandbox (atomic; not in Modal).
+
+        Raises FileNotFoundError if `src` is missing, SandboxTerminatedError.
+
+            sb.mv("/tmp/a", "/tmp/b")
+        """
         await self._fs("POST", "rename", json={"src": src, "dst": dst, "overwrite": True})
 
     async def watch(self, path: str, filter: list[FileWatchEventType] | None = None,
                     recursive: bool | None = None,
                     timeout: int | None = None) -> AsyncIterator[FileWatchEvent]:
         """File events under `path`, as they happen, until `timeout` seconds pass or the sandbox
-        ends. FileNotFoundError if `path` does not exist."""
+        ends. FileNotFoundError if `path` does not exist.
+
+        Raises FileNotFoundError if `path` does not exist.
+
+            for event in sb.watch("/tmp", timeout=10): print(event.type, event.paths)
+        """
         async for event in watch_events(self._sandbox_id, path, filter, recursive, timeout):
             yield event
 
@@ -623,11 +776,96 @@ class _Sandbox:
         """
 
     async def detach(self) -> None:
-        """Forget this handle; the sandbox keeps running (it was never tied to the client)."""
+        """Forget this handle; the sandbox keeps running (it was never tied to the client).
+
+        Raises nothing.
+
+            sb.detach()
+        """
 
     def __repr__(self) -> str:
         return f"Sandbox({self._sandbox_id})"
 
 
+_log = logging.getLogger("shoal")
+
+
+def _oom_message(sandbox_id: str) -> str:
+    return (f"sandbox {sandbox_id} ran out of memory and was OOM-killed (returncode 137); "
+            "give it more with memory=(request, limit) or see docs/modal-parity.md")
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One log line of a sandbox (Modal's `modal.types.LogEntry`). shoal does not timestamp
+    each line: `timestamp` is when the sandbox started."""
+
+    message: str
+    timestamp: datetime.datetime
+    source: str
+    object_id: str
+    context_ids: list
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _SandboxLogsManager:
+    """Access to a sandbox's entrypoint logs: `tail(entries)` and `fetch(since=...)`."""
+
+    def __init__(self, sandbox_id: str):
+        self._sandbox_id = sandbox_id
+
+    async def _entries(self, source: str | None, search_text: str = "") -> list[LogEntry]:
+        client = await get_client()
+        info = await client.call("GET", f"/sandboxes/{self._sandbox_id}")
+        at = datetime.datetime.fromtimestamp(info["created_at"], datetime.timezone.utc)
+        out = []
+        for stream in ("stdout", "stderr"):
+            if source not in (None, stream):
+                continue
+            resp = await client.http.get(f"/sandboxes/{self._sandbox_id}/logs/{stream}")
+            if resp.status_code >= 400:
+                from shoal._client import _error_from
+
+                raise _error_from(resp.status_code, resp.content)
+            for line in resp.content.decode(errors="replace").splitlines(keepends=True):
+                out.append(LogEntry(line, at, stream, self._sandbox_id, [self._sandbox_id]))
+        if source in (None, "system") and info["state"] != "running":
+            msg = (_oom_message(self._sandbox_id) if info["end_reason"] == "oom" else
+                   f"sandbox {self._sandbox_id} ended: {info['end_reason']}, returncode "
+                   f"{info['returncode']}")
+            out.append(LogEntry(msg + "\n", at, "system", self._sandbox_id, [self._sandbox_id]))
+        return [e for e in out if search_text in e.message]
+
+    async def tail(self, entries: int = 100, *, source: str | None = None
+                   ) -> AsyncIterator[LogEntry]:
+        """The last `entries` log lines (stdout and stderr, then how the sandbox ended).
+
+        Raises NotFoundError for an unknown sandbox.
+
+            for e in sb.logs().tail(10): print(e.message, end="")
+        """
+        for e in (await self._entries(source))[-entries:] if entries > 0 else []:
+            yield e
+
+    async def fetch(self, *, since: datetime.datetime, until: datetime.datetime | None = None,
+                    source: str | None = None, search_text: str = "") -> AsyncIterator[LogEntry]:
+        """Log lines containing `search_text`, of a sandbox that started between `since` and
+        `until` (lines carry no time of their own: all or none of a sandbox's lines match).
+
+        Raises NotFoundError for an unknown sandbox.
+
+            for e in sb.logs().fetch(since=datetime.now() - timedelta(hours=1)): print(e)
+        """
+        def utc(d):
+            return d if d.tzinfo else d.astimezone(datetime.timezone.utc)
+
+        for e in await self._entries(source, search_text):
+            if utc(since) <= e.timestamp and (until is None or e.timestamp <= utc(until)):
+                yield e
+
+
+SandboxLogsManager = synchronize_api(_SandboxLogsManager)
 Probe = synchronize_api(_Probe)
 Sandbox = synchronize_api(_Sandbox)

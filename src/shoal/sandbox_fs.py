@@ -140,7 +140,13 @@ class _SandboxFilesystem:
 
     async def read_bytes(self, remote_path: str) -> bytes:
         """The whole file (up to 512 MiB; SandboxFilesystemFileTooLargeError beyond: use
-        copy_to_local)."""
+        copy_to_local).
+
+        Raises FileNotFoundError, IsADirectoryError, SandboxFilesystemFileTooLargeError,
+        SandboxTerminatedError.
+
+            data = sb.filesystem.read_bytes("/tmp/out.bin")
+        """
         client = await get_client()
         async with fs_errors():
             async with client.stream("GET", f"{self._base}/file",
@@ -148,21 +154,46 @@ class _SandboxFilesystem:
                 return await r.aread()
 
     async def read_text(self, remote_path: str, encoding: str = "utf-8") -> str:
+        """A file's content as text (UTF-8).
+
+        Raises FileNotFoundError, IsADirectoryError, UnicodeDecodeError, SandboxTerminatedError.
+
+            text = sb.filesystem.read_text("/etc/hostname")
+        """
         return (await self.read_bytes(remote_path)).decode(encoding)
 
     async def write_bytes(self, data: bytes, remote_path: str) -> None:
-        """Create or replace the file with `data`, atomically; missing parents are created."""
+        """Create or replace the file with `data`, atomically; missing parents are created.
+
+        Raises IsADirectoryError, NotADirectoryError (a parent is a file), TypeError,
+        SandboxTerminatedError.
+
+            sb.filesystem.write_bytes(b"\\x00\\x01", "/tmp/data.bin")
+        """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"write_bytes needs bytes, not {type(data).__name__}")
         await self._call("PUT", "file", params={"path": remote_path}, content=bytes(data))
 
     async def write_text(self, data: str, remote_path: str, encoding: str = "utf-8") -> None:
+        """Write text (UTF-8) to a file, replacing it.
+
+        Raises IsADirectoryError, NotADirectoryError (a parent is a file), TypeError,
+        SandboxTerminatedError.
+
+            sb.filesystem.write_text("hello", "/tmp/hello.txt")
+        """
         if not isinstance(data, str):
             raise TypeError(f"write_text needs str, not {type(data).__name__}")
         await self.write_bytes(data.encode(encoding), remote_path)
 
     async def copy_from_local(self, local_path: str | os.PathLike, remote_path: str) -> None:
-        """Upload a local file of any size (streamed)."""
+        """Upload a local file of any size (streamed).
+
+        Raises FileNotFoundError if `local_path` is missing, IsADirectoryError,
+        SandboxTerminatedError.
+
+            sb.filesystem.copy_from_local("model.bin", "/tmp/model.bin")
+        """
         local = Path(local_path)
         if not local.is_file():
             raise FileNotFoundError(f"no such local file: {local_path}")
@@ -170,7 +201,12 @@ class _SandboxFilesystem:
                          content=_local_chunks(local))
 
     async def copy_to_local(self, remote_path: str, local_path: str | os.PathLike) -> None:
-        """Download a file of any size (streamed); the local file appears only when complete."""
+        """Download a file of any size (streamed); the local file appears only when complete.
+
+        Raises FileNotFoundError if `remote_path` is missing, SandboxTerminatedError.
+
+            sb.filesystem.copy_to_local("/tmp/out.tar", "out.tar")
+        """
         local = Path(local_path)
         client = await get_client()
         fd, tmp = tempfile.mkstemp(dir=local.parent or ".", prefix=f".{local.name}.")
@@ -196,6 +232,12 @@ class _SandboxFilesystem:
             raise
 
     async def list_files(self, remote_path: str) -> list[FileInfo]:
+        """The entries of a directory, as FileInfo (name, type, size, mode, mtime).
+
+        Raises FileNotFoundError, NotADirectoryError, SandboxTerminatedError.
+
+            for info in sb.filesystem.list_files("/tmp"): print(info.name, info.size)
+        """
         found, offset = [], 0
         while True:  # the server answers in pages of at most LIST_PAGE entries
             page = await self._call("GET", "list", params={"path": remote_path,
@@ -206,25 +248,51 @@ class _SandboxFilesystem:
                 return found
 
     async def stat(self, remote_path: str) -> FileInfo:
-        """Information about `remote_path` itself (a symlink is described, not followed)."""
+        """Information about `remote_path` itself (a symlink is described, not followed).
+
+        Raises FileNotFoundError, SandboxTerminatedError.
+
+            print(sb.filesystem.stat("/tmp").type)
+        """
         return _info(await self._call("GET", "stat", params={"path": remote_path}))
 
     async def make_directory(self, remote_path: str, create_parents: bool = True) -> None:
+        """Make a directory (with missing parents when `create_parents`).
+
+        Raises FileExistsError, FileNotFoundError (a missing parent), SandboxTerminatedError.
+
+            sb.filesystem.make_directory("/work/out")
+        """
         await self._call("POST", "mkdir", json={"path": remote_path, "parents": create_parents,
                                                 "exist_ok": create_parents})
 
     async def remove(self, remote_path: str, recursive: bool = False) -> None:
-        """Remove a file, link or directory (a non-empty one only with `recursive`)."""
+        """Remove a file, link or directory (a non-empty one only with `recursive`).
+
+        Raises FileNotFoundError, SandboxFilesystemDirectoryNotEmptyError without `recursive`.
+
+            sb.filesystem.remove("/tmp/build", recursive=True)
+        """
         await self._call("DELETE", "file", params={"path": remote_path, "recursive": recursive})
 
     async def rename(self, src: str, dst: str, overwrite: bool = True) -> None:
-        """Move `src` to `dst` atomically (not in Modal; agents need it)."""
+        """Move `src` to `dst` atomically (not in Modal; agents need it).
+
+        Raises FileNotFoundError if the source is missing, SandboxTerminatedError.
+
+            sb.filesystem.rename("/tmp/a", "/tmp/b")
+        """
         await self._call("POST", "rename", json={"src": src, "dst": dst, "overwrite": overwrite})
 
     async def watch(self, remote_path: str, filter: list[FileWatchEventType] | None = None,
                     recursive: bool | None = None,
                     timeout: float | None = None) -> AsyncIterator[FileWatchEvent]:
-        """Events under `remote_path` until `timeout` seconds pass or the sandbox ends."""
+        """Events under `remote_path` until `timeout` seconds pass or the sandbox ends.
+
+        Raises FileNotFoundError if the path does not exist.
+
+            for ev in sb.filesystem.watch("/tmp", timeout=5): print(ev)
+        """
         async with fs_errors():
             async for event in watch_events(self._sandbox_id, remote_path, filter, recursive,
                                             timeout):

@@ -54,6 +54,8 @@ class _Secret:
     def from_dict(env_dict: dict[str, str | None] = {}) -> "_Secret":  # noqa: B006 - Modal's signature
         """A secret from a dict of environment variables (None values are dropped).
 
+        Raises InvalidError if a key or value is not a str.
+
             shoal.Secret.from_dict({"API_TOKEN": "..."})
         """
         if not isinstance(env_dict, dict) or not all(isinstance(k, str) for k in env_dict):
@@ -66,7 +68,12 @@ class _Secret:
     @staticmethod
     def from_local_environ(env_keys: list[str]) -> "_Secret":
         """A secret from variables of the calling process's environment. InvalidError names the
-        ones that are not set."""
+        ones that are not set.
+
+        Raises InvalidError if a named variable is not set here.
+
+            secret = shoal.Secret.from_local_environ(["HF_TOKEN"])
+        """
         if isinstance(env_keys, str):
             raise InvalidError("env_keys must be a list of variable names")
         missing = [k for k in env_keys if k not in os.environ]
@@ -83,6 +90,8 @@ class _Secret:
         No file found: an empty secret, as Modal's.
 
             shoal.Secret.from_dotenv(__file__)
+
+        Raises InvalidError if the file cannot be read.
         """
         start = Path(path) if path is not None else Path.cwd()
         if start.is_file():
@@ -102,6 +111,8 @@ class _Secret:
         `required_keys`. Its values stay on the server.
 
             sb = shoal.Sandbox.create(secrets=[shoal.Secret.from_name("aws")], app=app)
+
+        Raises NotFoundError (when used) if no secret has that name.
         """
         if not isinstance(name, str) or not name:
             raise InvalidError(f"secret name must be a non-empty str, got {name!r}")
@@ -153,7 +164,12 @@ class _Secret:
         return self._name
 
     async def info(self) -> SecretInfo:
-        """Name, dates and key names of a named secret (never its values)."""
+        """Name, dates and key names of a named secret (never its values).
+
+        Raises NotFoundError for a deleted secret, InvalidError for an unnamed one.
+
+            print(shoal.Secret.from_name("api").info().name)
+        """
         if self._name is None:
             raise InvalidError("only a named secret (Secret.from_name) has info")
         client = await get_client()
@@ -178,19 +194,35 @@ class _SecretManager:
     async def create(self, name: str, env_dict: dict[str, str], *, allow_existing: bool = False,
                      environment_name: str | None = None) -> None:
         """Store a named secret. AlreadyExistsError if it exists, unless `allow_existing`
-        (then its values are replaced)."""
+        (then its values are replaced).
+
+        Raises AlreadyExistsError if it exists (unless `allow_existing`), InvalidError for a bad
+        name or values.
+
+            shoal.Secret.objects.create("api", {"TOKEN": "..."})
+        """
         client = await get_client()
         await client.call("POST", "/secrets", json={"name": name, "env": env_dict,
                                                      "force": allow_existing})
 
     async def list(self, *, environment_name: str | None = None) -> list[SecretInfo]:
-        """Named secrets: names, dates and key names (never values)."""
+        """Named secrets: names, dates and key names (never values).
+
+        Raises ConnectionError if the server cannot be reached.
+
+            names = [s.name for s in shoal.Secret.objects.list()]
+        """
         client = await get_client()
         return [_info(r) for r in await client.call("GET", "/secrets")]
 
     async def delete(self, name: str, *, allow_missing: bool = False,
                      environment_name: str | None = None) -> None:
-        """Delete a named secret. NotFoundError if missing, unless `allow_missing`."""
+        """Delete a named secret. NotFoundError if missing, unless `allow_missing`.
+
+        Raises NotFoundError if there is no such secret (unless `allow_missing`).
+
+            shoal.Secret.objects.delete("api")
+        """
         client = await get_client()
         await client.call("DELETE", f"/secrets/{name}", params={"allow_missing": allow_missing})
 

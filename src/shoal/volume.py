@@ -199,7 +199,12 @@ class _StorageObject:
         return self._name
 
     async def info(self) -> VolumeInfo:
-        """Name and creation time."""
+        """Name and creation time.
+
+        Raises NotFoundError for a deleted volume (or file system).
+
+            print(vol.info().created_at)
+        """
         r = await self._call("GET", "")
         return VolumeInfo(r["name"], datetime.datetime.fromtimestamp(r["created_at"],
                                                                      datetime.timezone.utc))
@@ -209,6 +214,9 @@ class _StorageObject:
         FileNotFoundError if there is no such file.
 
             for chunk in vol.read_file("a.txt"): ...
+
+        Raises FileNotFoundError for a missing file, NotFoundError for a deleted volume (or file
+        system).
         """
         client = await get_client()
         vid = await self._id()
@@ -228,7 +236,13 @@ class _StorageObject:
 
     async def read_file_into_fileobj(self, path: str, fileobj: BinaryIO,
                                      progress_cb: Callable[[int], None] | None = None) -> int:
-        """Stream the file into a binary file object; returns the number of bytes."""
+        """Stream the file into a binary file object; returns the number of bytes.
+
+        Raises FileNotFoundError for a missing file, NotFoundError for a deleted volume (or file
+        system).
+
+            with open("out.bin", "wb") as f: vol.read_file_into_fileobj("/out.bin", f)
+        """
         n = 0
         async for chunk in self.read_file(path):
             await asyncio.to_thread(fileobj.write, chunk)
@@ -239,18 +253,35 @@ class _StorageObject:
 
     async def listdir(self, path: str = "/", recursive: bool = False) -> list[FileEntry]:
         """Entries under `path` (relative to the root); with `recursive`, the whole tree. Glob
-        patterns (`*`, `?`, `**`) list the matching entries."""
+        patterns (`*`, `?`, `**`) list the matching entries.
+
+        Raises FileNotFoundError for a missing path, NotFoundError for a deleted volume (or file
+        system).
+
+            paths = [e.path for e in vol.listdir("/")]
+        """
         return _entries(await self._call("GET", "/listdir",
                                          params={"path": path, "recursive": recursive}))
 
     async def iterdir(self, path: str = "/", recursive: bool = True) -> AsyncIterator[FileEntry]:
-        """Like `listdir`, as an iterator (recursive by default, as Modal's)."""
+        """Like `listdir`, as an iterator (recursive by default, as Modal's).
+
+        Raises FileNotFoundError for a missing path, NotFoundError for a deleted volume (or file
+        system).
+
+            for entry in vol.iterdir("/", recursive=True): print(entry.path)
+        """
         for entry in await self.listdir(path, recursive=recursive):
             yield entry
 
     async def remove_file(self, path: str, recursive: bool = False) -> None:
         """Remove a file, link or directory (a non-empty one only with `recursive`).
-        FileNotFoundError if there is none."""
+        FileNotFoundError if there is none.
+
+        Raises FileNotFoundError for a missing path; a non-empty directory needs `recursive=True`.
+
+            vol.remove_file("/old", recursive=True)
+        """
         await self._call("DELETE", "/file", params={"path": path, "recursive": recursive})
 
     def _mount_spec(self, mount_path: str) -> dict:
@@ -274,7 +305,12 @@ class _VolumeUploadContextManager:
 
     def put_file(self, local_file: str | Path | BinaryIO, remote_path: str | PurePosixPath,
                  mode: int | None = None) -> None:
-        """Upload a local file (path or binary file object) to `remote_path`."""
+        """Upload a local file (path or binary file object) to `remote_path`.
+
+        Raises FileNotFoundError (on leaving the block) for a missing local file.
+
+            batch.put_file("a.txt", "/a.txt")
+        """
         remote = str(remote_path)
         if remote.endswith("/"):
             if isinstance(local_file, (str, Path)):
@@ -293,7 +329,12 @@ class _VolumeUploadContextManager:
     def put_directory(self, local_path: str | Path, remote_path: str | PurePosixPath,
                       recursive: bool = True) -> None:
         """Upload the files of a local directory under `remote_path` (symlinks are followed only
-        when they point to files; the upload never writes outside `remote_path`)."""
+        when they point to files; the upload never writes outside `remote_path`).
+
+        Raises FileNotFoundError (on leaving the block) for a missing local directory.
+
+            batch.put_directory("data/", "/data")
+        """
         local = Path(local_path)
         if not local.is_dir():
             raise NotADirectoryError(f"no such local directory: {local_path}")
@@ -381,18 +422,31 @@ class _Volume(_StorageObject):
 
     async def commit(self) -> None:
         """Writes are visible everywhere already (see the consistency model); returns once the
-        volume is confirmed to exist."""
+        volume is confirmed to exist.
+
+        Raises NotFoundError for a deleted volume (or file system).
+
+            vol.commit()
+        """
         await self._call("GET", "")
 
     async def reload(self) -> None:
         """Writes are visible everywhere already (see the consistency model); returns once the
-        volume is confirmed to exist."""
+        volume is confirmed to exist.
+
+        Raises NotFoundError for a deleted volume (or file system).
+
+            vol.reload()
+        """
         await self._call("GET", "")
 
     def batch_upload(self, force: bool = False,
                      progress_cb: Callable[[int], None] | None = None
                      ) -> _VolumeUploadContextManager:
-        """Upload files together:
+        """Upload files together, in one batch sent when the block ends.
+
+        Raises FileNotFoundError for a missing local file, FileExistsError for an existing remote
+        file unless `force`.
 
             with vol.batch_upload() as batch:
                 batch.put_file("local.txt", "/remote.txt")
@@ -403,7 +457,13 @@ class _Volume(_StorageObject):
     async def copy_files(self, src_paths: list[str], dst_path: str,
                          recursive: bool = False) -> None:
         """Copy within the volume, like `cp`: into `dst_path` if it is a directory (required for
-        several sources), else to `dst_path`; directories only with `recursive`."""
+        several sources), else to `dst_path`; directories only with `recursive`.
+
+        Raises FileNotFoundError for a missing source, InvalidError for several sources into a non-
+        directory.
+
+            vol.copy_files(["/a.txt"], "/backup/")
+        """
         if isinstance(src_paths, str):
             raise InvalidError("src_paths must be a list of paths")
         await self._call("POST", "/copy", json={"src_paths": list(src_paths), "dst": dst_path,
@@ -425,7 +485,12 @@ class _Volume(_StorageObject):
 
     @staticmethod
     async def delete(name: str) -> None:
-        """Delete a named volume and its data (Modal 0.x name; prefer `Volume.objects.delete`)."""
+        """Delete a named volume and its data (Modal 0.x name; prefer `Volume.objects.delete`).
+
+        Raises NotFoundError if there is no such volume.
+
+            shoal.Volume.delete("scratch")
+        """
         await _VolumeManager._delete(_Volume, name, allow_missing=False)
 
 
@@ -437,13 +502,24 @@ class _VolumeManager:
 
     async def create(self, name: str, *, allow_existing: bool = False,
                      environment_name: str | None = None) -> None:
-        """Create a named volume. AlreadyExistsError if it exists, unless `allow_existing`."""
+        """Create a named volume. AlreadyExistsError if it exists, unless `allow_existing`.
+
+        Raises AlreadyExistsError if it exists (unless `allow_existing`), InvalidError for a bad
+        name.
+
+            shoal.Volume.objects.create("data")
+        """
         client = await get_client()
         await client.call("POST", self._cls._prefix,
                           json={"name": name, "allow_existing": allow_existing})
 
     async def list(self, *, environment_name: str | None = None) -> list:
-        """All named volumes."""
+        """All named volumes.
+
+        Raises ConnectionError if the server cannot be reached.
+
+            names = [v.name for v in shoal.Volume.objects.list()]
+        """
         client = await get_client()
         return [self._cls(r["name"], object_id=r["volume_id"])
                 for r in await client.call("GET", self._cls._prefix)]
@@ -451,7 +527,12 @@ class _VolumeManager:
     async def delete(self, name: str, *, allow_missing: bool = False,
                      environment_name: str | None = None) -> None:
         """Delete a named volume and its data. NotFoundError if missing, unless
-        `allow_missing`; ConflictError while a running sandbox mounts it."""
+        `allow_missing`; ConflictError while a running sandbox mounts it.
+
+        Raises NotFoundError if there is no such volume (unless `allow_missing`).
+
+            shoal.Volume.objects.delete("data")
+        """
         await self._delete(self._cls, name, allow_missing)
 
     @staticmethod

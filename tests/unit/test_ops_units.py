@@ -29,7 +29,8 @@ def test_pty_exec_passes_the_size_and_merges_stderr(env):  # noqa: F811
         with pytest.raises(InvalidError, match="both"):
             await svc.exec(sb.id, ExecRequest(args=["true"], pty_rows=30))
         stats = await host.stats(sb.id)
-        assert stats.pids >= 1 and stats.memory_limit == 2048 << 20
+        from shoal.server.host.oci import default_memory_mib
+        assert stats.pids >= 1 and stats.memory_limit == default_memory_mib() << 20
         await svc.close()
     run(go())
 

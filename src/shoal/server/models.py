@@ -87,9 +87,17 @@ class MountSpec(BaseModel):
 
 
 class Resources(BaseModel):
-    cpu: float | None = Field(None, ge=0.01, description="cores; a hard quota (at most the "
-                              "machine's cores)")
-    memory: int | None = Field(None, ge=16, description="MiB; a process over it is OOM-killed")
+    """Modal's semantics: `cpu`/`memory` are requests a sandbox may burst past; `cpu_limit` /
+    `memory_limit` (Modal's `(request, limit)` tuples) are hard caps, only when asked."""
+    cpu: float | None = Field(None, ge=0.01, description="cores requested: a proportional CPU "
+                              "share, not a cap (at most the machine's cores)")
+    memory: int | None = Field(None, ge=16, description="MiB requested: a soft reservation, not "
+                               "a cap")
+    cpu_limit: float | None = Field(None, ge=0.01, description="cores; a hard quota (at most "
+                                    "the machine's cores)")
+    memory_limit: int | None = Field(None, ge=16, description="MiB; a process over it is "
+                                     "OOM-killed. None: the host-protecting default "
+                                     "(SHOAL_SANDBOX_MEMORY_MAX, 3/4 of RAM)")
     pids: int | None = Field(None, ge=8)
     ephemeral_disk: int | None = Field(
         None, description="MiB for the writable root and /tmp; writing past it is ENOSPC. "
@@ -233,6 +241,7 @@ class SeekBody(BaseModel):
 class WaitResult(BaseModel):
     done: bool
     returncode: int | None
+    timed_out: bool = Field(False, description="an exec killed at its timeout (returncode 124)")
 
 
 class ExecRequest(BaseModel):

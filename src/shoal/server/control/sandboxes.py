@@ -33,7 +33,7 @@ from shoal.server.control.volumes import VolumeService, new_id
 from shoal.server.host.base import (ExecSpec, HostError, HostEvent, SandboxGone, SandboxHost,
                                     SandboxSpec)
 from shoal.server.host import disk, mountpaths
-from shoal.server.host.oci import Limits, Mount
+from shoal.server.host.oci import Limits, Mount, default_memory_mib, host_memory_mib
 from shoal.server.control.pool import WarmPool
 from shoal.server.models import CreateSandbox, ExecRequest, Resources
 from shoal.server.names import check_name
@@ -248,11 +248,19 @@ class SandboxService:
             if not k or "=" in k or "\x00" in k or "\x00" in v:
                 raise InvalidError(f"invalid environment variable {k!r}")
         r = req.resources
-        if r.cpu is not None and not 0.01 <= r.cpu <= (os.cpu_count() or 1):
-            raise InvalidError(f"cpu must be between 0.01 and {os.cpu_count()} (this machine's "
-                               f"cores), got {r.cpu}")
-        if r.memory is not None and r.memory < 16:
-            raise InvalidError(f"memory is in MiB and must be at least 16, got {r.memory}")
+        for what, v in (("cpu", r.cpu), ("cpu limit", r.cpu_limit)):
+            if v is not None and not 0.01 <= v <= (os.cpu_count() or 1):
+                raise InvalidError(f"{what} must be between 0.01 and {os.cpu_count()} (this "
+                                   f"machine's cores), got {v}")
+        for what, v in (("memory", r.memory), ("memory limit", r.memory_limit)):
+            if v is not None and not 16 <= v <= host_memory_mib():
+                raise InvalidError(f"{what} is in MiB and must be between 16 and "
+                                   f"{host_memory_mib()} (this machine's memory), got {v}")
+        if None not in (r.cpu, r.cpu_limit) and r.cpu_limit < r.cpu:
+            raise InvalidError(f"cpu limit {r.cpu_limit} is lower than the request {r.cpu}")
+        if None not in (r.memory, r.memory_limit) and r.memory_limit < r.memory:
+            raise InvalidError(f"memory limit {r.memory_limit} is lower than the request "
+                               f"{r.memory}")
         if r.pids is not None and r.pids < 8:
             raise InvalidError(f"pids must be at least 8, got {r.pids}")
         # --- disk limit (issue 10)
@@ -337,8 +345,11 @@ class SandboxService:
         hspec = SandboxSpec(
             id=sid, layers=layers, args=args, env=env, workdir=workdir or "/",
             user=image.config.user,
-            limits=Limits(memory_mib=req.resources.memory or Limits.memory_mib,
-                          cpu=req.resources.cpu, pids=req.resources.pids or Limits.pids,
+            limits=Limits(memory_mib=req.resources.memory_limit or max(
+                              default_memory_mib(), req.resources.memory or 0),
+                          cpu=req.resources.cpu_limit, cpu_request=req.resources.cpu,
+                          memory_request_mib=req.resources.memory,
+                          pids=req.resources.pids or Limits.pids,
                           disk_mib=req.resources.ephemeral_disk),
             mounts=[Mount(str(self.volumes.storage.host_path(v.id)), posixpath.normpath(m.path),
                           m.read_only) for m, v in vols],

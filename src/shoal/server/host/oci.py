@@ -7,6 +7,7 @@ paths, cgroup limits and mounts.
 
 from __future__ import annotations
 
+import os
 import resource
 from dataclasses import dataclass, field
 
@@ -67,8 +68,12 @@ class Mount:
 
 @dataclass(frozen=True)
 class Limits:
-    memory_mib: int = 2048
-    cpu: float | None = None  # cores; None = no quota, only a fair share
+    # Hard memory cap. Modal's `memory=N` is a request, so a sandbox gets no cap of its own unless
+    # it asks for one (`memory=(request, limit)`); this default only protects the host.
+    memory_mib: int = field(default_factory=lambda: default_memory_mib())
+    cpu: float | None = None  # cores; a hard quota (Modal's cpu limit); None = no quota
+    cpu_request: float | None = None  # cores; a proportional share (cpu.shares); None = 1 core
+    memory_request_mib: int | None = None  # a soft reservation (memory.soft_limit_in_bytes)
     pids: int = 4096
     # --- kernel-wide pools (issue 10; docs/security.md)
     # RLIMIT_NOFILE, soft = hard (the agent raises its soft limit to the hard one anyway). Every
@@ -78,6 +83,19 @@ class Limits:
     ptys: int = 1024  # devpts `max=`: pseudo-terminals of this sandbox's own devpts instance
     tcp_mib: int | None = None  # TCP buffer memory (cgroup v1 kernelTCP); None: memory / 4
     disk_mib: int | None = None  # writable root + /tmp (host/disk.py); None: no disk limit
+
+
+def default_memory_mib() -> int:
+    """The memory cap of a sandbox that asked for none: SHOAL_SANDBOX_MEMORY_MAX (MiB), else 3/4
+    of this machine's RAM, so one sandbox cannot take the host down (docs/modal-parity.md)."""
+    env = os.environ.get("SHOAL_SANDBOX_MEMORY_MAX")
+    if env:
+        return int(env)
+    return max(256, host_memory_mib() * 3 // 4)
+
+
+def host_memory_mib() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
 
 
 @dataclass
@@ -161,8 +179,10 @@ def build_config(spec: ContainerSpec, cgroups_path: str) -> dict:
         # swap = limit: a sandbox over its memory is OOM-killed, it does not swap the host to death.
         "memory": {"limit": memory, "swap": memory},
         "pids": {"limit": lim.pids},
-        "cpu": {"shares": 1024},
+        "cpu": {"shares": max(2, int(1024 * (lim.cpu_request or 1)))},
     }
+    if lim.memory_request_mib:
+        resources["memory"]["reservation"] = min(memory, lim.memory_request_mib * 1024 * 1024)
     if lim.cpu is not None:
         period = 100_000
         resources["cpu"].update({"quota": max(1000, int(lim.cpu * period)), "period": period})

@@ -446,7 +446,11 @@ class RuncHost:
         if op == "read":
             return self.files.handle_read(sandbox_id, handle, *args)  # bounded per call
         if op == "write":
-            return h.file.write(args[0])
+            # Write-through, as Modal's FileIO: each write reaches the file before the call
+            # returns, so another process sees it without flush()/close() (SWE-bench does this).
+            n = h.file.write(args[0])
+            h.file.flush()
+            return n
         if op == "seek":
             return h.file.seek(*args)
         if op == "flush":

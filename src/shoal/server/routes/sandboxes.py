@@ -87,6 +87,12 @@ async def sandbox_stdin(sandbox_id: str, request: Request, eof: bool = False) ->
     return {}
 
 
+def _timed_out(svc, exec_id: str) -> bool:
+    """Whether the exec was killed at its `timeout` (its returncode is then 124)."""
+    rec = svc.execs.get(exec_id)
+    return bool(rec is not None and rec.timed_out)
+
+
 def _frame(kind: int, payload: bytes) -> bytes:
     return struct.pack(">BI", kind, len(payload)) + payload
 
@@ -100,7 +106,8 @@ async def _exec_frames(svc, exec_id: str, offsets: dict[str, int], start: dict |
     try:
         async for stream, data in svc.exec_output(exec_id, offsets):
             if stream == "exit":
-                yield _frame(FRAME_EXIT, json.dumps({"returncode": data}).encode())
+                yield _frame(FRAME_EXIT, json.dumps({"returncode": data, "timed_out":
+                                                     _timed_out(svc, exec_id)}).encode())
             else:
                 yield _frame(FRAME_STDOUT if stream == "stdout" else FRAME_STDERR, data)
     except Error as e:
@@ -147,8 +154,10 @@ async def exec_stdin(exec_id: str, request: Request, eof: bool = False,
 @router.get("/execs/{exec_id}/wait", response_model=WaitResult)
 async def exec_wait(exec_id: str, request: Request,
                     timeout: float = Query(MAX_WAIT, ge=0)) -> WaitResult:
-    rc = await _svc(request).exec_wait(exec_id, min(timeout, MAX_WAIT))
-    return WaitResult(done=rc is not None, returncode=rc)
+    svc = _svc(request)
+    rc = await svc.exec_wait(exec_id, min(timeout, MAX_WAIT))
+    return WaitResult(done=rc is not None, returncode=rc,
+                      timed_out=rc is not None and _timed_out(svc, exec_id))
 
 
 @router.post("/admin/terminate-all")
