@@ -96,9 +96,18 @@ def main() -> int:
     try:
         sock = home / "shoal.sock"
         deadline = time.monotonic() + 60
-        while not sock.exists():
+        import httpx
+
+        while True:  # the socket file appears before the server answers on it
             if time.monotonic() > deadline or srv.poll() is not None:
                 raise RuntimeError("the server did not start")
+            try:
+                if sock.exists() and httpx.Client(
+                        transport=httpx.HTTPTransport(uds=str(sock)), timeout=2).get(
+                        "http://shoal/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
             time.sleep(0.1)
         import shoal
 
