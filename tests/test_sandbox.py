@@ -244,9 +244,15 @@ def test_an_ended_sandbox_leaves_no_container_mount_or_cgroup(app, how):
 
     from shoal import config
 
-    args = ("true",) if how == "exit" else ()
-    sb = shoal.Sandbox.create(*args, app=app, timeout=1 if how == "timeout" else 60)
+    from conftest import sandbox_cgroups
+
+    # "exit": a command that ends by itself, late enough that its cgroup is seen first.
+    args = ("sleep", "2") if how == "exit" else ()
+    sb = shoal.Sandbox.create(*args, app=app, timeout=2 if how == "timeout" else 60)
     sid = sb.object_id
+    # The precondition the absence check below relies on: the sandbox had cgroups we can find
+    # (on cgroup v1, v2 or hybrid), so "none left" is not vacuous.
+    assert sandbox_cgroups(sid), f"no cgroup found for running sandbox {sid}"
     if how == "terminate":
         sb.terminate()
     sb.wait(raise_on_termination=False)
@@ -255,7 +261,7 @@ def test_an_ended_sandbox_leaves_no_container_mount_or_cgroup(app, how):
                            capture_output=True)
     assert state.returncode != 0, "runc still knows the container"
     assert str(paths.sandboxes / sid) not in Path("/proc/self/mountinfo").read_text()
-    assert not list(Path("/sys/fs/cgroup").glob(f"*/shoal/{sid}"))
+    assert not sandbox_cgroups(sid)
     assert not (paths.sandboxes / sid / "upper").exists()
 
 
