@@ -12,7 +12,8 @@ latency. Scenarios, each measured from its trigger until the work is done plus 1
    leaves the ephemeral block (deletion deferred), then the sandbox is terminated: the server
    removes the volume's data when the sandbox ends (in `_finalize`).
 
-Reported: count, p50, p99 and max of the probe latencies in each window, in ms. Goal: p99 < 50 ms.
+Reported: count, p50, p99 and max of the probe latencies in each window, in ms, and p99 corrected
+for coordinated omission (a stall of L ms counts as the L/5 probes it held up). Goal: p99 < 50 ms.
 
 The benchmark runs its own server on a fresh SHOAL_HOME under /tmp with the shared image store
 (SHOAL_IMAGES, default ~/.shoal/images), and removes it at the end.
@@ -33,6 +34,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+
+INTERVAL = 0.005  # seconds between probes
 
 
 def log(msg: str) -> None:
@@ -56,7 +60,7 @@ class Probe:
             lat = time.perf_counter() - t0
             if r.status_code == 200:
                 self.samples.append((t0, lat))
-            time.sleep(0.005)
+            time.sleep(INTERVAL)
 
     def window(self, t0: float, t1: float) -> dict:
         lats = sorted(lat for start, lat in self.samples if t0 <= start <= t1)
@@ -66,7 +70,19 @@ class Probe:
         def q(p: float) -> float:
             return round(lats[min(len(lats) - 1, int(p * len(lats)))] * 1000, 1)
 
+        # Coordinated omission: while the loop is blocked the probe sends nothing, so one stall
+        # is one sample. Corrected as HdrHistogram does: a latency L stands for the requests that
+        # would have been sent every INTERVAL meanwhile (L - INTERVAL, L - 2*INTERVAL, ...).
+        fixed = list(lats)
+        for lat in lats:
+            k = 1
+            while lat - k * INTERVAL > 0:
+                fixed.append(lat - k * INTERVAL)
+                k += 1
+        fixed.sort()
         return {"n": len(lats), "p50_ms": q(0.5), "p99_ms": q(0.99),
+                "p99_corrected_ms": round(fixed[min(len(fixed) - 1,
+                                                    int(0.99 * len(fixed)))] * 1000, 1),
                 "max_ms": round(lats[-1] * 1000, 1)}
 
 
