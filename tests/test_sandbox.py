@@ -45,12 +45,15 @@ def test_stdin_roundtrip_of_megabytes(sandbox):
 
 
 def test_output_streams_while_the_process_runs(sandbox):
-    p = sandbox.exec("bash", "-c", "echo first; sleep 3; echo second")
-    start = time.monotonic()
+    """Causal, not timed: the process cannot go on (let alone end) until the test has read its
+    first line and answered on stdin. Output held back until exit would leave `read` waiting until
+    its 30 s guard, and the process would end with 7 and no second line."""
+    p = sandbox.exec("bash", "-c", "echo first; read -t 30 x || exit 7; echo second $x")
     lines = iter(p.stdout)
     assert next(lines) == "first\n"
-    assert time.monotonic() - start < 2.5, "the first line waited for the process to end"
-    assert next(lines) == "second\n"
+    p.stdin.write(b"go\n")
+    p.stdin.drain()
+    assert next(lines) == "second go\n"
     assert p.wait() == 0
 
 
