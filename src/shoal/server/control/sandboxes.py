@@ -180,6 +180,13 @@ class SandboxService:
             raise NotFoundError(f"sandbox {sandbox_id} not found")
         return rec
 
+    async def aget(self, sandbox_id: str) -> SandboxRecord:
+        """`get` for async code: the read runs in the store's thread."""
+        rec = await self.astore.sandbox_get(sandbox_id)
+        if rec is None:
+            raise NotFoundError(f"sandbox {sandbox_id} not found")
+        return rec
+
     def _running(self, sandbox_id: str) -> LiveSandbox:
         live = self.live.get(sandbox_id)
         if live is not None and not live.exited.is_set():
@@ -450,7 +457,7 @@ class SandboxService:
         Volumes are not part of it. The sandbox is frozen while its changes are copied."""
         live = self._running(sandbox_id)
         live.touch()
-        parent = self.images.manifest(self.get(sandbox_id).spec["image_id"])
+        parent = self.images.manifest((await self.aget(sandbox_id)).spec["image_id"])
         with self._gone_as_terminated(sandbox_id):
             return await self.images.snapshot(
                 parent, lambda dest: self.host.export_changes(sandbox_id, dest))
@@ -476,7 +483,7 @@ class SandboxService:
     async def _probe_once(self, live: LiveSandbox, probe) -> bool:
         if probe.tcp_port is not None:
             return await self.host.probe_tcp(live.id, probe.tcp_port)
-        rec = self.get(live.id)
+        rec = await self.aget(live.id)
         eid = self._new_exec_id(live.id)
         await self.host.exec(live.id, ExecSpec(
             eid, list(probe.exec_args), rec.spec.get("env", {}), rec.spec.get("workdir") or "/",
@@ -515,16 +522,16 @@ class SandboxService:
 
     # --- terminate / wait
     async def terminate(self, sandbox_id: str) -> SandboxRecord:
-        self.get(sandbox_id)
+        await self.aget(sandbox_id)
         await self._stop(sandbox_id, "terminated")
-        return self.get(sandbox_id)
+        return await self.aget(sandbox_id)
 
     async def wait(self, sandbox_id: str, timeout: float) -> SandboxRecord:
-        rec = self.get(sandbox_id)
+        rec = await self.aget(sandbox_id)
         if rec.state == "running":
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.ended_event(sandbox_id).wait(), timeout)
-        return self.get(sandbox_id)
+        return await self.aget(sandbox_id)
 
     # --- entrypoint stdio
     def output(self, sandbox_id: str, stream: str, offset: int) -> AsyncIterator[bytes]:
