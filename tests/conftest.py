@@ -252,6 +252,14 @@ def sandbox(app):
     sb.terminate()
 
 
+def sandbox_cgroups(sid: str) -> list[Path]:
+    """The host cgroup directories of a sandbox (cgroupsPath /shoal/<sid>) on cgroup v1 (one per
+    controller: /sys/fs/cgroup/<controller>/shoal/<sid>), v2 (/sys/fs/cgroup/shoal/<sid>) or a
+    hybrid host (/sys/fs/cgroup/unified/shoal/<sid>)."""
+    root = Path("/sys/fs/cgroup")
+    return [p for p in [root / "shoal" / sid, *root.glob(f"*/shoal/{sid}")] if p.is_dir()]
+
+
 def leftovers(home: Path, server_may_run: bool = False, only: str | None = None) -> list[str]:
     """Containers, mounts, cgroups and processes that a finished test session must not leave
     (`only`: of that one sandbox)."""
@@ -272,7 +280,7 @@ def leftovers(home: Path, server_may_run: bool = False, only: str | None = None)
         found += [f"mount {line.split()[4]}" for line in f if str(home) in line.split()[4]]
     sandboxes = home / "sandboxes"
     for sid in (os.listdir(sandboxes) if sandboxes.exists() else []):
-        found += [f"cgroup {c}" for c in Path("/sys/fs/cgroup").glob(f"*/shoal/{sid}")]
+        found += [f"cgroup {c}" for c in sandbox_cgroups(sid)]
     found += [f"bucket mount process {pid}" for pid in _bucket_mount_processes(home)]
     # --- disk limits (issue 10): loop devices bound to a sandbox's disk image, and the images
     from shoal.server.host.disk import loop_devices_of

@@ -87,16 +87,39 @@ def _server_pid() -> int:
     return int((config.paths().home / "server.pid").read_text())
 
 
+# Without a network, apt's empty index also says "Unable to locate package" and pip also says
+# "No matching distribution": each negative test therefore asserts the failure names the package,
+# shows no network error, and runs a positive control through the same build network (a real
+# package is found), so it cannot pass on a build with no network.
+NET_ERRORS = ("Temporary failure", "Failed to fetch", "Could not resolve", "NewConnectionError",
+              "Network is unreachable", "Connection refused", "ProxyError")
+
+
 def test_missing_apt_package_fails_with_apts_message(app):
     with pytest.raises(ExecutionError) as e:
-        shoal.Image.debian_slim().apt_install("no-such-package-shoal-xyz").build()
-    assert "Unable to locate package" in str(e.value) and "exit code 100" in str(e.value)
+        shoal.Image.debian_slim().run_commands(marker()).apt_install(
+            "no-such-package-shoal-xyz").build()
+    msg = str(e.value)
+    assert "Unable to locate package no-such-package-shoal-xyz" in msg and "exit code 100" in msg
+    assert not [n for n in NET_ERRORS if n in msg], msg
+    # Positive control: the same network and the same index find a real package.
+    shoal.Image.debian_slim().run_commands(
+        marker(), "apt-get update -q", "apt-cache show jq > /dev/null",
+        "rm -rf /var/lib/apt/lists/*").build()
 
 
 def test_missing_pip_package_fails_with_pips_message(app):
     with pytest.raises(ExecutionError) as e:
-        shoal.Image.debian_slim().pip_install("no-such-package-shoal-xyz-123").build()
-    assert "No matching distribution" in str(e.value) or "Could not find" in str(e.value)
+        shoal.Image.debian_slim().run_commands(marker()).pip_install(
+            "no-such-package-shoal-xyz-123").build()
+    msg = str(e.value)
+    assert "no-such-package-shoal-xyz-123" in msg
+    assert "No matching distribution" in msg or "Could not find" in msg
+    assert not [n for n in NET_ERRORS if n in msg], msg
+    # Positive control: the same network reaches the index and finds a real distribution.
+    shoal.Image.debian_slim().run_commands(
+        marker(), "python3 -m pip download --no-deps --no-cache-dir -q -d /tmp/pc six==1.16.0",
+        "rm -rf /tmp/pc").build()
 
 
 @pytest.mark.parametrize("bad", ["curl; rm -rf /", "$(reboot)", "a b", ""])

@@ -45,12 +45,15 @@ def test_stdin_roundtrip_of_megabytes(sandbox):
 
 
 def test_output_streams_while_the_process_runs(sandbox):
-    p = sandbox.exec("bash", "-c", "echo first; sleep 3; echo second")
-    start = time.monotonic()
+    """Causal, not timed: the process cannot go on (let alone end) until the test has read its
+    first line and answered on stdin. Output held back until exit would leave `read` waiting until
+    its 30 s guard, and the process would end with 7 and no second line."""
+    p = sandbox.exec("bash", "-c", "echo first; read -t 30 x || exit 7; echo second $x")
     lines = iter(p.stdout)
     assert next(lines) == "first\n"
-    assert time.monotonic() - start < 2.5, "the first line waited for the process to end"
-    assert next(lines) == "second\n"
+    p.stdin.write(b"go\n")
+    p.stdin.drain()
+    assert next(lines) == "second go\n"
     assert p.wait() == 0
 
 
@@ -245,9 +248,15 @@ def test_an_ended_sandbox_leaves_no_container_mount_or_cgroup(app, how):
 
     from shoal import config
 
-    args = ("true",) if how == "exit" else ()
-    sb = shoal.Sandbox.create(*args, app=app, timeout=1 if how == "timeout" else 60)
+    from conftest import sandbox_cgroups
+
+    # "exit": a command that ends by itself, late enough that its cgroup is seen first.
+    args = ("sleep", "2") if how == "exit" else ()
+    sb = shoal.Sandbox.create(*args, app=app, timeout=2 if how == "timeout" else 60)
     sid = sb.object_id
+    # The precondition the absence check below relies on: the sandbox had cgroups we can find
+    # (on cgroup v1, v2 or hybrid), so "none left" is not vacuous.
+    assert sandbox_cgroups(sid), f"no cgroup found for running sandbox {sid}"
     if how == "terminate":
         sb.terminate()
     sb.wait(raise_on_termination=False)
@@ -256,7 +265,7 @@ def test_an_ended_sandbox_leaves_no_container_mount_or_cgroup(app, how):
                            capture_output=True)
     assert state.returncode != 0, "runc still knows the container"
     assert str(paths.sandboxes / sid) not in Path("/proc/self/mountinfo").read_text()
-    assert not list(Path("/sys/fs/cgroup").glob(f"*/shoal/{sid}"))
+    assert not sandbox_cgroups(sid)
     assert not (paths.sandboxes / sid / "upper").exists()
 
 

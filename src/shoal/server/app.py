@@ -40,6 +40,7 @@ from shoal.server.control.volumes import VolumeService
 from shoal.server.network import NetworkConfig, NetworkManager
 from shoal.server.storage.state import SqliteStore
 from shoal.server.storage.volumes import LocalVolumeStorage
+from shoal.server.tasks import TaskSet
 
 # --- the HTTP contract (issue 9): versions, idempotency keys, one error shape
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -128,15 +129,16 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
         if svc.network:
             await svc.network.start()
         await svc.sandboxes.start()
-        svc.volumes.reap()
-        task = asyncio.ensure_future(_upkeep(svc, upkeep_interval))
+        await asyncio.to_thread(svc.volumes.reap)
+        background = TaskSet()  # the app's own: upkeep
+        background.spawn(_upkeep(svc, upkeep_interval), "upkeep")
         log.info("shoal server ready (home %s)", paths.home)
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await background.drain()
+            await svc.images.tasks.drain()
+            await svc.kv.tasks.drain()
             await svc.sandboxes.close()
             if svc.network:
                 await svc.network.shutdown()
@@ -214,9 +216,11 @@ async def _upkeep(svc: Services, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
-            svc.volumes.reap()
-            svc.kv.reap()
+            # Both are store calls plus file removal (a deleted volume's tree): worker threads.
+            await asyncio.to_thread(svc.volumes.reap)
+            await asyncio.to_thread(svc.kv.reap)
             svc.sandboxes.stop_idle()
+            svc.sandboxes.prune_ended()
             ticks += 1
             if ticks % 10 == 0:
                 await svc.sandboxes.host.upkeep()

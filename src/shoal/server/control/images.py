@@ -21,6 +21,7 @@ from shoal.server.images.build import Builder, BuildError, RecipeError
 from shoal.server.images.registry import RegistryError, RegistryPuller
 from shoal.server.images.store import ImageConfig, ImageStore, Manifest, MAX_MOUNT_LAYERS, digest
 from shoal.server.images.unpack import UnsafeLayerError
+from shoal.server.tasks import TaskSet
 
 log = logging.getLogger("shoal.server.images")
 IMAGE_ID = re.compile(r"^im-[0-9a-f]{22}$")
@@ -35,6 +36,7 @@ class ImageService:
         self.builder = Builder(self.store, runtime, tools_dir, store_root, network)
         self.registry = RegistryPuller(self.store)
         self.base_mu = asyncio.Lock()
+        self.tasks = TaskSet()  # builds (they finish even if their client leaves)
 
     # --- building
     secrets = None  # a SecretService, set by the app: resolves named secrets of a recipe
@@ -114,7 +116,7 @@ class ImageService:
                     log.exception("image build failed")
                 queue.put_nowait({"error": {"type": type(e).__name__, "message": str(e)}})
 
-        task = asyncio.ensure_future(run())
+        task = self.tasks.spawn(run(), "image-build")  # owned: it outlives a leaving client
         while True:
             item = await queue.get()
             yield item
@@ -150,13 +152,14 @@ class ImageService:
             (work / "rootfs").mkdir(exist_ok=True)
             await export(work / "rootfs")
             layer_id = f"layers/snap-{secrets.token_hex(13)}"
-            self.store.commit_layer(layer_id, work / "rootfs", {"snapshot_of": parent.id})
+            await asyncio.to_thread(self.store.commit_layer, layer_id, work / "rootfs",
+                                    {"snapshot_of": parent.id})
         finally:
             await asyncio.to_thread(subprocess.run, ["rm", "-rf", str(work)])
         layers = [*parent.layers, layer_id]
         m = Manifest(Manifest.image_id(layers, parent.config), layers, parent.config, time.time(),
                      f"snapshot of a sandbox from {parent.id}")
-        self.store.save_manifest(m)
+        await asyncio.to_thread(self.store.save_manifest, m)
         return m.id
 
     # --- uploaded files (add_local_*)

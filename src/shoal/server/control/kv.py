@@ -15,6 +15,7 @@ import time
 from shoal.exception import InvalidError, NotFoundError, RequestSizeError, ResourceExhaustedError
 from shoal.server.control.volumes import LEASE_TTL, check_name, new_id
 from shoal.server.storage.state import KvRecord, KvStore
+from shoal.server.tasks import TaskSet
 
 MAX_KEY = 64 << 10
 MAX_DICT_VALUE = int(os.environ.get("SHOAL_DICT_MAX_VALUE", str(16 << 20)))
@@ -30,6 +31,7 @@ class KvService:
         self.store = store
         self.lease_ttl = lease_ttl
         self.changed: dict[str, asyncio.Condition] = {}  # per queue id: notified on put and get
+        self.tasks = TaskSet()  # the wake-ups of _notify; drained at shutdown
 
     # --- objects
     def lookup(self, kind: str, name: str, create_if_missing: bool) -> KvRecord:
@@ -59,7 +61,7 @@ class KvService:
     def delete(self, kind: str, obj_id: str) -> None:
         self.get(kind, obj_id)
         self.store.remove(obj_id)
-        self._notify(obj_id)
+        self._notify(obj_id, forget=True)
 
     def delete_named(self, kind: str, name: str, allow_missing: bool) -> None:
         rec = self.store.by_name(kind, name)
@@ -77,7 +79,7 @@ class KvService:
         now = time.time()
         for obj_id in self.store.expired(now):
             self.store.remove(obj_id)
-            self._notify(obj_id)
+            self._notify(obj_id, forget=True)
         self.store.queue_expire(now)
 
     # --- dicts
@@ -114,14 +116,16 @@ class KvService:
         self.loop = asyncio.get_running_loop()  # conditions belong to the server's loop
         return self.changed.setdefault(queue_id, asyncio.Condition())
 
-    def _notify(self, queue_id: str) -> None:
-        """Wake the waiters of a queue; callable from worker threads (sync routes) too."""
-        cond = self.changed.get(queue_id)
+    def _notify(self, queue_id: str, forget: bool = False) -> None:
+        """Wake the waiters of a queue; callable from worker threads (sync routes) too. With
+        `forget` (the queue is gone) its condition is dropped too (they woke to NotFound)."""
+        cond = self.changed.pop(queue_id, None) if forget else self.changed.get(queue_id)
         if cond is not None:
             async def wake():
                 async with cond:
                     cond.notify_all()
-            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(wake()))
+            self.loop.call_soon_threadsafe(
+                lambda: self.tasks.spawn(wake(), f"queue-wake-{queue_id}"))
 
     async def queue_put(self, queue_id: str, values: list[bytes], partition: str | None,
                         partition_ttl: float, timeout: float | None) -> None:

@@ -40,6 +40,7 @@ from shoal.server.names import check_name
 from shoal.server.storage.state import WriteConflict
 from shoal.server.network import TunnelInfo, validate_policy
 from shoal.server.storage.state import MountRecord, SandboxRecord, StateStore
+from shoal.server.tasks import AsyncStore, TaskSet
 
 log = logging.getLogger("shoal.sandboxes")
 
@@ -48,7 +49,10 @@ RC_KILLED = 137  # 128 + SIGKILL
 MAX_TIMEOUT = 24 * 3600
 RESERVED_MOUNT_PREFIXES = ("/proc", "/sys", "/dev", "/.shoal")
 LOG_RETENTION = 3600.0  # seconds an ended sandbox's output stays readable
-EXEC_RETENTION = 600.0  # seconds a finished exec's output stays readable
+# seconds a finished exec's output stays readable (its record is then dropped)
+EXEC_RETENTION = float(os.environ.get("SHOAL_EXEC_RETENTION", 600))
+# seconds an ended sandbox's `ended` event stays in memory (prune_ended, every upkeep tick)
+ENDED_RETENTION = float(os.environ.get("SHOAL_ENDED_RETENTION", 60))
 STREAMS = ("stdout", "stderr")
 NODE = os.uname().nodename  # recorded with each sandbox: the machine that runs it
 DEFAULT_POLICY = validate_policy(False, None)  # Modal's default: outbound network, no ports
@@ -115,23 +119,17 @@ class SandboxService:
         self.images = images
         self.live: dict[str, LiveSandbox] = {}
         self.ended: dict[str, asyncio.Event] = {}  # set when a sandbox ends; for waiters
+        self._gone_since: dict[str, float] = {}  # ended entries of non-live sandboxes: since when
         self.execs: dict[str, ExecRecord] = {}
-        self.tasks: set[asyncio.Task] = set()
+        self.tasks = TaskSet()
+        self.astore = AsyncStore(store)  # the store from async code: its one worker thread
         self.pool = (WarmPool(host, images, pool_sizes,
                               DEFAULT_POLICY if host.has_network else None)
                      if pool_sizes else None)
 
     # --- owned background work
     def _spawn(self, coro: Coroutine, name: str) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self.tasks.add(task)
-
-        def done(t: asyncio.Task) -> None:
-            self.tasks.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                log.error("background task %s failed", name, exc_info=t.exception())
-        task.add_done_callback(done)
-        return task
+        return self.tasks.spawn(coro, name)
 
     async def start(self) -> None:
         """Reconcile with what the host has, then follow its events."""
@@ -153,12 +151,11 @@ class SandboxService:
         for live in self.live.values():
             if live.timer:
                 live.timer.cancel()
-        for t in list(self.tasks):
-            t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.tasks.drain()
         if self.pool is not None:
             await self.pool.close()
         await self.host.close()
+        self.astore.close()
 
     # --- named secrets and bucket mounts (issue 12): set by the app after construction
     secrets = None  # control.secrets.SecretService
@@ -196,6 +193,13 @@ class SandboxService:
             raise NotFoundError(f"sandbox {sandbox_id} not found")
         return rec
 
+    async def aget(self, sandbox_id: str) -> SandboxRecord:
+        """`get` for async code: the read runs in the store's thread."""
+        rec = await self.astore.sandbox_get(sandbox_id)
+        if rec is None:
+            raise NotFoundError(f"sandbox {sandbox_id} not found")
+        return rec
+
     def _running(self, sandbox_id: str) -> LiveSandbox:
         live = self.live.get(sandbox_id)
         if live is not None and not live.exited.is_set():
@@ -211,6 +215,24 @@ class SandboxService:
         """Set when the sandbox has ended (for waiters and streams)."""
         return self.ended.setdefault(sandbox_id, asyncio.Event())
 
+    def prune_ended(self, now: float | None = None) -> int:
+        """Forget `ended` events of sandboxes that have not been live for ENDED_RETENTION (called
+        by the app's upkeep every tick). Waiters already hold their event; a later waiter finds
+        the sandbox's row terminated and does not wait. Returns how many were dropped."""
+        now = time.monotonic() if now is None else now
+        dropped = 0
+        for sid in list(self.ended):
+            if sid in self.live:
+                self._gone_since.pop(sid, None)
+                continue
+            since = self._gone_since.setdefault(sid, now)
+            if now - since >= ENDED_RETENTION:
+                del self.ended[sid]
+                del self._gone_since[sid]
+                dropped += 1
+        for sid in [s for s in self._gone_since if s not in self.ended]:
+            del self._gone_since[sid]
+        return dropped
     @contextlib.contextmanager
     def _gone_as_terminated(self, sandbox_id: str):
         try:
@@ -289,7 +311,7 @@ class SandboxService:
         a lost connection or a server crash) returns the sandbox the first one made: the key is
         stored in the sandbox's row, in the same transaction that records it."""
         if idempotency_key is not None:
-            done = self.store.sandbox_by_idempotency_key(idempotency_key)
+            done = await self.astore.sandbox_by_idempotency_key(idempotency_key)
             if done is not None:
                 return done
         self._validate(req)
@@ -300,15 +322,16 @@ class SandboxService:
             raise InvalidError("this server runs without sandbox networking (SHOAL_NET=off): "
                                "pass block_network=True")
         runtime = self._runtime(req.runtime)  # runtimes (issue 10)
-        if self.store.app_get(req.app_id) is None:
+        if await self.astore.app_get(req.app_id) is None:
             raise NotFoundError(f"app {req.app_id} not found")
-        if req.name and self.store.sandbox_running_by_name(req.app_id, req.name):
+        if req.name and await self.astore.sandbox_running_by_name(req.app_id, req.name):
             raise AlreadyExistsError(f"a running sandbox named {req.name!r} already exists in "
                                      "this app")
-        vols = [(m, self.volumes.get(m.volume_id)) for m in req.mounts]
+        vols = [(m, await self.astore.run(self.volumes.get, m.volume_id)) for m in req.mounts]
         image = self.images.manifest(req.image_id) if req.image_id else await self.images.default()
         layers = await self.images.mount_layers(image)
-        env = {**image.config.env, **self._secret_env(req.secret_ids), **req.env}
+        env = {**image.config.env, **await self.astore.run(self._secret_env, req.secret_ids),
+               **req.env}
         workdir = req.workdir or image.config.workdir
         args = list(req.args)
         if args and image.config.entrypoint:
@@ -332,13 +355,14 @@ class SandboxService:
         # Recorded before anything runs, so a crash from here on is found by `reconcile`. The
         # database refuses a second running sandbox of the same name (a conditional write).
         try:
-            self.store.sandbox_insert(rec, [MountRecord(sid, v.id, posixpath.normpath(m.path),
-                                                        m.read_only) for m, v in vols])
+            await self.astore.sandbox_insert(
+                rec, [MountRecord(sid, v.id, posixpath.normpath(m.path), m.read_only)
+                      for m, v in vols])
         except WriteConflict as e:
             if pooled is not None:
                 self._spawn(self.pool.lost(pooled), f"pool-return-{pooled}")
             if e.constraint == "idempotency_key":
-                return self.get(self.store.sandbox_by_idempotency_key(idempotency_key).id)
+                return (await self.astore.sandbox_by_idempotency_key(idempotency_key))
             raise AlreadyExistsError(str(e)) from None
         live = LiveSandbox(sid, idle_timeout=req.idle_timeout, env=env, workdir=workdir)
         self.live[sid] = live
@@ -406,15 +430,16 @@ class SandboxService:
             log.exception("destroying sandbox %s", live.id)
         if self.buckets:
             await self.buckets.unmount_all(live.id)
-        self.store.sandbox_update(live.id, state="terminated", returncode=returncode,
-                                  ended_at=time.time(), end_reason=reason)
+        await self.astore.sandbox_update(live.id, state="terminated", returncode=returncode,
+                                         ended_at=time.time(), end_reason=reason)
         self.live.pop(live.id, None)
         for rec in self.execs.values():
             if rec.sandbox_id == live.id and not rec.done.is_set():
                 rec.returncode = RC_KILLED
                 rec.done.set()
-        for m in self.store.mounts_of(live.id):
-            self.volumes.collect(m.volume_id)  # a deferred volume deletion may now proceed
+        for m in await self.astore.mounts_of(live.id):
+            # a deferred volume deletion may now proceed (its rmtree: in a worker thread)
+            await asyncio.to_thread(self.volumes.collect, m.volume_id)
         self.ended_event(live.id).set()
         log.info("sandbox %s ended: %s, returncode %s", live.id, reason, returncode,
                  extra={"event": "sandbox.ended", "sandbox_id": live.id, "reason": reason,
@@ -458,7 +483,7 @@ class SandboxService:
         Volumes are not part of it. The sandbox is frozen while its changes are copied."""
         live = self._running(sandbox_id)
         live.touch()
-        parent = self.images.manifest(self.get(sandbox_id).spec["image_id"])
+        parent = self.images.manifest((await self.aget(sandbox_id)).spec["image_id"])
         with self._gone_as_terminated(sandbox_id):
             return await self.images.snapshot(
                 parent, lambda dest: self.host.export_changes(sandbox_id, dest))
@@ -484,7 +509,7 @@ class SandboxService:
     async def _probe_once(self, live: LiveSandbox, probe) -> bool:
         if probe.tcp_port is not None:
             return await self.host.probe_tcp(live.id, probe.tcp_port)
-        rec = self.get(live.id)
+        rec = await self.aget(live.id)
         eid = self._new_exec_id(live.id)
         await self.host.exec(live.id, ExecSpec(
             eid, list(probe.exec_args), rec.spec.get("env", {}), rec.spec.get("workdir") or "/",
@@ -523,16 +548,16 @@ class SandboxService:
 
     # --- terminate / wait
     async def terminate(self, sandbox_id: str) -> SandboxRecord:
-        self.get(sandbox_id)
+        await self.aget(sandbox_id)
         await self._stop(sandbox_id, "terminated")
-        return self.get(sandbox_id)
+        return await self.aget(sandbox_id)
 
     async def wait(self, sandbox_id: str, timeout: float) -> SandboxRecord:
-        rec = self.get(sandbox_id)
+        rec = await self.aget(sandbox_id)
         if rec.state == "running":
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.ended_event(sandbox_id).wait(), timeout)
-        return self.get(sandbox_id)
+        return await self.aget(sandbox_id)
 
     # --- entrypoint stdio
     def output(self, sandbox_id: str, stream: str, offset: int) -> AsyncIterator[bytes]:
@@ -563,7 +588,7 @@ class SandboxService:
         """Start a command. With `idempotency_key`, a repeated request returns the command the
         first one started (its id is stored before the command starts), never a second run."""
         if idempotency_key is not None:
-            done = self.store.idempotent_get(idempotency_key)
+            done = await self.astore.idempotent_get(idempotency_key)
             if done is not None:
                 if done[1] != f"exec:{sandbox_id}":
                     raise InvalidError("this Idempotency-Key was used for another request")
@@ -582,12 +607,13 @@ class SandboxService:
         for k, v in req.env.items():
             if not k or "=" in k or "\x00" in k or "\x00" in v:
                 raise InvalidError(f"invalid environment variable {k!r}")
-        env = {**live.env, **self._secret_env(req.secret_ids), **req.env}
+        env = {**live.env, **(await self.astore.run(self._secret_env, req.secret_ids)
+                              if req.secret_ids else {}), **req.env}
         workdir = req.workdir or live.workdir or "/"
         eid = self._new_exec_id(sandbox_id)
         if idempotency_key is not None:
-            self.store.idempotent_put(idempotency_key, "POST", f"exec:{sandbox_id}", 0,
-                                      eid.encode(), "exec-id", time.time())
+            await self.astore.idempotent_put(idempotency_key, "POST", f"exec:{sandbox_id}", 0,
+                                             eid.encode(), "exec-id", time.time())
         live.touch()
         stderr = "stdout" if req.stderr == "stdout" else modes[req.stderr]
         # --- pty (operations): everything the process writes arrives on stdout
@@ -726,7 +752,7 @@ class SandboxService:
     async def reconcile(self) -> None:
         """Adopt or end what an earlier server left: running rows, containers, mounts, logs."""
         known = await self.host.sandboxes()
-        for rec in self.store.sandbox_list(state="running"):
+        for rec in await self.astore.sandbox_list(state="running"):
             known.discard(rec.id)
             live = LiveSandbox(rec.id, idle_timeout=rec.spec.get("idle_timeout"),
                                env=rec.spec.get("env") or {}, workdir=rec.spec.get("workdir"))
@@ -756,7 +782,7 @@ class SandboxService:
         for sid in await self.host.sandbox_logs():
             if sid in self.live:
                 continue
-            rec = self.store.sandbox_get(sid)
+            rec = await self.astore.sandbox_get(sid)
             if (rec is None and startup) or (rec is not None and rec.state != "running"
                                              and (rec.ended_at or 0) < cutoff):
                 await self.host.forget(sid)

@@ -225,7 +225,9 @@ class VolumeService:
         """Expire leases of clients that stopped heart-beating; finish deferred deletions; drop
         idle upload batches."""
         now = time.time()
-        for batch in [b for b in self.batches.values() if b.last_used < now - BATCH_IDLE_LIMIT]:
+        # Runs in a worker thread (upkeep): list() first, routes may add batches meanwhile.
+        for batch in [b for b in list(self.batches.values())
+                      if b.last_used < now - BATCH_IDLE_LIMIT]:
             self.batch_abort(batch.volume_id, batch.id)
         for rec in self.store.volume_list():
             if rec.state == "ready" and rec.lease_expires is not None and rec.lease_expires < now:

@@ -578,20 +578,25 @@ async def _iter_fd(fd: int) -> AsyncIterator[bytes]:
 async def _tail_file(path: Path, offset: int, finished: asyncio.Event,
                      poll: float = 0.02) -> AsyncIterator[bytes]:
     """A log file's bytes from `offset` as they are written, until `finished` is set and the file
-    is read to its end."""
+    is read to its end. Reads run in worker threads (a big or cold log never stalls the loop);
+    they are `pread`s at our own position, so a read still queued when a cancelled reader has
+    closed the descriptor cannot move the offset of whatever file reuses its number."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return
+    pos = offset
     try:
-        os.lseek(fd, offset, os.SEEK_SET)
         while True:
-            data = os.read(fd, 64 << 10)
+            data = await asyncio.to_thread(os.pread, fd, 1 << 20, pos)
             if data:
+                pos += len(data)
                 yield data
                 continue
             if finished.is_set():
-                while data := os.read(fd, 64 << 10):  # what the writer wrote before it went
+                # what the writer wrote before it went
+                while data := await asyncio.to_thread(os.pread, fd, 1 << 20, pos):
+                    pos += len(data)
                     yield data
                 return
             with contextlib.suppress(asyncio.TimeoutError):

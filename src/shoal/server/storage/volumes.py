@@ -186,7 +186,10 @@ class LocalVolumeStorage:
         if not src.exists():
             return
         doomed = self.root / f".deleted-{volume_id}-{secrets.token_hex(4)}"
-        os.rename(src, doomed)
+        try:
+            os.rename(src, doomed)
+        except FileNotFoundError:
+            return  # another thread's collect (upkeep's reap, a finalize) got there first
         shutil.rmtree(doomed, ignore_errors=True)
 
     def remove_leftovers(self) -> None:
