@@ -221,7 +221,7 @@ def test_cidr_allowlist_allows_exactly_what_it_lists(app, world):
     ({"cidr_allowlist": ["2001:db8::/32"]}, "IPv6"),
     ({"cidr_allowlist": "1.2.3.0/24"}, "list"),
     ({"block_network": True, "cidr_allowlist": ["1.2.3.0/24"]}, "contradict"),
-    ({"encrypted_ports": [70000]}, "not a TCP port"),
+    ({"encrypted_ports": [70000]}, "not a TCP port|less than or equal to 65535"),
     ({"outbound_domain_allowlist": ["pypi.org"]}, "not supported"),
 ])
 def test_invalid_network_arguments(app, kw, words):

@@ -126,7 +126,7 @@ def test_errors_help_and_exit_codes(server):
 
 def test_status(server):
     info = json.loads(cli("status", "--json").stdout)
-    assert info["runtimes"] == ["runc"] and info["version"]
+    assert "runc" in info["runtimes"] and info["version"]
     assert info["pid"] == server.proc.pid and info["uptime"] > 0
     assert info["log_path"].endswith("server.log") and info["disk_used"] > 0
     assert "uptime:" in cli("status").stdout

@@ -350,7 +350,7 @@ class SandboxService:
                 "user": image.config.user, "runtime": runtime}
         rec = SandboxRecord(id=sid, app_id=req.app_id, name=req.name, state="running", spec=spec,
                             created_at=now, deadline=now + req.timeout, tags=dict(req.tags),
-                            runtime=getattr(self.host, "name", "runc"), node=NODE,
+                            runtime=runtime, node=NODE,
                             idempotency_key=idempotency_key)
         # Recorded before anything runs, so a crash from here on is found by `reconcile`. The
         # database refuses a second running sandbox of the same name (a conditional write).

@@ -120,6 +120,9 @@ class MultiHost:
     async def tunnels(self, sandbox_id: str) -> dict:
         return await self.host_of(sandbox_id).tunnels(sandbox_id)
 
+    async def stats(self, sandbox_id: str):
+        return await self.host_of(sandbox_id).stats(sandbox_id)
+
     async def upkeep(self) -> None:
         for h in self.hosts.values():
             await h.upkeep()

@@ -81,7 +81,7 @@ async def status(request: Request) -> StatusInfo:
     log_path = request.app.state.log_path
     return StatusInfo(
         version=metadata.version("shoal"), api_version=API_VERSION, pid=os.getpid(),
-        started_at=started, uptime=time.time() - started, runtimes=[svc.sandboxes.host.name],
+        started_at=started, uptime=time.time() - started, runtimes=sorted(getattr(svc.sandboxes.host, 'hosts', None) or [svc.sandboxes.host.name]),
         sandboxes_running=len(svc.sandboxes.live), pool_size=pool.total() if pool else 0,
         pool_hits=pool.hits if pool else 0, pool_misses=pool.misses if pool else 0,
         home=str(request.app.state.home), disk_used=await asyncio.to_thread(_disk_used, request),
@@ -134,7 +134,7 @@ def _detail(svc, rec, apps: dict[str, str]) -> SandboxDetail:
         sandbox_id=rec.id, app_id=rec.app_id, app_name=apps.get(rec.app_id), name=rec.name,
         tags=rec.tags, state=rec.state, created_at=rec.created_at, ended_at=rec.ended_at,
         deadline=rec.deadline, returncode=rec.returncode, end_reason=rec.end_reason,
-        image_id=spec.get("image_id"), runtime=svc.sandboxes.host.name,
+        image_id=spec.get("image_id"), runtime=spec.get("runtime") or "runc",
         args=spec.get("args") or [], workdir=spec.get("workdir"),
         resources=spec.get("resources") or {},
         mounts=[{"path": m.path, "volume_id": m.volume_id, "read_only": m.read_only}
