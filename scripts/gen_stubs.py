@@ -39,14 +39,17 @@ def _public_map() -> dict[str, tuple[str, str]]:
     """Implementation class name -> (public name, module of the public class)."""
     from shoal._sync import _IMPL_TO_PUBLIC
 
-    return {impl.__name__: (pub.__name__, pub.__module__) for impl, pub in _IMPL_TO_PUBLIC.items()}
+    return {impl.__name__: (pub.__name__, pub.__module__) for impl, pub in _IMPL_TO_PUBLIC.items()
+            if pub.__module__.startswith("shoal.")}
 
 
 def _modules() -> list[str]:
     import shoal  # noqa: F401  (imports every SDK module, which registers its classes)
     from shoal._sync import _IMPL_TO_PUBLIC
 
-    return sorted({pub.__module__ for pub in _IMPL_TO_PUBLIC.values()})
+    # Only the SDK's own: tests register classes of their own in the same table.
+    return sorted({pub.__module__ for pub in _IMPL_TO_PUBLIC.values()
+                   if pub.__module__.startswith("shoal.")})
 
 
 class _Types:

@@ -32,6 +32,8 @@ def test_stubs_cover_every_public_member_with_aio():
     from shoal._sync import _IMPL_TO_PUBLIC
 
     for impl, pub in _IMPL_TO_PUBLIC.items():
+        if not pub.__module__.startswith("shoal."):
+            continue  # a test's own class (tests/test_sync.py)
         tree = ast.parse((ROOT / "src" / (pub.__module__.replace(".", "/") + ".pyi")).read_text())
         classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
         assert pub.__name__ in classes, pub

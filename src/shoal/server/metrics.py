@@ -60,9 +60,9 @@ class _StateCollector:
         misses = CounterMetricFamily("shoal_pool_misses", "Creations the warm pool could not serve")
         idle = GaugeMetricFamily("shoal_pool_idle", "Warm sandboxes waiting")
         if svc is not None:
-            runtime = svc.sandboxes.host.name
-            counts = {"running": 0, "terminated": 0, **svc.store.sandbox_state_counts()}
-            for state, n in counts.items():
+            counts = {("running", "runc"): 0, ("terminated", "runc"): 0,
+                      **svc.store.sandbox_runtime_counts()}
+            for (state, runtime), n in counts.items():
                 states.add_metric([state, runtime], n)
             pool = svc.sandboxes.pool
             hits.add_metric([], pool.hits if pool else 0)

@@ -100,6 +100,7 @@ class StateStore(Protocol):
     def secret_remove(self, name: str) -> bool: ...
     def app_list(self) -> list[AppRecord]: ...
     def sandbox_state_counts(self) -> dict[str, int]: ...
+    def sandbox_runtime_counts(self) -> dict[tuple[str, str], int]: ...
 
 
 # Migrations: numbered steps, each applied once in its own transaction and recorded in
@@ -245,6 +246,12 @@ class SqliteStore:
     def sandbox_state_counts(self) -> dict[str, int]:
         rows = self._all("SELECT state, COUNT(*) AS n FROM sandboxes GROUP BY state")
         return {r["state"]: r["n"] for r in rows}
+
+    def sandbox_runtime_counts(self) -> dict[tuple[str, str], int]:
+        """{(state, runtime): count}"""
+        rows = self._all("SELECT state, runtime, COUNT(*) AS n FROM sandboxes "
+                         "GROUP BY state, runtime")
+        return {(r["state"], r["runtime"]): r["n"] for r in rows}
 
     # --- sandboxes
     @staticmethod
