@@ -34,6 +34,7 @@ from shoal.server.host.agent_files import AgentFiles
 from shoal.server.host.oci import ContainerSpec, build_config
 from shoal.server.host.rootfs import Rootfs
 from shoal.server.host.runc import CGROUP_PARENT
+from shoal.server.host import runc_files
 from shoal.server.host.runc_host import RUN_DIR, RuncHost, _Sandbox
 
 log = logging.getLogger("shoal.host.gvisor")
@@ -101,8 +102,11 @@ class GvisorHost(RuncHost):
     async def stat(self, sandbox_id: str, path: str) -> dict:
         return await self.agent_files.stat(sandbox_id, path)
 
-    async def listdir(self, sandbox_id: str, path: str) -> list[dict]:
-        return await self.agent_files.listdir(sandbox_id, path)
+    async def listdir(self, sandbox_id: str, path: str, offset: int = 0,
+                      limit: int | None = None) -> list[dict]:
+        # The agent pages its LIST replies; the whole directory is gathered, then the page cut.
+        entries = await self.agent_files.listdir(sandbox_id, path)
+        return entries[offset:offset + (limit if limit is not None else runc_files.LIST_PAGE)]
 
     async def read_file(self, sandbox_id: str, path: str,
                         limit: int | None) -> tuple[int, AsyncIterator[bytes]]:
