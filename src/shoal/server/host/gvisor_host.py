@@ -174,7 +174,7 @@ def _reap_runsc_strays(keep: set[int]) -> None:
     subreaper — never a sandbox process in `keep`, whose exit status a pidfd watcher reads."""
     me = str(os.getpid())
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) in keep:
+        if not entry.name.isdigit() or int(entry.name) in keep or int(entry.name) in runsc.OWNED:
             continue
         try:
             with open(f"/proc/{entry.name}/stat") as f:

@@ -69,10 +69,10 @@ class RunscRuntime:
                 "--host-uds=all", "--net-raw", *args]
 
     async def _run(self, *args: str, check: bool = True, timeout: float = CALL_TIMEOUT) -> str:
-        proc = await asyncio.create_subprocess_exec(
+        proc = await _exec(
             *self._cmd(*args), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await _bounded(proc, proc.communicate(), timeout, f"runsc {args[0]}")
+        out, err = await _waited(proc, proc.communicate(), timeout, f"runsc {args[0]}")
         if check and proc.returncode != 0:
             raise RuntimeError_(f"runsc {args[0]}: {err.decode(errors='replace').strip()}")
         return out.decode()
@@ -84,12 +84,12 @@ class RunscRuntime:
         bundle.mkdir(parents=True, exist_ok=True)
         (bundle / "config.json").write_text(json.dumps(config))
         pid_file = bundle / "init.pid"
-        proc = await asyncio.create_subprocess_exec(
+        proc = await _exec(
             *self._cmd("run", "--detach", "--bundle", str(bundle), "--pid-file", str(pid_file),
                        container_id, network="host" if network else "none"),
             stdin=stdin, stdout=stdout, stderr=stderr)
         try:
-            rc = await _bounded(proc, proc.wait(), START_TIMEOUT, "runsc run")
+            rc = await _waited(proc, proc.wait(), START_TIMEOUT, "runsc run")
         except RuntimeError_:
             self.kill_strays(container_id)
             raise
@@ -120,10 +120,10 @@ class RunscRuntime:
         remove_cgroups(container_id)
 
     async def state(self, container_id: str) -> ContainerState | None:
-        proc = await asyncio.create_subprocess_exec(
+        proc = await _exec(
             *self._cmd("state", container_id), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-        out, _ = await _bounded(proc, proc.communicate(), CALL_TIMEOUT, "runsc state")
+        out, _ = await _waited(proc, proc.communicate(), CALL_TIMEOUT, "runsc state")
         if proc.returncode != 0:
             return None
         data = json.loads(out)
@@ -165,3 +165,21 @@ class RunscRuntime:
 
 
 __all__ = ["RunscRuntime", "installed", "CGROUP_PARENT"]
+
+
+# Pids of runsc commands that asyncio waits for. The server reaps runsc's zombie helpers itself
+# (it is a child subreaper); it must never reap one of these, or asyncio reports exit code 255.
+OWNED: set[int] = set()
+
+
+async def _exec(*argv, **kw) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(*argv, **kw)
+    OWNED.add(proc.pid)
+    return proc
+
+
+async def _waited(proc: asyncio.subprocess.Process, aw, timeout: float, what: str):
+    try:
+        return await _bounded(proc, aw, timeout, what)
+    finally:
+        OWNED.discard(proc.pid)
