@@ -108,6 +108,7 @@ def pytest_configure(config):
     # its default runtime, so every sandbox the tests make is a gVisor one.
     os.environ["SHOAL_RUNTIME"] = TEST_RUNTIME
     config._shoal_home = home
+    config._started = time.time()
     (home / "session.pid").write_text(str(os.getpid()))  # whose home this is, for other sessions
     if not hasattr(config, "workerinput"):
         _clean_after_killed_sessions()
@@ -324,12 +325,31 @@ def _bucket_mount_processes(home: Path) -> list[int]:
     return pids
 
 
+def stray_temp_dirs(home: Path, since: float) -> list[str]:
+    """Homes and test worlds that this session's tests made under /tmp and did not remove (a
+    concurrent session's own are told apart by its live pid)."""
+    found = []
+    for d in [*Path("/tmp").glob("shoal-test-*"), *Path("/tmp").glob("shoal-nobody-*"),
+              *Path("/tmp").glob("shoal-world-*")]:
+        try:
+            if d == home or d.stat().st_ctime < since:
+                continue
+            owner = (d / "session.pid").read_text() if (d / "session.pid").exists() else \
+                (d.name.split("-")[2] if d.name.startswith("shoal-world-") else "")
+        except OSError:
+            continue
+        if owner.isdigit() and int(owner) != os.getpid() and Path(f"/proc/{owner}").exists():
+            continue  # another live session's
+        found.append(f"temporary dir {d}")
+    return found
+
+
 def pytest_sessionfinish(session, exitstatus):
     home = getattr(session.config, "_shoal_home", None)
     if home is None:
         return
     # The server fixture has stopped the server by now; anything left is a leak.
-    left = leftovers(home)
+    left = leftovers(home) + stray_temp_dirs(home, session.config._started)
     if left:
         print("\nLEAKED after the test session:\n  " + "\n  ".join(left), file=sys.stderr)
         session.exitstatus = 1

@@ -67,7 +67,7 @@ class World:
         self.private_ip, self.private_host_ip = f"10.254.{k}.2", f"10.254.{k}.1"
         self.metadata_ip = "169.254.169.254"
         self.procs: list[subprocess.Popen] = []
-        self.dir = Path(tempfile.mkdtemp(prefix="shoal-world-"))
+        self.dir = Path(tempfile.mkdtemp(prefix=f"shoal-world-{self.pid}-", dir="/tmp"))
 
     def _netns(self, ns: str, host_if: str, host_ip: str, addrs: list[str]) -> None:
         sh("ip", "netns", "add", ns)
@@ -126,6 +126,12 @@ class World:
 
 def clean_stale() -> None:
     """Worlds of test sessions that were killed before their teardown."""
+    import shutil
+
+    for d in Path("/tmp").glob("shoal-world-*-*"):
+        pid = d.name.split("-")[2]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(d, ignore_errors=True)
     for ns in Path("/run/netns").glob("swt*") if Path("/run/netns").exists() else []:
         pid = ns.name[3:-1]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():

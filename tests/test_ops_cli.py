@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,6 +170,7 @@ def test_non_root_gets_one_sentence():
                        env=_nobody_env(home), capture_output=True, text=True, timeout=60)
     assert "shoal needs root" in r.stderr and "Permission denied" not in r.stderr
     assert not os.path.exists(os.path.join(home, "shoal.sock"))
+    shutil.rmtree(home)
 
 
 def test_ctrl_c_on_foreground_serve_hands_sandboxes_over():
@@ -230,3 +232,4 @@ def test_ctrl_c_on_foreground_serve_hands_sandboxes_over():
         subprocess.run([sys.executable, "-m", "shoal", "stop"], env=env, timeout=120)
         srv.wait(timeout=30)
     assert not leftovers(home)
+    shutil.rmtree(home)
