@@ -25,17 +25,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from shoal.server.host import runsc
+from shoal.server.host import runc_files, runsc
 from shoal.server.host.agent_files import AgentFiles
 from shoal.server.host.oci import ContainerSpec, build_config
 from shoal.server.host.rootfs import Rootfs
 from shoal.server.host.runc import CGROUP_PARENT
-from shoal.server.host import runc_files
-from shoal.server.host.runc_host import RUN_DIR, RuncHost, _Sandbox
+from shoal.server.host.runc_host import RuncHost, _Sandbox, reap_zombie_children
 
 log = logging.getLogger("shoal.host.gvisor")
 MARKER = "runtime"  # sandboxes/<id>/runtime: "gvisor", so a restarted server knows the owner
@@ -170,19 +168,7 @@ def gvisor_config(cspec: ContainerSpec) -> dict:
 
 
 def _reap_runsc_strays(keep: set[int]) -> None:
-    """Reap exited runsc processes (gofers, helpers) that re-parented to the server, a child
-    subreaper — never a sandbox process in `keep`, whose exit status a pidfd watcher reads."""
-    me = str(os.getpid())
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) in keep or int(entry.name) in runsc.OWNED:
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                stat_line = f.read()
-        except OSError:
-            continue
-        comm = stat_line[stat_line.find("(") + 1:stat_line.rfind(")")]
-        fields = stat_line[stat_line.rfind(")") + 2:].split()
-        if fields[1] == me and fields[0] == "Z" and (comm.startswith("runsc") or comm == "exe"):
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(int(entry.name), os.WNOHANG)
+    """Exited runsc processes (gofers, helpers) — never a sandbox process in `keep`, whose exit
+    status a pidfd watcher reads, nor a runsc command asyncio waits for."""
+    reap_zombie_children(lambda comm: comm.startswith("runsc") or comm == "exe",
+                         keep | runsc.OWNED)

@@ -30,13 +30,7 @@ class RuncRuntime:
         return [self.binary, "--root", str(self.root), *args]
 
     async def _run(self, *args: str, check: bool = True, timeout: float = CALL_TIMEOUT) -> str:
-        proc = await asyncio.create_subprocess_exec(
-            *self._cmd(*args), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await _bounded(proc, proc.communicate(), timeout, f"runc {args[0]}")
-        if check and proc.returncode != 0:
-            raise RuntimeError_(f"runc {args[0]}: {err.decode(errors='replace').strip()}")
-        return out.decode()
+        return await run_cli(self._cmd(*args), f"runc {args[0]}", check, timeout)
 
     async def start(self, spec: ContainerSpec, bundle: Path, stdin: int, stdout: int,
                     stderr: int) -> int:
@@ -93,6 +87,25 @@ class RuncRuntime:
         out = await self._run("list", "--format", "json", check=False)
         items = json.loads(out or "null") or []
         return [ContainerState(i["id"], i["status"], int(i.get("pid") or 0)) for i in items]
+
+
+async def run_cli(argv: list[str], what: str, check: bool = True,
+                  timeout: float = CALL_TIMEOUT, owned: set[int] | None = None) -> str:
+    """Run a runtime's command to its end (bounded by `timeout`); its stdout. With `owned`, the
+    pid is in that set while the command runs (see runsc.OWNED)."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    if owned is not None:
+        owned.add(proc.pid)
+    try:
+        out, err = await _bounded(proc, proc.communicate(), timeout, what)
+    finally:
+        if owned is not None:
+            owned.discard(proc.pid)
+    if check and proc.returncode != 0:
+        raise RuntimeError_(f"{what}: {err.decode(errors='replace').strip()}")
+    return out.decode()
 
 
 async def _bounded(proc: asyncio.subprocess.Process, aw, timeout: float, what: str):

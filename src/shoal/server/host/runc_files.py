@@ -24,7 +24,7 @@ import stat as stat_mod
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from shoal.server import linux as _linux
 from shoal.exception import (InvalidError, SandboxFilesystemDirectoryNotEmptyError,

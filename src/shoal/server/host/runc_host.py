@@ -535,13 +535,13 @@ def _oom_killed(cgroup: Path | None) -> bool:
     return False
 
 
-def _reap_runc_strays() -> None:
-    """Reap runc's own intermediate processes (`runc:[1:CHILD]` ...) that re-parent to the server,
-    a child subreaper, and would stay zombies. Only those: any other child is waited for by whoever
-    started it (asyncio's watcher, or a sandbox's pidfd)."""
+def reap_zombie_children(match, keep: set[int] = frozenset()) -> None:
+    """Reap exited children of the server (a child subreaper, so the runtime's own helpers
+    re-parent to it) whose command name `match`es, and only those: any other child is waited for
+    by whoever started it (asyncio's watcher, or a sandbox's pidfd), and pids in `keep` too."""
     me = str(os.getpid())
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) in keep:
             continue
         try:
             with open(f"/proc/{entry.name}/stat") as f:
@@ -550,9 +550,14 @@ def _reap_runc_strays() -> None:
             continue
         comm = stat_line[stat_line.find("(") + 1:stat_line.rfind(")")]
         fields = stat_line[stat_line.rfind(")") + 2:].split()
-        if fields[1] == me and fields[0] == "Z" and comm.startswith("runc:["):
+        if fields[1] == me and fields[0] == "Z" and match(comm):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(int(entry.name), os.WNOHANG)
+
+
+def _reap_runc_strays() -> None:
+    """runc's intermediate processes (`runc:[1:CHILD]` ...)."""
+    reap_zombie_children(lambda comm: comm.startswith("runc:["))
 
 
 async def _write_all_nonblocking(fd: int, data: bytes) -> None:

@@ -28,7 +28,7 @@ import signal as _signal
 from pathlib import Path
 
 from shoal.server.host.base import ContainerState, RuntimeError_
-from shoal.server.host.runc import CGROUP_PARENT, _bounded, remove_cgroups
+from shoal.server.host.runc import CGROUP_PARENT, _bounded, remove_cgroups, run_cli
 
 BINARY = os.environ.get("SHOAL_RUNSC", "runsc")
 CALL_TIMEOUT = 30.0
@@ -69,13 +69,7 @@ class RunscRuntime:
                 "--host-uds=all", "--net-raw", *args]
 
     async def _run(self, *args: str, check: bool = True, timeout: float = CALL_TIMEOUT) -> str:
-        proc = await _exec(
-            *self._cmd(*args), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await _waited(proc, proc.communicate(), timeout, f"runsc {args[0]}")
-        if check and proc.returncode != 0:
-            raise RuntimeError_(f"runsc {args[0]}: {err.decode(errors='replace').strip()}")
-        return out.decode()
+        return await run_cli(self._cmd(*args), f"runsc {args[0]}", check, timeout, owned=OWNED)
 
     async def start(self, config: dict, container_id: str, bundle: Path, network: bool,
                     stdin: int, stdout: int, stderr: int) -> int:
