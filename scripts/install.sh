@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(runc tini busybox-static debootstrap docker-registry python3 python3-venv python3-pip ca-certificates procps
-  musl-tools  # builds the in-sandbox agent (src/shoal/server/agent)
+  gcc musl-tools  # builds the in-sandbox agent (src/shoal/server/agent)
+  e2fsprogs  # per-sandbox disk images (mkfs.ext4)
   iproute2 nftables openssl  # sandbox networking (docs/network.md)
   s3fs fuse3)  # CloudBucketMount (docs/buckets.md)
 # For the tests: a real terminal (tmux) for `shoal shell`, and a browser (chromium) that
