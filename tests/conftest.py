@@ -8,6 +8,7 @@ session's, and the session checks at the end that it left no container, mount or
 from __future__ import annotations
 
 import os
+import concurrent.futures
 import shutil
 import signal
 import subprocess
@@ -128,6 +129,12 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+# PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, not the process: a server
+# started from a short-lived thread (a test's threading.Timer) got SIGTERM as soon as that thread
+# returned. Every server is therefore forked by this one thread, which lives as long as pytest.
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="server-spawner")
+
+
 class ServerProcess:
     """The session's `shoal serve`, which tests may kill and restart."""
 
@@ -144,9 +151,10 @@ class ServerProcess:
         log = open(paths.server_log, "ab")
         # The server dies with this pytest (PR_SET_PDEATHSIG) if the session is killed before
         # its teardown; a normal teardown stops it with `shoal stop`.
-        self.proc = subprocess.Popen([sys.executable, "-m", "shoal", "serve"], stdout=log,
-                                     stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=_die_with_parent)
+        self.proc = _SPAWNER.submit(
+            subprocess.Popen, [sys.executable, "-m", "shoal", "serve"], stdout=log, stderr=log,
+            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
+        ).result()
         import httpx
 
         deadline = time.monotonic() + 60
@@ -160,7 +168,7 @@ class ServerProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
-        raise RuntimeError("server did not start")
+        raise RuntimeError("server did not start in 60 s: " + paths.server_log.read_text()[-3000:])
 
     def _end_others(self, paths) -> None:
         """A server of this home that is not ours (an SDK call that found the server gone
@@ -358,4 +366,16 @@ def pytest_sessionfinish(session, exitstatus):
         # Kept for whoever reads the failure (CI prints where it is).
         shutil.copy(log, "/tmp/shoal-last-failed-server.log")
         print("\nthe session's server log: /tmp/shoal-last-failed-server.log", file=sys.stderr)
+        session.config._server_log_problems = [
+            line[:300] for line in log.read_text(errors="replace").splitlines()
+            if " WARNING " in line or " ERROR " in line or "Traceback" in line][-12:]
     shutil.rmtree(home, ignore_errors=True)
+
+
+def pytest_unconfigure(config):
+    # After pytest's own summary, so that a reader who sees only the end of a failed run's output
+    # (CI) sees what the server complained of.
+    problems = getattr(config, "_server_log_problems", None)
+    if problems:
+        print("\nthe server log's last warnings and errors:\n  " + "\n  ".join(problems),
+              file=sys.stderr)

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,9 @@ def start_s3(auth: bool = True) -> S3Server:
                 proc.kill()
                 raise RuntimeError("moto_server did not start")
             time.sleep(0.1)
-    key, secret = "AKIAANYTHING", "anything"
+    # Without auth moto takes any key: unique ones, so that a test finding them somewhere (a
+    # command line, a log) finds a leak and not some other process's words.
+    key, secret = f"AKIA{uuid.uuid4().hex[:16].upper()}", uuid.uuid4().hex
     if auth:
         iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
                            aws_access_key_id="x", aws_secret_access_key="x")

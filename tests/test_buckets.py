@@ -114,7 +114,8 @@ def test_read_write_list_rename_append(app, s3, bucket):
                     cmdline = (entry / "cmdline").read_bytes()
                 except OSError:
                     continue
-                assert s3.secret.encode() not in cmdline and s3.key.encode() not in cmdline
+                assert s3.secret.encode() not in cmdline and s3.key.encode() not in cmdline, \
+                    f"pid {entry.name}: {cmdline[:300]!r}"
         # the server keeps no copy of inline credentials in the sandbox's record
         db = (home() / "state.db").read_bytes() + (home() / "state.db-wal").read_bytes() \
             if (home() / "state.db-wal").exists() else (home() / "state.db").read_bytes()
