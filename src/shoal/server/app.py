@@ -128,6 +128,7 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
         app.state.svc = svc
         if svc.network:
             await svc.network.start()
+        await svc.images.start()  # before reconcile: a dead server's builds are not sandboxes
         await svc.sandboxes.start()
         await asyncio.to_thread(svc.volumes.reap)
         background = TaskSet()  # the app's own: upkeep

@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import re
 import secrets
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
@@ -17,7 +15,7 @@ from pathlib import Path
 
 from shoal.exception import ExecutionError, InvalidError, NotFoundError
 from shoal.server.images import base as base_image
-from shoal.server.images.build import Builder, BuildError, RecipeError
+from shoal.server.images.build import BUILD_PREFIX, Builder, BuildError, RecipeError
 from shoal.server.images.registry import RegistryError, RegistryPuller
 from shoal.server.images.store import ImageConfig, ImageStore, Manifest, MAX_MOUNT_LAYERS, digest
 from shoal.server.images.unpack import UnsafeLayerError
@@ -32,11 +30,26 @@ DEFAULT_RECIPE = {"base": {"kind": "debian_slim"}, "steps": []}
 class ImageService:
     def __init__(self, store_root: Path, runtime, tools_dir: Path, network=None):
         self.store = ImageStore(store_root)
-        self.store.clean_scratch()
+        self.runtime = runtime
         self.builder = Builder(self.store, runtime, tools_dir, store_root, network)
         self.registry = RegistryPuller(self.store)
         self.base_mu = asyncio.Lock()
         self.tasks = TaskSet()  # builds (they finish even if their client leaves)
+
+    async def start(self) -> None:
+        """After a crash: end the build containers the dead server left running (one server per
+        home, so every `bd-` container of this home's runtime is an orphan), then sweep the
+        store's scratch (`ImageStore.clean_scratch`: only what dead processes left)."""
+        for c in await self.runtime.list():
+            if c.id.startswith(BUILD_PREFIX):
+                log.info("ending build container %s of an earlier server", c.id,
+                         extra={"event": "image.orphan_build"})
+                await self.runtime.kill(c.id, 9)
+                await self.runtime.delete(c.id)
+        removed = await asyncio.to_thread(self.store.clean_scratch)
+        if removed:
+            log.info("swept what stopped processes left in the image store: %s",
+                     " ".join(sorted(removed)), extra={"event": "image.swept"})
 
     # --- building
     secrets = None  # a SecretService, set by the app: resolves named secrets of a recipe
@@ -146,20 +159,23 @@ class ImageService:
     async def snapshot(self, parent: Manifest, export) -> str:
         """A new image: `parent`'s layers plus one layer that `export(dir)` fills with a
         sandbox's changes (an overlay upper directory: whiteouts and opaque-directory xattrs carry
-        deletions). The image appears under its id only when complete."""
-        work = self.store.scratch()
+        deletions). The image appears under its id only when complete; a crash at any point
+        leaves no image, or the whole one (`ImageStore.commit_image`)."""
+        work = await asyncio.to_thread(self.store.scratch, "snap")
         try:
             (work / "rootfs").mkdir(exist_ok=True)
             await export(work / "rootfs")
             layer_id = f"layers/snap-{secrets.token_hex(13)}"
-            await asyncio.to_thread(self.store.commit_layer, layer_id, work / "rootfs",
-                                    {"snapshot_of": parent.id})
+
+            def manifest_of(layer: str) -> Manifest:
+                layers = [*parent.layers, layer]
+                return Manifest(Manifest.image_id(layers, parent.config), layers, parent.config,
+                                time.time(), f"snapshot of a sandbox from {parent.id}")
+
+            m = await asyncio.to_thread(self.store.commit_image, work, layer_id,
+                                        {"snapshot_of": parent.id}, manifest_of)
         finally:
-            await asyncio.to_thread(subprocess.run, ["rm", "-rf", str(work)])
-        layers = [*parent.layers, layer_id]
-        m = Manifest(Manifest.image_id(layers, parent.config), layers, parent.config, time.time(),
-                     f"snapshot of a sandbox from {parent.id}")
-        await asyncio.to_thread(self.store.save_manifest, m)
+            await asyncio.to_thread(self.store.discard, work)
         return m.id
 
     # --- uploaded files (add_local_*)
@@ -173,19 +189,14 @@ class ImageService:
         if not SHA256.match(sha):
             raise InvalidError(f"invalid sha256 digest {sha!r}")
         final = self.store.root / "blobs" / "sha256" / sha
-        tmp = final.with_name(f".{sha}.{secrets.token_hex(4)}")
         h, n = hashlib.sha256(), 0
-        try:
-            with open(tmp, "wb") as f:
-                async for chunk in body:
-                    h.update(chunk)
-                    f.write(chunk)
-                    n += len(chunk)
+        with self.store.staged_file(final) as f:  # visible only whole and checked
+            async for chunk in body:
+                h.update(chunk)
+                f.write(chunk)
+                n += len(chunk)
             if h.hexdigest() != sha:
                 raise InvalidError(f"uploaded data does not match its digest {sha[:12]}")
-            os.rename(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
         return n
 
     # --- listing and pruning

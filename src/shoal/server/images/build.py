@@ -38,6 +38,7 @@ Log = Callable[[str], None]
 STEP_TIMEOUT = float(os.environ.get("SHOAL_BUILD_TIMEOUT", "1800"))
 CA_BUNDLE = os.environ.get("SHOAL_BUILD_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
 BUILD_MOUNT = "/.shoal-build"
+BUILD_PREFIX = "bd-"  # build containers' ids: a server ends the ones an earlier server left
 PACKAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+._\-]*([<>=!~]=?[A-Za-z0-9.*+!_\-,:]+)?$")
 # A PEP 508 requirement (extras, markers, `name @ url`): anything that is not an option. Every
 # argument is shell-quoted, so this only keeps a requirement from being read as a pip option.
@@ -179,7 +180,7 @@ class Builder:
         if not blob.exists():
             raise BuildError(f"add_local: the uploaded files ({step['blob'][:12]}) are missing; "
                              "upload them again")
-        work = self.store.scratch()
+        work = self.store.scratch("add")
         try:
             (work / "rootfs").mkdir()
             dest = (step.get("path") or "/").strip("/")
@@ -188,16 +189,14 @@ class Builder:
                 unpack(f, str(work / "rootfs"), prefix=dest)
             self.store.commit_layer(layer_id, work / "rootfs", {"step": _cache_view(step)})
         finally:
-            import shutil
-
-            shutil.rmtree(work, ignore_errors=True)
+            self.store.discard(work)
 
     async def _run_step(self, layer_id: str, parents: list[str], config: ImageConfig,
                         step: dict, log: Log) -> None:
         command = step_command(step)
-        work = self.store.scratch()
+        work = await asyncio.to_thread(self.store.scratch, "step")
         rootfs = Rootfs(work)
-        cid = f"bd-{secrets.token_hex(11)}"
+        cid = f"{BUILD_PREFIX}{secrets.token_hex(11)}"
         try:
             merged = rootfs.mount(self.store.mount_layers(parents))
             try:
@@ -250,10 +249,7 @@ class Builder:
         finally:
             if self.network is not None:
                 await self.network.detach(cid)
-            rootfs.unmount()
-            import shutil
-
-            shutil.rmtree(work, ignore_errors=True)
+            await asyncio.to_thread(self.store.discard, work)
 
 
 def _copy_parent_dirs(lowers: list[Path], layer: Path, rel: str) -> None:

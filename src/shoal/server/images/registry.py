@@ -14,8 +14,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
-import shutil
 from collections.abc import Callable
 
 import httpx
@@ -200,7 +198,7 @@ class RegistryPuller:
             if self.store.has_layer(layer_id):
                 return layer_id
             blob = await self._download(s, digest_, desc.get("size"), which, log)
-            work = self.store.scratch()
+            work = self.store.scratch("pull")
             try:
                 (work / "rootfs").mkdir()
                 with open(blob, "rb") as f:
@@ -211,7 +209,7 @@ class RegistryPuller:
                      if counts["skipped_devices"] else ""))
                 self.store.commit_layer(layer_id, work / "rootfs", {"digest": digest_})
             finally:
-                shutil.rmtree(work, ignore_errors=True)
+                self.store.discard(work)
                 blob.unlink(missing_ok=True)  # the unpacked layer is what is kept
         finally:
             self.store.release(handle)
@@ -221,24 +219,21 @@ class RegistryPuller:
         final = self.store.root / "blobs" / "sha256" / digest_[7:]
         if final.exists():
             return final
-        tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}")
         resp = await s.get(f"/v2/{s.repo}/blobs/{digest_}", stream=True)
         try:
             if resp.status_code != 200:
                 raise RegistryError(f"layer {which}: HTTP {resp.status_code}")
             h, n = hashlib.sha256(), 0
-            with open(tmp, "wb") as f:
+            with self.store.staged_file(final) as f:  # visible only whole and checked
                 async for chunk in resp.aiter_bytes(1 << 20):
                     h.update(chunk)
                     f.write(chunk)
                     n += len(chunk)
-            if "sha256:" + h.hexdigest() != digest_:
-                raise RegistryError(f"layer {which}: digest mismatch (got sha256:"
-                                    f"{h.hexdigest()[:12]}..., expected {digest_[:19]}...): "
-                                    "the blob is corrupt; nothing was kept")
-            os.rename(tmp, final)
+                if "sha256:" + h.hexdigest() != digest_:
+                    raise RegistryError(f"layer {which}: digest mismatch (got sha256:"
+                                        f"{h.hexdigest()[:12]}..., expected {digest_[:19]}...): "
+                                        "the blob is corrupt; nothing was kept")
             log(f"layer {which} {digest_[7:19]}: downloaded {n / 1e6:.1f} MB")
             return final
         finally:
             await resp.aclose()
-            tmp.unlink(missing_ok=True)
