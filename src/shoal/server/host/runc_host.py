@@ -39,6 +39,7 @@ from shoal.server.host.users import resolve_user
 
 log = logging.getLogger("shoal.host.runc")
 
+_DIE_WITH_SERVER = ("setpriv", "--pdeathsig", "KILL", "--") if shutil.which("setpriv") else ()
 RUN_DIR = "run"  # per sandbox, bind-mounted at /.shoal/run: the agent's socket
 AGENT_SOCKET = f"{tools.MOUNT_POINT}/run/agent.sock"
 AGENT_TIMEOUT = 10.0  # seconds for a new sandbox's agent to answer
@@ -180,6 +181,12 @@ class RuncHost:
         state = await self.runtime.state(sandbox_id)
         sdir = self.root / sandbox_id
         sb = _Sandbox(sandbox_id, sdir, Rootfs(sdir))
+        if state is not None and state.status == "paused" and sb.rootfs.is_mounted():
+            # Frozen by a snapshot the earlier server was taking when it died (export_changes).
+            log.info("resuming sandbox %s, paused by an interrupted snapshot", sandbox_id)
+            with contextlib.suppress(RuntimeError_):
+                await self.runtime.resume(sandbox_id)
+            state = await self.runtime.state(sandbox_id)
         if state is None or state.status != "running" or not sb.rootfs.is_mounted():
             return False
         sb.pid = state.pid
@@ -481,8 +488,10 @@ class RuncHost:
         sb = self._running(sandbox_id)
         await self.runtime.pause(sandbox_id)
         try:
+            # setpriv --pdeathsig: the copy dies with the server, so it cannot write on into a
+            # scratch directory that the next server's sweep removes.
             proc = await asyncio.create_subprocess_exec(
-                "cp", "-a", "--reflink=auto", f"{sb.rootfs.upper}/.", str(dest),
+                *_DIE_WITH_SERVER, "cp", "-a", "--reflink=auto", f"{sb.rootfs.upper}/.", str(dest),
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
             try:
                 async with asyncio.timeout(600):
