@@ -1,12 +1,14 @@
 """Nothing half-done is visible after a crash: the server is SIGKILLed at random points of
-uploads into a sandbox's files; the target is always absent or whole (the old or the new
-contents), and no temporary name is ever listed."""
+uploads into a sandbox's files, of image builds and of filesystem snapshots; the target is always
+absent or whole (the old or the new contents), and no temporary name is ever listed."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import signal
+import subprocess
 import threading
 import time
 
@@ -60,3 +62,273 @@ def test_sandbox_file_uploads_killed_at_random_points(server, app, tmp_path):
         assert landed, "no upload ever landed"
     finally:
         sb.terminate()
+
+
+# --- image layers and snapshots: staged under the image store's `.work`, landed by rename, swept
+# at start (images/store.py). The store is shared with other sessions' servers, so every check
+# here looks only at this test's own layers (found by a unique token in their files) and at
+# scratch directories of the server this test killed.
+
+STEP_SIZE = 3 << 20
+SNAP_SIZE = 2 << 20
+
+
+@pytest.fixture
+def no_pool(server, monkeypatch):
+    """The restarted servers keep no warm pool: each restart would otherwise end the last
+    server's pooled sandboxes and start new ones (CPU that only slows the kills down). The
+    session's server gets its pool back at the end."""
+    monkeypatch.setenv("SHOAL_POOL", "0")
+    yield server
+    monkeypatch.undo()
+    server.restart(signal.SIGTERM)
+
+
+def _store():
+    from shoal import config
+    from shoal.server.images.store import ImageStore
+
+    return ImageStore(config.paths().images)
+
+
+def _server_log_since(offset: int) -> str:
+    from shoal import config
+
+    with open(config.paths().server_log, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+def _log_size() -> int:
+    from shoal import config
+
+    return config.paths().server_log.stat().st_size
+
+
+def _kill_and_restart(server, store) -> tuple[int, list[str]]:
+    """SIGKILL the server, note what of it is in the store's scratch at that moment (before any
+    server can sweep it: others share the store), start it again. Returns (its pid, names)."""
+    killed = server.proc.pid
+    server.kill(signal.SIGKILL)
+    left = sorted(p.name for p in (store.root / ".work").iterdir()
+                  if p.name.startswith(f"{killed}-"))
+    server.start()
+    return killed, left
+
+
+def _check_store_clean(store, killed_pid: int, what: str, layers: set[str],
+                       shas: tuple[str, ...] = ()) -> None:
+    """Nothing half-made of the killed server is visible: none of its scratch, no temporary
+    blob of these uploads, no temporary manifest naming these layers. (Only this test's own:
+    other sessions' servers work in the same store meanwhile.)"""
+    work = sorted(p.name for p in (store.root / ".work").iterdir())
+    assert not [n for n in work if n.startswith(f"{killed_pid}-")], \
+        f"{what}: the killed server's scratch is still there: {work}"
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f if f"/.work/{killed_pid}-" in line]
+    assert not mounts, f"{what}: the killed server's build mounts are still there: {mounts}"
+    runc = subprocess.run(["runc", "--root", str(_home() / "runc"), "list", "-q"],
+                          capture_output=True, text=True).stdout.split()
+    assert not [c for c in runc if c.startswith("bd-")], f"{what}: build containers left: {runc}"
+    blobs = [p.name for p in (store.root / "blobs" / "sha256").iterdir()]
+    assert not [n for n in blobs if any(sha in n and n != sha for sha in shas)], \
+        f"{what}: a temporary blob is visible: {blobs}"
+    for p in (store.root / "manifests").iterdir():
+        if not (p.name.startswith("im-") and p.name.endswith(".json")):
+            text = p.read_text(errors="replace")
+            assert not [x for x in layers if x in text], \
+                f"{what}: a temporary manifest is visible: {p.name}"
+
+
+def _whole(layer_dir) -> None:
+    """A layer under its final name has its tree and its record (one rename moved both)."""
+    assert (layer_dir / "rootfs").is_dir() and (layer_dir / "layer.json").is_file(), \
+        f"a partial layer is visible: {layer_dir}"
+
+
+def _sha(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def test_image_builds_killed_at_random_points(no_pool, app, tmp_path):
+    """A build step (a command, or files added from the client, of a few MiB) is in flight when
+    the server is SIGKILLed: after the restart the layer of that step is absent or whole, no
+    scratch is left, and building again succeeds with the right contents."""
+    import shoal
+
+    server = no_pool
+    store = _store()
+    rng = random.Random(91)
+    raced = landed = inflight = 0
+    mine: list[tuple[str, str]] = []  # (image id, layer id) to remove at the end
+    blobs: list[str] = []
+    try:
+        for i in range(KILLS):
+            token = f"crash{i}-{os.urandom(8).hex()}"
+            target = f"/crash/{token}"
+            if i % 2:
+                line = (token + "\n").encode()
+                want = hashlib.sha256((line * (STEP_SIZE // len(line) + 1))[:STEP_SIZE]).hexdigest()
+                img = shoal.Image.debian_slim().run_commands(
+                    f"mkdir -p /crash && yes {token} | head -c {STEP_SIZE} > {target}")
+            else:
+                local = tmp_path / token
+                local.write_bytes(os.urandom(STEP_SIZE))
+                want = _sha(local)
+                img = shoal.Image.debian_slim().add_local_file(local, target)
+            result: dict = {}
+
+            def build():
+                try:
+                    result["id"] = img.build().object_id
+                except Exception as e:  # noqa: BLE001 - a failed build is fine; half a layer not
+                    result["error"] = e
+
+            t = threading.Thread(target=build)
+            t.start()
+            # (an upload and an unpack take ~0.1 s here, a command's container ~0.3 s)
+            time.sleep(rng.uniform(0.0, 0.35 if i % 2 else 0.12))
+            if i % 5 == 4:
+                t.join(timeout=120)  # every fifth lands first: the layer must survive whole
+            raced += t.is_alive()
+            killed, left = _kill_and_restart(server, store)
+            t.join(timeout=120)
+            assert not t.is_alive()
+            inflight += any(n.split("-")[2] in ("step", "add", "commit") for n in left)
+            found = list(store.root.glob(f"layers/*/rootfs{target}"))
+            assert len(found) <= 1, f"kill {i}: two layers for one step: {found}"
+            _check_store_clean(store, killed, f"kill {i}",
+                               {f"layers/{f.parents[2].name}" for f in found},
+                               (want,) if i % 2 == 0 else ())
+            if found:
+                _whole(found[0].parents[2])
+                assert _sha(found[0]) == want, f"kill {i}: a partial layer is visible"
+                landed += 1
+            # Building again after the restart succeeds, from the whole layer if it landed.
+            again = img.build()
+            layer = store.manifest(again.object_id).layers[-1]
+            mine.append((again.object_id, layer))
+            if found:
+                assert found[0] == store.layer_path(layer) / target.lstrip("/")
+            assert _sha(store.layer_path(layer) / target.lstrip("/")) == want
+            if i % 2 == 0:
+                blobs.append(want)
+            if i % 10 == 9:  # and a sandbox of it sees the file byte for byte
+                sb = shoal.Sandbox.create(app=app, image=again, timeout=60)
+                try:
+                    assert sb.exec("sha256sum", target).stdout.read().split()[0] == want
+                finally:
+                    sb.terminate()
+        # Preconditions: kills did hit builds in flight (the killed server had a step's scratch
+        # in the store), and layers did land before a kill.
+        assert raced >= KILLS // 4, f"only {raced} of {KILLS} kills hit a build in flight"
+        assert inflight >= KILLS // 6, f"only {inflight} kills hit a step's files being made"
+        assert landed, "no layer ever landed before a kill"
+    finally:
+        for image_id, layer in mine:
+            store.remove_manifest(image_id)
+            store.remove_layer(layer)
+        for sha in blobs:
+            (store.root / "blobs" / "sha256" / sha).unlink(missing_ok=True)
+
+
+def test_snapshots_killed_at_random_points(no_pool, app):
+    """`snapshot_filesystem()` is in flight when the server is SIGKILLed: after the restart there
+    is no image, or a whole one whose sandbox sees the snapshotted files byte for byte; the
+    sandbox runs on (resumed if the kill froze it mid-copy); no scratch and no layer without
+    its image is left."""
+    import shoal
+
+    server = no_pool
+    store = _store()
+    rng = random.Random(92)
+    token = os.urandom(8).hex()
+    raced = inflight = resumed = 0
+    images: list[tuple[int, str]] = []  # (generation, image id)
+    sb = shoal.Sandbox.create(app=app, timeout=900)
+    try:
+        # The payload: one file of a few MiB and a few hundred small ones (the copy's length).
+        p = sb.exec("sh", "-c", f"mkdir -p /snap/many && head -c {SNAP_SIZE} /dev/urandom "
+                                f"> /snap/data.bin && echo {token} > /snap/token && "
+                                "for n in $(seq 400); do echo $n > /snap/many/$n; done")
+        assert p.wait() == 0
+        data = sb.exec("sha256sum", "/snap/data.bin").stdout.read().split()[0]
+        for i in range(KILLS):
+            assert sb.exec("sh", "-c", f"echo {i} > /snap/gen").wait() == 0
+            result: dict = {}
+
+            def snap():
+                try:
+                    result["id"] = sb.snapshot_filesystem().object_id
+                except Exception as e:  # noqa: BLE001 - a failed snapshot is fine; half an image not
+                    result["error"] = e
+
+            t = threading.Thread(target=snap)
+            t.start()
+            time.sleep(rng.uniform(0.0, 0.3))
+            if i % 5 == 4:
+                t.join(timeout=120)  # every fifth lands first: the image must survive whole
+            raced += t.is_alive()
+            log_at = _log_size()
+            killed, left = _kill_and_restart(server, store)
+            t.join(timeout=120)
+            assert not t.is_alive()
+            inflight += any(n.split("-")[2] in ("snap", "commit") for n in left)
+            resumed += f"resuming sandbox {sb.object_id}" in _server_log_since(log_at)
+            # The sandbox came through the kill running, not frozen.
+            state = subprocess.run(["runc", "--root", str(_home() / "runc"), "state",
+                                    sb.object_id], capture_output=True, text=True)
+            assert '"status": "running"' in state.stdout, f"kill {i}: {state.stdout}"
+            assert sb.exec("cat", "/snap/gen").stdout.read().strip() == str(i)
+            # Every layer of this sandbox's snapshots is whole and belongs to an image.
+            named = {layer for m in store.manifests() for layer in m.layers}
+            ours = set()
+            for token_file in store.root.glob("layers/snap-*/rootfs/snap/token"):
+                layer = token_file.parents[2]
+                if token_file.read_text().strip() != token:
+                    continue
+                ours.add(f"layers/{layer.name}")
+                _whole(layer)
+                assert f"layers/{layer.name}" in named, f"kill {i}: {layer.name} has no image"
+                assert _sha(layer / "rootfs/snap/data.bin") == data, f"kill {i}: partial layer"
+            _check_store_clean(store, killed, f"kill {i}", ours)
+            if "id" in result:
+                images.append((i, result["id"]))
+        # Each image a client got is whole: a sandbox of it sees the files byte for byte.
+        assert images, "no snapshot ever landed"
+        for gen, image_id in images[::5] + images[-1:]:
+            sb2 = shoal.Sandbox.create(app=app, image=shoal.Image.from_id(image_id), timeout=60)
+            try:
+                out = sb2.exec("sh", "-c", "sha256sum /snap/data.bin; cat /snap/token /snap/gen;"
+                                           " ls /snap/many | wc -l").stdout.read().split()
+                assert out[0] == data and out[2:] == [token, str(gen), "400"], (gen, out)
+            finally:
+                sb2.terminate()
+        for gen, image_id in images:
+            m = store.manifest(image_id)
+            assert m and all(store.has_layer(x) for x in m.layers)
+            assert (store.layer_path(m.layers[-1]) / "snap/gen").read_text().strip() == str(gen)
+        # Preconditions: kills did hit snapshots in flight (the killed server had a snapshot's
+        # scratch in the store), some of them while the sandbox was frozen for the copy.
+        assert raced >= KILLS // 4, f"only {raced} of {KILLS} kills hit a snapshot in flight"
+        assert inflight >= KILLS // 6, f"only {inflight} kills hit a snapshot being made"
+        assert resumed, "no kill ever froze the sandbox mid-copy"
+    finally:
+        sb.terminate()
+        for m in store.manifests():
+            top = store.root / m.layers[-1] / "rootfs" / "snap" / "token"
+            if top.is_file() and top.read_text().strip() == token:
+                store.remove_manifest(m.id)
+        for token_file in store.root.glob("layers/snap-*/rootfs/snap/token"):
+            if token_file.read_text().strip() == token:
+                store.remove_layer(f"layers/{token_file.parents[2].name}")
+
+
+def _home():
+    from shoal import config
+
+    return config.paths().home
