@@ -247,6 +247,8 @@ def test_image_builds_killed_at_random_points(no_pool, app, tmp_path):
             store.remove_layer(layer)
         for sha in blobs:
             (store.root / "blobs" / "sha256" / sha).unlink(missing_ok=True)
+        for local in tmp_path.glob("crash*"):
+            local.unlink()
 
 
 def test_snapshots_killed_at_random_points(no_pool, app):
