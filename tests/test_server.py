@@ -170,3 +170,27 @@ def test_openapi_document_is_up_to_date():
 
     checked_in = json.loads((ROOT / "docs" / "openapi.json").read_text())
     assert document() == checked_in
+
+
+@pytest.mark.parametrize("route", ["POST /execs/{exec_id}/stdin", "POST /sandboxes/{sandbox_id}/stdin",
+                                   "PUT /sandboxes/{sandbox_id}/fs/file?path=/tmp/x"])
+def test_a_client_gone_mid_body_is_not_a_server_crash(server, sandbox, route):
+    import socket
+
+    p = sandbox.exec("cat")
+    path = route.format(exec_id=p._impl._exec_id, sandbox_id=sandbox.object_id)
+    log = config.paths().server_log
+    before = log.read_text(errors="replace").count("unhandled error")
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(config.paths().socket))
+    s.sendall(f"{path} HTTP/1.1\r\nHost: shoal\r\nContent-Length: 100000\r\n"
+              "Content-Type: application/octet-stream\r\n\r\n".encode() + b"x" * 10)
+    time.sleep(0.3)  # the route is reading the body now
+    s.close()
+    deadline = time.monotonic() + 10
+    while "client disconnected" not in log.read_text(errors="replace") \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    text = log.read_text(errors="replace")
+    assert text.count("unhandled error") == before, text[-3000:]
+    assert p.stdin is not None and sandbox.exec("echo", "up").stdout.read() == "up\n"

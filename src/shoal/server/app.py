@@ -44,6 +44,7 @@ from shoal.server.tasks import TaskSet
 
 # --- the HTTP contract (issue 9): versions, idempotency keys, one error shape
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from shoal.server.contract import ACCEPTED_VERSIONS, API_VERSION, ContractMiddleware
 from shoal.server.contract import IDEMPOTENCY_TTL
@@ -175,6 +176,12 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
             return _error(400, type(err).__name__, str(err))
         if isinstance(err, OSError):
             return _error(500, "ExecutionError", f"{err.strerror or err}")
+        if isinstance(err, ClientDisconnect):
+            # The client went away mid-body (killed, cancelled): nothing was done, nobody reads
+            # the answer.
+            log.info("%s %s: the client disconnected before sending its whole body",
+                     request.method, request.url.path)
+            return _error(400, "InvalidError", "the client disconnected mid-request")
         log.exception("unhandled error in %s %s", request.method, request.url.path)
         return _error(500, "InternalError", f"{type(err).__name__}: {err}")
 
