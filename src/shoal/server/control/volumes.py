@@ -184,7 +184,7 @@ class VolumeService:
         staged, n = await self.upload(volume_id, body, mode)
         old = batch.staged.pop(rel, None)
         if old:
-            self.storage.discard(volume_id, old)
+            await asyncio.to_thread(self.storage.discard, volume_id, old)
         batch.staged[rel] = staged
         return n
 
@@ -195,14 +195,14 @@ class VolumeService:
         count = len(batch.staged)
         try:
             if not force:
-                self._check_absent(volume_id, batch.staged)
+                await asyncio.to_thread(self._check_absent, volume_id, list(batch.staged))
             while batch.staged:
                 path, staged = next(iter(batch.staged.items()))
                 await asyncio.to_thread(self.storage.land, volume_id, staged, path, force)
                 del batch.staged[path]
         finally:
-            for staged in batch.staged.values():
-                self.storage.discard(volume_id, staged)
+            for staged in list(batch.staged.values()):
+                await asyncio.to_thread(self.storage.discard, volume_id, staged)
         return count
 
     def batch_abort(self, volume_id: str, batch_id: str) -> None:
