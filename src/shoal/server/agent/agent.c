@@ -624,6 +624,9 @@ static void start_entry(char **argv, long uid, long gid)
             die_msg(argv[0], ": command not found", "", 127);
         die_msg(argv[0], ": ", strerror(e), e == ENOENT ? 127 : 126);
     }
+    /* Also here, not only in the child: a signal forwarded to the group before the child got
+     * to its own setpgid would find no group (ESRCH) and be lost. */
+    setpgid(pid, pid);
     close(out[1]);
     close(err[1]);
     g_entry.pid = pid;
