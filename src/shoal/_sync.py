@@ -278,6 +278,13 @@ def _wrap_property(prop: property) -> property:
     return property(fget, fset if prop.fset else None, doc=prop.__doc__)
 
 
+def exported(name: str) -> bool:
+    """Whether an implementation attribute is on the public class: public names, and Modal's
+    experimental API (`Sandbox._experimental_snapshot`, ...), which Modal names with a leading
+    underscore."""
+    return not name.startswith("_") or name.startswith("_experimental_")
+
+
 def synchronize_api(impl_cls: type, name: str | None = None) -> type:
     """Derive the public class from the async implementation class `impl_cls`."""
     public_name = name or impl_cls.__name__.lstrip("_")
@@ -285,7 +292,7 @@ def synchronize_api(impl_cls: type, name: str | None = None) -> type:
                           "_impl_cls": impl_cls, "__slots__": ("_impl", "__weakref__")}
     for klass in reversed(impl_cls.__mro__[:-1]):
         for attr_name, attr in vars(klass).items():
-            if attr_name.startswith("_"):
+            if not exported(attr_name):
                 continue
             if type(attr) in _IMPL_TO_PUBLIC:  # e.g. Volume.objects, an implementation object
                 ns[attr_name] = wrap(attr)

@@ -93,6 +93,7 @@ def build_services(paths: Paths) -> Services:
     buckets = BucketMounts(paths.home / "buckets")
     sbx.secrets = images.secrets = secrets_svc
     sbx.buckets = buckets
+    sbx.memory_snapshots = paths.home / "memory-snapshots"  # Modal's SandboxSnapshot
     return Services(store, vols, sbx, images, KvService(KvStore(paths.db)), network,
                     secrets_svc, buckets)
 

@@ -379,3 +379,19 @@ class SandboxDetail(BaseModel):
     resources: dict
     mounts: list[dict]
     env_keys: list[str] = Field(description="names only: values may be secrets")
+
+
+# --- memory snapshots (Modal's SandboxSnapshot)
+class MemorySnapshotInfo(BaseModel):
+    snapshot_id: str = Field(description="sn-...")
+    sandbox_id: str = Field(description="the sandbox it was taken of")
+    created_at: float
+    expires_at: float = Field(description="removed after this (SHOAL_MEMORY_SNAPSHOT_TTL, "
+                                          "default 7 days, as Modal)")
+
+
+class RestoreMemorySnapshot(BaseModel):
+    keep_name: bool = Field(True, description="take the snapshotted sandbox's name (Modal's "
+                                              "default); false: `name`")
+    name: Name | None = Field(None, description="with keep_name=false: the new sandbox's name, "
+                                                "or null for none")
