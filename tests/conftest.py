@@ -118,6 +118,14 @@ def pytest_configure(config):
         clean_stale()
 
 
+def temp_home(prefix: str = "shoal-test-") -> Path:
+    """A fresh directory under /tmp for a test's own shoal home, marked as this session's (so a
+    concurrent session's leak check does not count it as a leak). The test removes it."""
+    home = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    (home / "session.pid").write_text(str(os.getpid()))
+    return home
+
+
 def shoal_cli(*args: str, env: dict | None = None, check: bool = True, **kw):
     return subprocess.run([sys.executable, "-m", "shoal", *args], env=env or os.environ.copy(),
                           check=check, capture_output=True, text=True, **kw)

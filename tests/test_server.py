@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 import shoal
-from conftest import leftovers, shoal_cli
+from conftest import leftovers, shoal_cli, temp_home
 from shoal import config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +86,7 @@ def _fresh_env(home: str) -> dict:
 
 
 def test_zero_setup_sdk_starts_a_server(server):
-    home = tempfile.mkdtemp(prefix="shoal-test-zs-", dir="/tmp")
+    home = str(temp_home("shoal-test-zs-"))
     env = _fresh_env(home)
     try:
         code = ("import shoal\n"
@@ -119,7 +118,7 @@ def test_second_server_on_the_same_home_refuses(server):
 
 
 def test_tcp_requires_the_token(server):
-    home = tempfile.mkdtemp(prefix="shoal-test-tcp-", dir="/tmp")
+    home = str(temp_home("shoal-test-tcp-"))
     env = _fresh_env(home)
     port = 20000 + os.getpid() % 10000
     proc = subprocess.Popen([sys.executable, "-m", "shoal", "serve", "--tcp", f"127.0.0.1:{port}",
