@@ -394,15 +394,9 @@ class SandboxService:
             elif workdir and workdir != (image.config.workdir or "/"):
                 await self.host.mkdir(sid, workdir, True, True)  # as runc does for a new one
         except BaseException as e:
-            live.end_reason = "failed-to-start"
-            live.exited.set()
-            await self._finalize(live, HostEvent(sid, "exited", None))
-            if isinstance(e, HostError):
-                raise ExecutionError(str(e)) from None
+            await self._failed_to_start(live, e)
             if isinstance(e, ValueError):
                 raise InvalidError(f"image {image.id}: {e}") from None
-            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-                raise InvalidError(str(e.strerror or e)) from None  # the host lacks the room
             raise
         self._arm(live, rec.deadline)
         self._start_probe(live, req.readiness_probe)
@@ -410,6 +404,18 @@ class SandboxService:
             "event": "sandbox.created", "sandbox_id": sid, "app_id": req.app_id,
             "image_id": image.id, "pooled": pooled is not None})
         return self.get(sid)
+
+    async def _failed_to_start(self, live, e: BaseException) -> None:
+        """End a sandbox the host could not start (nothing of it is left), and raise what the
+        client should see for the host's errors; returns for the others, which the caller
+        raises or translates."""
+        live.end_reason = "failed-to-start"
+        live.exited.set()
+        await self._finalize(live, HostEvent(live.id, "exited", None))
+        if isinstance(e, HostError):
+            raise ExecutionError(str(e)) from None
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise InvalidError(str(e.strerror or e)) from None  # the host lacks the room
 
     def _arm(self, live: LiveSandbox, deadline: float | None) -> None:
         if deadline is not None:
@@ -921,13 +927,7 @@ class SandboxService:
         try:
             await self.host.create_from_snapshot(hspec, self._memory_snapshot_dir(snapshot_id))
         except BaseException as e:
-            live.end_reason = "failed-to-start"
-            live.exited.set()
-            await self._finalize(live, HostEvent(sid, "exited", None))
-            if isinstance(e, HostError):
-                raise ExecutionError(str(e)) from None
-            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-                raise InvalidError(str(e.strerror or e)) from None
+            await self._failed_to_start(live, e)
             raise
         self._arm(live, rec.deadline)
         self._start_probe(live, req.readiness_probe)
