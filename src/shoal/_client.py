@@ -27,11 +27,12 @@ import httpx
 
 from shoal import config
 from shoal import exception as exc
+from shoal._transport import AsyncSocketTransport
 
 START_TIMEOUT = float(os.environ.get("SHOAL_START_TIMEOUT", "60"))
 
-# httpcore reads 64 KiB per socket read by default; file transfers are the SDK's bulk traffic,
-# and 1 MiB reads cut its per-chunk overhead (+20-35% read throughput, measured).
+# httpcore (the transport for https:// servers; _transport.py serves the others) reads 64 KiB per
+# socket read by default; 1 MiB reads cut its per-chunk overhead (+20-35% read throughput).
 try:
     from httpcore._async.http11 import AsyncHTTP11Connection
 
@@ -145,10 +146,12 @@ def _error_from(status: int, body: bytes) -> BaseException:
 
 
 def _transport_for(server: str) -> tuple[str, httpx.AsyncBaseTransport]:
-    if server.startswith(("http://", "https://")):
+    if server.startswith("https://"):
         return server, httpx.AsyncHTTPTransport(retries=0)
+    if server.startswith("http://"):
+        return server, AsyncSocketTransport()
     path = server.removeprefix("unix:")
-    return "http://shoal", httpx.AsyncHTTPTransport(uds=path)
+    return "http://shoal", AsyncSocketTransport(uds=path)
 
 
 async def _healthy(client: Client) -> bool:
