@@ -42,16 +42,29 @@ class _Conn:
         self.buf = bytearray()
         self.loop = loop
 
-    async def fill(self, timeout: float | None) -> None:
-        """Append at least one byte to the buffer; ReadError/RemoteProtocolError at EOF."""
+    async def recv(self, n: int, timeout: float | None) -> bytes:
+        """At least one and at most `n` bytes from the socket (_Eof at its end)."""
         if timeout is None:
-            data = await self.loop.sock_recv(self.sock, READ)
+            data = await self.loop.sock_recv(self.sock, n)
         else:
             async with asyncio.timeout(timeout):
-                data = await self.loop.sock_recv(self.sock, READ)
+                data = await self.loop.sock_recv(self.sock, n)
         if not data:
             raise _Eof()
-        self.buf += data
+        return data
+
+    async def fill(self, timeout: float | None) -> None:
+        """Append at least one byte to the buffer (_Eof at the socket's end)."""
+        self.buf += await self.recv(READ, timeout)
+
+    async def take(self, n: int, timeout: float | None) -> bytes:
+        """At least one and at most `n` bytes: buffered ones first, else straight from the
+        socket (a big body is not copied through the buffer)."""
+        if self.buf:
+            piece = bytes(self.buf[:n])
+            del self.buf[:len(piece)]
+            return piece
+        return await self.recv(min(n, READ), timeout)
 
     def stale(self) -> bool:
         """Whether an idle connection can no longer be used (closed by the server, or holding
@@ -137,7 +150,11 @@ class AsyncSocketTransport(httpx.AsyncBaseTransport):
         except BaseException as e:
             conn.close()
             raise _mapped(e, request, reading=not isinstance(e, _WriteFailed)) from None
-        body = _Body(self, conn, request, headers, status, keep, timeouts.get("read"))
+        try:
+            body = _Body(self, conn, request, headers, status, keep, timeouts.get("read"))
+        except BaseException:
+            conn.close()
+            raise
         return httpx.Response(status, headers=headers, stream=body,
                               extensions={"http_version": b"HTTP/1.1", "reason_phrase": reason})
 
@@ -289,10 +306,7 @@ class _Body(httpx.AsyncByteStream):
             elif self.length is not None:
                 left = self.length
                 while left > 0:
-                    if not conn.buf:
-                        await conn.fill(self.timeout)
-                    piece = bytes(conn.buf[:left])
-                    del conn.buf[:len(piece)]
+                    piece = await conn.take(left, self.timeout)
                     left -= len(piece)
                     yield piece
             else:
@@ -341,10 +355,7 @@ class _Body(httpx.AsyncByteStream):
                         return
             left = size
             while left > 0:
-                if not conn.buf:
-                    await conn.fill(self.timeout)
-                piece = bytes(conn.buf[:left])
-                del conn.buf[:len(piece)]
+                piece = await conn.take(left, self.timeout)
                 left -= len(piece)
                 yield piece
             while len(conn.buf) < 2:
