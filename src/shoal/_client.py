@@ -73,6 +73,7 @@ class Client:
         self.http = httpx.AsyncClient(
             base_url=base_url, transport=transport, headers=headers,
             timeout=httpx.Timeout(connect=10, read=None, write=None, pool=None))
+        self.transport = transport
 
     async def reconnect(self, deadline: float, why: BaseException) -> None:
         """Wait until the server answers again (starting the local one if need be), or raise
@@ -103,13 +104,25 @@ class Client:
         while True:
             req = self.http.build_request(method, path, **kwargs)
             try:
-                return await self.http.send(req, stream=stream)
+                return await self._send_once(req, stream)
             except _NO_SERVER as e:
                 if not retry:
                     raise exc.ConnectionError(f"lost the shoal server ({e}); see "
                                               f"{config.paths().server_log}") from None
                 deadline = deadline or time.monotonic() + RECONNECT_FOR
                 await self.reconnect(deadline, e)
+
+    async def _send_once(self, req: httpx.Request, stream: bool) -> httpx.Response:
+        """`self.http.send(req)` without what shoal's API never uses (auth flows, redirects,
+        cookies, event hooks): straight to the transport (~0.2 ms of CPU less per call)."""
+        resp = await self.transport.handle_async_request(req)
+        resp.request = req
+        if not stream:
+            try:
+                await resp.aread()
+            finally:
+                await resp.aclose()
+        return resp
 
     async def call(self, method: str, path: str, **kwargs: Any) -> Any:
         resp = await self.send(method, path, **kwargs)
