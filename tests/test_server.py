@@ -193,3 +193,63 @@ def test_a_client_gone_mid_body_is_not_a_server_crash(server, sandbox, route):
     text = log.read_text(errors="replace")
     assert text.count("unhandled error") == before, text[-3000:]
     assert p.stdin is not None and sandbox.exec("echo", "up").stdout.read() == "up\n"
+
+
+def _http() -> httpx.Client:
+    return httpx.Client(transport=httpx.HTTPTransport(uds=str(config.paths().socket)),
+                        base_url="http://shoal", timeout=60)
+
+
+def _exec(http: httpx.Client, sid: str, body: dict, key: str) -> tuple[int, str]:
+    """POST /sandboxes/{sid}/exec with an Idempotency-Key, read to its end: (status, the exec
+    id or the error's type)."""
+    import struct
+
+    with http.stream("POST", f"/sandboxes/{sid}/exec", json=body,
+                     headers={"idempotency-key": key}) as r:
+        data = r.read()
+    if r.status_code != 200:
+        return r.status_code, json.loads(data)["error"]["type"]
+    assert data[0] == 0  # the start frame
+    (size,) = struct.unpack(">I", data[1:5])
+    return 200, json.loads(data[5:5 + size])["exec_id"]
+
+
+def test_a_repeated_exec_request_runs_its_command_once(app, sandbox):
+    sid, key = sandbox.object_id, f"exec-{os.getpid()}-{time.time()}"
+    run = {"args": ["sh", "-c", "echo run >> /tmp/runs"]}
+    other = shoal.Sandbox.create(app=app, timeout=60)
+    try:
+        with _http() as http:
+            first = _exec(http, sid, run, key)
+            assert first[0] == 200
+            assert _exec(http, sid, run, key) == first
+            # The key belongs to that request: not to another sandbox's, running or not.
+            assert _exec(http, other.object_id, run, key) == (400, "InvalidError")
+            assert _exec(http, "sb-" + "0" * 22, run, key) == (400, "InvalidError")
+            # A request exec refuses stores nothing under its key.
+            bad = {"args": ["true"], "pty_rows": 24}
+            assert _exec(http, sid, bad, key + "-2") == (400, "InvalidError")
+            assert _exec(http, sid, {"args": ["true"]}, key + "-2")[0] == 200
+    finally:
+        other.terminate()
+    assert sandbox.exec("cat", "/tmp/runs").stdout.read() == "run\n"
+
+
+def test_answers_carry_the_request_id_and_versions_and_a_keyed_post_is_answered_once(server):
+    key = f"app-{os.getpid()}-{time.time()}"
+    with _http() as http:
+        r = http.get("/health", headers={"x-request-id": "req-123"})
+        assert r.headers["x-request-id"] == "req-123" and r.headers["x-shoal-api-versions"] == "1"
+        assert len(http.get("/health").headers["x-request-id"]) == 12
+        body = {"name": f"idem-{os.getpid()}", "create_if_missing": True}
+        first = http.post("/apps/lookup", json=body, headers={"idempotency-key": key})
+        again = http.post("/apps/lookup", json=body, headers={"idempotency-key": key})
+        assert first.status_code == again.status_code == 200 and again.json() == first.json()
+        assert again.headers["idempotent-replayed"] == "true"
+        assert "idempotent-replayed" not in first.headers
+        assert again.headers["x-shoal-api-versions"] == "1" and again.headers["x-request-id"]
+        other = http.post("/volumes/lookup", json=body, headers={"idempotency-key": key})
+        assert other.status_code == 400 and "another request" in other.json()["error"]["message"]
+        refused = http.get("/health", headers={"x-shoal-api-version": "0"})
+        assert refused.status_code == 400 and refused.headers["x-shoal-api-versions"] == "1"

@@ -27,11 +27,12 @@ import httpx
 
 from shoal import config
 from shoal import exception as exc
+from shoal._transport import AsyncSocketTransport
 
 START_TIMEOUT = float(os.environ.get("SHOAL_START_TIMEOUT", "60"))
 
-# httpcore reads 64 KiB per socket read by default; file transfers are the SDK's bulk traffic,
-# and 1 MiB reads cut its per-chunk overhead (+20-35% read throughput, measured).
+# httpcore (the transport for https:// servers; _transport.py serves the others) reads 64 KiB per
+# socket read by default; 1 MiB reads cut its per-chunk overhead (+20-35% read throughput).
 try:
     from httpcore._async.http11 import AsyncHTTP11Connection
 
@@ -72,6 +73,7 @@ class Client:
         self.http = httpx.AsyncClient(
             base_url=base_url, transport=transport, headers=headers,
             timeout=httpx.Timeout(connect=10, read=None, write=None, pool=None))
+        self.transport = transport
 
     async def reconnect(self, deadline: float, why: BaseException) -> None:
         """Wait until the server answers again (starting the local one if need be), or raise
@@ -102,13 +104,25 @@ class Client:
         while True:
             req = self.http.build_request(method, path, **kwargs)
             try:
-                return await self.http.send(req, stream=stream)
+                return await self._send_once(req, stream)
             except _NO_SERVER as e:
                 if not retry:
                     raise exc.ConnectionError(f"lost the shoal server ({e}); see "
                                               f"{config.paths().server_log}") from None
                 deadline = deadline or time.monotonic() + RECONNECT_FOR
                 await self.reconnect(deadline, e)
+
+    async def _send_once(self, req: httpx.Request, stream: bool) -> httpx.Response:
+        """`self.http.send(req)` without what shoal's API never uses (auth flows, redirects,
+        cookies, event hooks): straight to the transport (~0.2 ms of CPU less per call)."""
+        resp = await self.transport.handle_async_request(req)
+        resp.request = req
+        if not stream:
+            try:
+                await resp.aread()
+            finally:
+                await resp.aclose()
+        return resp
 
     async def call(self, method: str, path: str, **kwargs: Any) -> Any:
         resp = await self.send(method, path, **kwargs)
@@ -145,10 +159,12 @@ def _error_from(status: int, body: bytes) -> BaseException:
 
 
 def _transport_for(server: str) -> tuple[str, httpx.AsyncBaseTransport]:
-    if server.startswith(("http://", "https://")):
+    if server.startswith("https://"):
         return server, httpx.AsyncHTTPTransport(retries=0)
+    if server.startswith("http://"):
+        return server, AsyncSocketTransport()
     path = server.removeprefix("unix:")
-    return "http://shoal", httpx.AsyncHTTPTransport(uds=path)
+    return "http://shoal", AsyncSocketTransport(uds=path)
 
 
 async def _healthy(client: Client) -> bool:

@@ -46,8 +46,9 @@ from shoal.server.tasks import TaskSet
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from shoal.server.contract import ACCEPTED_VERSIONS, API_VERSION, ContractMiddleware
+from shoal.server.contract import ACCEPTED_VERSIONS, API_VERSION
 from shoal.server.contract import IDEMPOTENCY_TTL
+from shoal.server.http_layer import RequestLayer
 from shoal.server.models import ErrorResponse
 # --- end the HTTP contract
 
@@ -122,6 +123,13 @@ def _error(status: int, type_name: str, message: str, errno: int | None = None) 
     return JSONResponse({"error": body}, status_code=status)
 
 
+class ShoalApp(FastAPI):
+    """FastAPI with shoal's one request layer (http_layer.py) outside Starlette's middleware."""
+
+    def build_middleware_stack(self):
+        return RequestLayer(super().build_middleware_stack(), getattr(self.state, "metrics", None))
+
+
 def create_app(paths: Paths, upkeep_interval: float = 1.0,
                on_shutdown: Callable[[], None] | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
@@ -151,7 +159,7 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
             if on_shutdown:
                 on_shutdown()
 
-    app = FastAPI(title="shoal", version=API_VERSION, lifespan=lifespan,
+    app = ShoalApp(title="shoal", version=API_VERSION, lifespan=lifespan,
                   description="Control plane of shoal: sandboxes, volumes, network file systems.")
     for router in (apps.router, sandboxes.router, files.router, volumes.router, images.router,
                    kv.router, secret_routes.router):
@@ -159,7 +167,7 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
     ops.install(app, paths.home)  # status, stats, metrics, terminal, dashboard
 
     @app.get("/health", tags=["server"])
-    def health(request: Request) -> dict:
+    async def health(request: Request) -> dict:
         pool = request.app.state.svc.sandboxes.pool
         return {"ok": True, "version": API_VERSION, "versions": list(ACCEPTED_VERSIONS),
                 "pid": os.getpid(),
@@ -204,7 +212,6 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
             resp.headers[k] = v
         return resp
 
-    app.add_middleware(ContractMiddleware)
     app.openapi = lambda: _openapi(app)
     # --- end the HTTP contract
 

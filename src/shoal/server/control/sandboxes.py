@@ -123,6 +123,36 @@ class ExecRecord:
     timed_out: bool = False
 
 
+_EXEC_MODES = {"pipe": "pipe", "devnull": "null"}
+
+
+def _check_exec_request(req: ExecRequest) -> None:
+    """What exec() refuses whatever the sandbox's state (InvalidError)."""
+    if not req.args or not all(isinstance(a, str) and "\x00" not in a for a in req.args):
+        raise InvalidError("exec needs at least one argument, all strings without NUL bytes")
+    if req.workdir is not None:
+        check_workdir(req.workdir)
+    if req.timeout is not None and req.timeout <= 0:
+        raise InvalidError(f"timeout must be positive, got {req.timeout}")
+    if req.stdout not in _EXEC_MODES or req.stderr not in (*_EXEC_MODES, "stdout"):
+        raise InvalidError("stdout must be 'pipe' or 'devnull'; stderr 'pipe', 'devnull' or "
+                           "'stdout'")
+    for k, v in req.env.items():
+        if not k or "=" in k or "\x00" in k or "\x00" in v:
+            raise InvalidError(f"invalid environment variable {k!r}")
+    if (req.pty_rows is None) != (req.pty_cols is None):
+        raise InvalidError("a pty needs both pty_rows and pty_cols")
+
+
+def _claim_key(store: StateStore, key: str, path: str, exec_id: str):
+    """In the store's thread: the stored answer of `key`, or None after storing `exec_id` as
+    its answer."""
+    done = store.idempotent_get(key)
+    if done is None:
+        store.idempotent_put(key, "POST", path, 0, exec_id.encode(), "exec-id", time.time())
+    return done
+
+
 class SandboxService:
     def __init__(self, store: StateStore, host: SandboxHost, volumes: VolumeService,
                  images: ImageService, pool_sizes: dict[str, int] | None = None):
@@ -601,39 +631,38 @@ class SandboxService:
                    idempotency_key: str | None = None) -> ExecRecord:
         """Start a command. With `idempotency_key`, a repeated request returns the command the
         first one started (its id is stored before the command starts), never a second run."""
+        eid = None
         if idempotency_key is not None:
-            done = await self.astore.idempotent_get(idempotency_key)
+            live = self.live.get(sandbox_id)
+            if live is not None and not live.exited.is_set() and not req.secret_ids:
+                # The usual case in one store call: the key is looked up and, if new, stored
+                # with the new command's id. A request this exec() refuses is refused the same
+                # way on every attempt, so it is checked first and stores nothing.
+                _check_exec_request(req)
+                eid = self._new_exec_id(sandbox_id)
+                done = await self.astore.run(_claim_key, self.store, idempotency_key,
+                                             f"exec:{sandbox_id}", eid)
+            else:
+                done = await self.astore.idempotent_get(idempotency_key)
             if done is not None:
                 if done[1] != f"exec:{sandbox_id}":
                     raise InvalidError("this Idempotency-Key was used for another request")
                 return self.get_exec(done[3].decode())
         live = self._running(sandbox_id)
-        if not req.args or not all(isinstance(a, str) and "\x00" not in a for a in req.args):
-            raise InvalidError("exec needs at least one argument, all strings without NUL bytes")
-        if req.workdir is not None:
-            check_workdir(req.workdir)
-        if req.timeout is not None and req.timeout <= 0:
-            raise InvalidError(f"timeout must be positive, got {req.timeout}")
-        modes = {"pipe": "pipe", "devnull": "null"}
-        if req.stdout not in modes or req.stderr not in (*modes, "stdout"):
-            raise InvalidError("stdout must be 'pipe' or 'devnull'; stderr 'pipe', 'devnull' or "
-                               "'stdout'")
-        for k, v in req.env.items():
-            if not k or "=" in k or "\x00" in k or "\x00" in v:
-                raise InvalidError(f"invalid environment variable {k!r}")
+        _check_exec_request(req)
+        modes = _EXEC_MODES
         env = {**live.env, **(await self.astore.run(self._secret_env, req.secret_ids)
                               if req.secret_ids else {}), **req.env}
         workdir = req.workdir or live.workdir or "/"
-        eid = self._new_exec_id(sandbox_id)
-        if idempotency_key is not None:
-            await self.astore.idempotent_put(idempotency_key, "POST", f"exec:{sandbox_id}", 0,
-                                             eid.encode(), "exec-id", time.time())
+        if eid is None:
+            eid = self._new_exec_id(sandbox_id)
+            if idempotency_key is not None:
+                await self.astore.idempotent_put(idempotency_key, "POST", f"exec:{sandbox_id}",
+                                                 0, eid.encode(), "exec-id", time.time())
         live.touch()
         stderr = "stdout" if req.stderr == "stdout" else modes[req.stderr]
         # --- pty (operations): everything the process writes arrives on stdout
         pty = None
-        if (req.pty_rows is None) != (req.pty_cols is None):
-            raise InvalidError("a pty needs both pty_rows and pty_cols")
         if req.pty_rows is not None:
             pty = (req.pty_rows, req.pty_cols)
             stderr = "stdout"
