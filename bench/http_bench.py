@@ -22,7 +22,6 @@ root (the server does).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil

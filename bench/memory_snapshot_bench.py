@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sandbox_bench import log, start_server, stop_server, unmount_all, wait_ready  # noqa: E402
+from sandbox_bench import start_server, stop_server, unmount_all, wait_ready  # noqa: E402
 
 WORKING_MIB = 64
 PROGRAM = f"""

@@ -171,7 +171,7 @@ class AsyncSocketTransport(httpx.AsyncBaseTransport):
         stream = request.stream
         try:
             if isinstance(stream, httpx.ByteStream):  # a body in memory: one write with the head
-                body = b"".join(bytes(p) for p in stream)  # noqa: the ByteStream is sync-iterable
+                body = b"".join(bytes(p) for p in stream)  # the ByteStream is sync-iterable
                 await _sendall(conn, head + body if len(body) < (256 << 10) else head, timeout)
                 if len(body) >= (256 << 10):
                     await _sendall(conn, body, timeout)

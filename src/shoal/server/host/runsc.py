@@ -43,8 +43,8 @@ def installed(binary: str = BINARY) -> str | None:
 
     path = shutil.which(binary)
     if path is None:
-        return (f"gVisor's runsc is not installed on this server (install it with "
-                f"scripts/install.sh)")
+        return ("gVisor's runsc is not installed on this server (install it with "
+                "scripts/install.sh)")
     try:
         out = subprocess.run([path, "--version"], capture_output=True, text=True,
                              timeout=10).stdout

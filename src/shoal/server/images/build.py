@@ -143,12 +143,12 @@ def _copy_from_command(step: dict) -> str:
             else shlex.quote(target)
         lines += [
             f"s={path}",
-            f"if [ ! -e \"$s\" ] && [ ! -L \"$s\" ]; then",
+            "if [ ! -e \"$s\" ] && [ ! -L \"$s\" ]; then",
             f"  echo {shlex.quote(f'COPY --from: {src} is not in the source image')} >&2; exit 1",
             "fi",
             "if [ -d \"$s\" ]; then",  # its contents, merged into the target directory
             f"  d={shlex.quote(target)}; {bb} mkdir -p \"$d\"; {bb} cp -a \"$s/.\" \"$d/\"",
-            *([f"  for p in \"$s\"/* \"$s\"/.[!.]* \"$s\"/..?*; do",
+            *(["  for p in \"$s\"/* \"$s\"/.[!.]* \"$s\"/..?*; do",
                "    { [ -e \"$p\" ] || [ -L \"$p\" ]; } || continue",
                f"    {own} \"$d/$({bb} basename \"$p\")\"",
                "  done"] if owner else []),
