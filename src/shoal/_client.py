@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -45,11 +45,20 @@ _NO_SERVER = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, ht
 # local server, starts it again after AUTOSTART_AFTER seconds unless something else did) for at
 # most RECONNECT_FOR seconds, then raises ConnectionError. A call is repeated only when that
 # cannot repeat its effect: GET/PUT/DELETE, and POSTs, which carry an Idempotency-Key the server
-# answers once (server/contract.py). A body that cannot be sent twice (a stream) is not retried.
+# answers once (server/contract.py). A streamed body is sent again only when it is `Replayable`.
 API_VERSION = "1"  # the HTTP API this SDK speaks (X-Shoal-Api-Version)
 RECONNECT_FOR = float(os.environ.get("SHOAL_RECONNECT_TIMEOUT", "30"))
 AUTOSTART_AFTER = float(os.environ.get("SHOAL_AUTOSTART_AFTER", "5"))
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
+
+class Replayable:
+    """A streamed request body that can be produced again from its start (a local file by path, a
+    seekable file object), so that an upload cut by a server restart is sent again whole: a PUT
+    lands its file atomically, so sending it twice writes the same file."""
+
+    def __init__(self, make: Callable[[], AsyncIterator[bytes]]):
+        self.make = make
 
 
 def _with_key(method: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -58,7 +67,7 @@ def _with_key(method: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool
     if method == "POST" and not any(k.lower() == "idempotency-key" for k in headers):
         headers["Idempotency-Key"] = uuid.uuid4().hex
     body = kwargs.get("content")
-    replayable = body is None or isinstance(body, (bytes, str))
+    replayable = body is None or isinstance(body, (bytes, str, Replayable))
     return {**kwargs, "headers": headers}, replayable and (
         method in _IDEMPOTENT or method == "POST")
 
@@ -100,9 +109,12 @@ class Client:
                    ) -> httpx.Response:
         """One request, repeated across a server restart when that is safe (above)."""
         kwargs, retry = _with_key(method, kwargs)
+        body = kwargs.get("content")
         deadline = None
         while True:
-            req = self.http.build_request(method, path, **kwargs)
+            attempt = {**kwargs, "content": body.make()} if isinstance(body, Replayable) \
+                else kwargs
+            req = self.http.build_request(method, path, **attempt)
             try:
                 return await self._send_once(req, stream)
             except _NO_SERVER as e:

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from shoal._client import get_client
+from shoal._client import Replayable, get_client
 from shoal._named import NamedObject
 from shoal._sync import synchronize_api
 from shoal.client import check_client
@@ -73,6 +73,23 @@ async def _file_chunks(fp: BinaryIO, progress: Callable[[int], None] | None):
         if progress:
             progress(len(chunk))
         yield chunk
+
+
+def _replayable_chunks(fp: BinaryIO, progress: Callable[[int], None] | None):
+    """An upload body from `fp` that is sent again from where it started after a server restart
+    when `fp` can seek back there; else a plain stream (the call fails if the server restarts)."""
+    try:
+        start = fp.tell() if fp.seekable() else None
+    except (OSError, ValueError):
+        start = None
+    if start is None:
+        return _file_chunks(fp, progress)
+
+    def again():
+        fp.seek(start)
+        return _file_chunks(fp, progress)
+
+    return Replayable(again)
 
 
 def _check_version(version) -> None:

@@ -11,7 +11,7 @@ import enum
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
-from shoal._client import get_client
+from shoal._client import Replayable, get_client
 from shoal._named import NamedObject
 from shoal._sync import synchronize_api
 from shoal.client import check_client
@@ -51,6 +51,8 @@ class VolumeInfo:
 def _entries(rows: list[dict]) -> list[FileEntry]: ...
 
 def _file_chunks(fp: BinaryIO, progress: Callable[[int], None] | None) -> typing.Any: ...
+
+def _replayable_chunks(fp: BinaryIO, progress: Callable[[int], None] | None) -> typing.Any: ...
 
 def _check_version(version) -> None: ...
 

@@ -30,6 +30,7 @@ class KvService:
     def __init__(self, store: KvStore, lease_ttl: float = LEASE_TTL):
         self.store = store
         self.lease_ttl = lease_ttl
+        self.started = time.time()  # leases run on from here after a restart (volumes.py)
         self.changed: dict[str, asyncio.Condition] = {}  # per queue id: notified on put and get
         self.tasks = TaskSet()  # the wake-ups of _notify; drained at shutdown
 
@@ -77,7 +78,8 @@ class KvService:
     def reap(self) -> None:
         """Ephemeral objects whose client stopped heart-beating; expired queue items."""
         now = time.time()
-        for obj_id in self.store.expired(now):
+        cutoff = now if now >= self.started + self.lease_ttl else 0.0  # none in the grace time
+        for obj_id in self.store.expired(cutoff):
             self.store.remove(obj_id)
             self._notify(obj_id, forget=True)
         self.store.queue_expire(now)

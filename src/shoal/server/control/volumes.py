@@ -52,6 +52,9 @@ class VolumeService:
         self.store = store
         self.storage = storage
         self.lease_ttl = lease_ttl
+        # Leases run on from this server's start, not from the last beat a crashed server saw:
+        # its clients could not beat while no server ran.
+        self.started = time.time()
         self.batches: dict[str, Batch] = {}  # event loop only
 
     def _label(self, kind: str) -> str:
@@ -230,7 +233,8 @@ class VolumeService:
                       if b.last_used < now - BATCH_IDLE_LIMIT]:
             self.batch_abort(batch.volume_id, batch.id)
         for rec in self.store.volume_list():
-            if rec.state == "ready" and rec.lease_expires is not None and rec.lease_expires < now:
+            if rec.state == "ready" and rec.lease_expires is not None \
+                    and max(rec.lease_expires, self.started + self.lease_ttl) < now:
                 self.store.volume_update(rec.id, state="deleting")
                 rec.state = "deleting"
             if rec.state == "deleting":
