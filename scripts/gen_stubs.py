@@ -135,11 +135,13 @@ def _inner_of(ret: str, outer: tuple[str, ...]) -> str:
 
 
 def _blocking_class(impl: type, public: str, types: _Types) -> list[str]:
+    from shoal._sync import exported
+
     specs, body = [], []
     names = {}
     for klass in reversed(impl.__mro__[:-1]):
         for name, attr in vars(klass).items():
-            if not name.startswith("_"):
+            if exported(name):
                 names[name] = attr
     for name, attr in names.items():
         if isinstance(attr, property):

@@ -118,6 +118,14 @@ def pytest_configure(config):
         clean_stale()
 
 
+def temp_home(prefix: str = "shoal-test-") -> Path:
+    """A fresh directory under /tmp for a test's own shoal home, marked as this session's (so a
+    concurrent session's leak check does not count it as a leak). The test removes it."""
+    home = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    (home / "session.pid").write_text(str(os.getpid()))
+    return home
+
+
 def shoal_cli(*args: str, env: dict | None = None, check: bool = True, **kw):
     return subprocess.run([sys.executable, "-m", "shoal", *args], env=env or os.environ.copy(),
                           check=check, capture_output=True, text=True, **kw)
@@ -362,10 +370,18 @@ def pytest_sessionfinish(session, exitstatus):
         print("\nLEAKED after the test session:\n  " + "\n  ".join(left), file=sys.stderr)
         session.exitstatus = 1
     log = home / "logs" / "server.log"
+    crashes = [line for line in log.read_text(errors="replace").splitlines()
+               if "unhandled error in" in line] if log.exists() else []
+    if crashes:
+        # A request the server answered with its last-resort 500: a bug, whatever the test saw.
+        print("\nthe server crashed on requests (see its log):\n  " + "\n  ".join(crashes),
+              file=sys.stderr)
+        session.exitstatus = 1
     if session.exitstatus != 0 and log.exists():
         # Kept for whoever reads the failure (CI prints where it is).
-        shutil.copy(log, "/tmp/shoal-last-failed-server.log")
-        print("\nthe session's server log: /tmp/shoal-last-failed-server.log", file=sys.stderr)
+        kept = f"/tmp/shoal-last-failed-server-{os.getpid()}.log"
+        shutil.copy(log, kept)
+        print(f"\nthe session's server log: {kept}", file=sys.stderr)
         session.config._server_log_problems = [
             line[:300] for line in log.read_text(errors="replace").splitlines()
             if " WARNING " in line or " ERROR " in line or "Traceback" in line][-12:]

@@ -898,6 +898,8 @@ def test_structured_fuzz_keeps_the_agent_alive(fresh_agent, tmp_path):
             fields = [("EXEC_ID", f"fz{i}"), ("ARG", "true")] + [f for f in fields if f[0] != "ARG"]
         if kind in ("WATCH", "READ", "WAIT", "STDIN"):
             continue  # may legitimately wait forever on a fuzzed connection
+        if kind == "QUIESCE":
+            continue  # closes every connection by design (tested on its own below)
         try:
             s.sendall(encode_frame(kind, 100 + i, fields))
             sent += 1
@@ -936,3 +938,59 @@ async def test_connection_limit_and_lost_connection(fresh_agent):
     await asyncio.wait_for(c.closed, 5)
     for cl in clients:
         await cl.close()
+
+
+# ---------------------------------------------------------------- checkpoints (QUIESCE)
+
+
+async def _gone(path: Path, present: bool = False, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while path.exists() != present:
+        assert time.monotonic() < deadline, f"{path} {'absent' if present else 'present'}"
+        await asyncio.sleep(0.01)
+
+
+@async_test
+async def test_quiesce_closes_everything_and_relisten_signal_reopens(fresh_agent):
+    c = await fresh_agent.connect()
+    other = await fresh_agent.connect()
+    await c.exec("q1", ["sh", "-c", "echo before; read x; echo after $x"], ENV)
+    data, _ = await c.read("q1", "stdout", 0)
+    assert data == b"before\n"
+    await c.quiesce(60_000)
+    await _gone(fresh_agent.sock)
+    with pytest.raises(agent_client.AgentConnectionError):
+        await other.stat("/")  # every connection closed, not only the one that asked
+    await c.close()
+    await other.close()
+    with pytest.raises(agent_client.AgentConnectionError):
+        await fresh_agent.connect(timeout=0.3)  # nothing listens while quiesced
+    fresh_agent.proc.send_signal(agent_client.SIGNALS["RELISTEN"])
+    await _gone(fresh_agent.sock, present=True)
+    c = await fresh_agent.connect()
+    try:  # the exec session lived on: continue it by id and offset
+        assert await c.stdin("q1", 0, b"now\n", eof=True) == 4
+        data, _ = await c.read("q1", "stdout", len(b"before\n"))
+        assert data == b"after now\n"
+        assert (await c.wait("q1"))[0] == 0
+    finally:
+        await c.close()
+    assert fresh_agent.proc.poll() is None  # the signal is the agent's, not the entry-point's
+
+
+@async_test
+async def test_quiesce_times_out_into_listening_again(fresh_agent):
+    c = await fresh_agent.connect()
+    with pytest.raises(OSError) as e:
+        await c.quiesce(0)
+    assert e.value.errno == errno.EINVAL
+    await c.quiesce(300)
+    await c.close()
+    await _gone(fresh_agent.sock)
+    c = await fresh_agent.connect(timeout=10)  # back by itself after TIMEOUT_MS
+    await c.close()
+    fresh_agent.proc.send_signal(agent_client.SIGNALS["RELISTEN"])  # not quiesced: nothing
+    await asyncio.sleep(0.1)
+    c = await fresh_agent.connect()
+    assert (await c.stat("/"))["type"] == "DIRECTORY"
+    await c.close()

@@ -11,7 +11,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import DEFAULT_IMAGES, leftovers
+from conftest import DEFAULT_IMAGES, leftovers, temp_home
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -39,7 +38,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def tcp_server():
     """A server of its own on a fresh SHOAL_HOME, on TCP with a token."""
-    home = Path(tempfile.mkdtemp(prefix="shoal-test-", dir="/tmp"))
+    home = temp_home()
     port = _free_port()
     env = {**os.environ, "SHOAL_HOME": str(home), "SHOAL_IMAGES": str(DEFAULT_IMAGES)}
     (home / "logs").mkdir()

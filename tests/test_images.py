@@ -301,6 +301,39 @@ def test_dockerfile_on_the_default_image(app, tmp_path):
         shoal.Image.from_dockerfile(tmp_path / "Dockerfile")
 
 
+def test_multi_stage_dockerfile_copies_from_stages_with_owners(app, tmp_path):
+    (tmp_path / "hello.txt").write_text("from the context\n")
+    (tmp_path / "Dockerfile").write_text("""\
+FROM shoal/debian_slim AS build
+RUN mkdir -p /out/sub && echo built > /out/a.txt && echo deep > /out/sub/b.txt \\
+    && ln -s a.txt /out/link && echo 'not me' > /out/.hidden
+FROM shoal/debian_slim
+RUN useradd -u 1234 appu && mkdir -p /opt/out && echo kept > /opt/out/old.txt
+USER appu
+COPY --from=build /out /opt/out
+COPY --from=0 /out/a.txt /single.txt
+COPY --from=build --chown=appu:appu /out/sub/ /owned/
+COPY --link --chown=appu hello.txt /ctx/
+""")
+    img = shoal.Image.from_dockerfile(tmp_path / "Dockerfile")
+    sb = shoal.Sandbox.create(app=app, image=img)
+    try:
+        # a directory's contents merge into the target; symlinks and dot files are kept
+        assert run(sb, "cat /opt/out/a.txt /opt/out/sub/b.txt /opt/out/old.txt /opt/out/.hidden;"
+                       " readlink /opt/out/link") == "built\ndeep\nkept\nnot me\na.txt\n"
+        assert run(sb, "cat /single.txt; stat -c %U /single.txt") == "built\nroot\n"
+        assert run(sb, "stat -c '%U:%G' /owned/b.txt /ctx/hello.txt /opt; cat /ctx/hello.txt") \
+            == "appu:appu\nappu:appu\nroot:root\nfrom the context\n"
+        assert run(sb, "id -un") == "appu\n", "the image's USER is what the Dockerfile says"
+        assert run(sb, "test -e /.shoal-build && echo left || echo clean") == "clean\n"
+    finally:
+        sb.terminate()
+    (tmp_path / "Dockerfile").write_text(
+        "FROM shoal/debian_slim AS a\nFROM shoal/debian_slim\nCOPY --from=a /no/such /x\n")
+    with pytest.raises(ExecutionError, match="/no/such is not in the source image"):
+        shoal.Image.from_dockerfile(tmp_path / "Dockerfile").build()
+
+
 def test_a_removed_image_is_rebuilt_when_a_resolved_recipe_is_used_again(app):
     step = marker()
     img = shoal.Image.debian_slim().run_commands(step).build()

@@ -8,13 +8,11 @@ every "must be blocked" target is one of those, and each test first shows the ho
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import ssl
 import subprocess
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import DEFAULT_IMAGES, leftovers, shoal_cli
+from conftest import DEFAULT_IMAGES, leftovers, shoal_cli, temp_home
 
 
 def cli(*args: str, ok: bool = True, env: dict | None = None, **kw):
@@ -141,7 +141,7 @@ def test_status(server):
 
 def test_stop_never_signals_a_stranger(tmp_path):
     """A stale server.pid (after kill -9) pointing at some other process: left alone."""
-    home = Path(tempfile.mkdtemp(prefix="shoal-stale-", dir="/tmp"))
+    home = temp_home("shoal-stale-")
     stranger = subprocess.Popen(["sleep", "60"])
     try:
         (home / "server.pid").write_text(str(stranger.pid))
@@ -159,7 +159,7 @@ def _nobody_env(home: str) -> dict:
 
 
 def test_non_root_gets_one_sentence():
-    home = tempfile.mkdtemp(prefix="shoal-nobody-", dir="/tmp")
+    home = str(temp_home("shoal-nobody-"))
     os.chmod(home, 0o777)
     drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable]
     r = subprocess.run([*drop, "-m", "shoal", "serve"], env=_nobody_env(home),
@@ -176,7 +176,7 @@ def test_non_root_gets_one_sentence():
 def test_ctrl_c_on_foreground_serve_hands_sandboxes_over():
     """Ctrl-C: clean shutdown, the sandbox keeps running, the next server adopts it; JSON log
     lines with events and request ids, the access log, one line for a client abort."""
-    home = Path(tempfile.mkdtemp(prefix="shoal-test-", dir="/tmp"))
+    home = temp_home()
     env = {**os.environ, "SHOAL_HOME": str(home), "SHOAL_IMAGES": str(DEFAULT_IMAGES)}
     log = home / "fg.log"
 

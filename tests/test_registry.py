@@ -507,9 +507,11 @@ CMD ["ignored"]
     ("HEALTHCHECK CMD true", "HEALTHCHECK"),
     ("VOLUME /x", "VOLUME"),
     ("STOPSIGNAL SIGTERM", "STOPSIGNAL"),
-    ("FROM a", "second FROM"),
+    ("FROM a b c", "FROM takes an image"),
     ("COPY ../outside /x", "outside the build context"),
-    ("COPY hello.txt --from=a /x", "--from"),
+    ("COPY --from=3 hello.txt /x", "no earlier stage 3"),
+    ("COPY --chmod=755 hello.txt /x", "--chmod is not supported"),
+    ("COPY --chown=a:b:c hello.txt /x", "not USER"),
 ])
 def test_dockerfile_unsupported(busy, tmp_path, line, word):
     (tmp_path.parent / "outside").write_text("outside\n")

@@ -63,3 +63,45 @@ def test_a_create_in_flight_at_a_kill_returns_one_sandbox_or_fails_leaving_none(
     else:
         assert isinstance(result["error"], shoal.exception.Error), result["error"]
         assert running == set(), "a sandbox no client holds is running"
+
+
+@pytest.mark.parametrize("kind", ["sandbox file", "nfs file"])
+def test_an_upload_cut_by_a_kill_is_sent_again_and_lands_whole(server, sandbox, tmp_path, kind):
+    import hashlib
+
+    local = tmp_path / "big.bin"
+    block = hashlib.sha256(kind.encode()).digest() * (1 << 15)  # 1 MiB
+    local.write_bytes(block * 192)
+    want = hashlib.sha256(local.read_bytes()).hexdigest()
+    result: dict = {}
+    nfs_ctx = shoal.NetworkFileSystem.ephemeral() if kind == "nfs file" else None
+    nfs = nfs_ctx.__enter__() if nfs_ctx else None
+
+    def upload():
+        try:
+            if nfs is None:
+                sandbox.filesystem.copy_from_local(local, "/tmp/big.bin")
+            else:
+                with open(local, "rb") as f:
+                    nfs.write_file("/big.bin", f)
+        except Exception as e:  # noqa: BLE001 - reported below
+            result["error"] = e
+
+    try:
+        t = threading.Thread(target=upload)
+        t.start()
+        time.sleep(0.05)
+        in_flight = t.is_alive()
+        server.restart(signal.SIGKILL)
+        t.join(timeout=120)
+        assert not t.is_alive()
+        assert in_flight, "precondition: the kill came while the upload was in flight"
+        assert "error" not in result, result.get("error")
+        if nfs is None:
+            got = sandbox.exec("sha256sum", "/tmp/big.bin").stdout.read().split()[0]
+        else:
+            got = hashlib.sha256(b"".join(nfs.read_file("/big.bin"))).hexdigest()
+        assert got == want
+    finally:
+        if nfs_ctx:
+            nfs_ctx.__exit__(None, None, None)

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 import shoal
-from conftest import leftovers, shoal_cli
+from conftest import leftovers, shoal_cli, temp_home
 from shoal import config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +86,7 @@ def _fresh_env(home: str) -> dict:
 
 
 def test_zero_setup_sdk_starts_a_server(server):
-    home = tempfile.mkdtemp(prefix="shoal-test-zs-", dir="/tmp")
+    home = str(temp_home("shoal-test-zs-"))
     env = _fresh_env(home)
     try:
         code = ("import shoal\n"
@@ -119,7 +118,7 @@ def test_second_server_on_the_same_home_refuses(server):
 
 
 def test_tcp_requires_the_token(server):
-    home = tempfile.mkdtemp(prefix="shoal-test-tcp-", dir="/tmp")
+    home = str(temp_home("shoal-test-tcp-"))
     env = _fresh_env(home)
     port = 20000 + os.getpid() % 10000
     proc = subprocess.Popen([sys.executable, "-m", "shoal", "serve", "--tcp", f"127.0.0.1:{port}",
@@ -170,3 +169,87 @@ def test_openapi_document_is_up_to_date():
 
     checked_in = json.loads((ROOT / "docs" / "openapi.json").read_text())
     assert document() == checked_in
+
+
+@pytest.mark.parametrize("route", ["POST /execs/{exec_id}/stdin", "POST /sandboxes/{sandbox_id}/stdin",
+                                   "PUT /sandboxes/{sandbox_id}/fs/file?path=/tmp/x"])
+def test_a_client_gone_mid_body_is_not_a_server_crash(server, sandbox, route):
+    import socket
+
+    p = sandbox.exec("cat")
+    path = route.format(exec_id=p._impl._exec_id, sandbox_id=sandbox.object_id)
+    log = config.paths().server_log
+    before = log.read_text(errors="replace").count("unhandled error")
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(config.paths().socket))
+    s.sendall(f"{path} HTTP/1.1\r\nHost: shoal\r\nContent-Length: 100000\r\n"
+              "Content-Type: application/octet-stream\r\n\r\n".encode() + b"x" * 10)
+    time.sleep(0.3)  # the route is reading the body now
+    s.close()
+    deadline = time.monotonic() + 10
+    while "client disconnected" not in log.read_text(errors="replace") \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    text = log.read_text(errors="replace")
+    assert text.count("unhandled error") == before, text[-3000:]
+    assert p.stdin is not None and sandbox.exec("echo", "up").stdout.read() == "up\n"
+
+
+def _http() -> httpx.Client:
+    return httpx.Client(transport=httpx.HTTPTransport(uds=str(config.paths().socket)),
+                        base_url="http://shoal", timeout=60)
+
+
+def _exec(http: httpx.Client, sid: str, body: dict, key: str) -> tuple[int, str]:
+    """POST /sandboxes/{sid}/exec with an Idempotency-Key, read to its end: (status, the exec
+    id or the error's type)."""
+    import struct
+
+    with http.stream("POST", f"/sandboxes/{sid}/exec", json=body,
+                     headers={"idempotency-key": key}) as r:
+        data = r.read()
+    if r.status_code != 200:
+        return r.status_code, json.loads(data)["error"]["type"]
+    assert data[0] == 0  # the start frame
+    (size,) = struct.unpack(">I", data[1:5])
+    return 200, json.loads(data[5:5 + size])["exec_id"]
+
+
+def test_a_repeated_exec_request_runs_its_command_once(app, sandbox):
+    sid, key = sandbox.object_id, f"exec-{os.getpid()}-{time.time()}"
+    run = {"args": ["sh", "-c", "echo run >> /tmp/runs"]}
+    other = shoal.Sandbox.create(app=app, timeout=60)
+    try:
+        with _http() as http:
+            first = _exec(http, sid, run, key)
+            assert first[0] == 200
+            assert _exec(http, sid, run, key) == first
+            # The key belongs to that request: not to another sandbox's, running or not.
+            assert _exec(http, other.object_id, run, key) == (400, "InvalidError")
+            assert _exec(http, "sb-" + "0" * 22, run, key) == (400, "InvalidError")
+            # A request exec refuses stores nothing under its key.
+            bad = {"args": ["true"], "pty_rows": 24}
+            assert _exec(http, sid, bad, key + "-2") == (400, "InvalidError")
+            assert _exec(http, sid, {"args": ["true"]}, key + "-2")[0] == 200
+    finally:
+        other.terminate()
+    assert sandbox.exec("cat", "/tmp/runs").stdout.read() == "run\n"
+
+
+def test_answers_carry_the_request_id_and_versions_and_a_keyed_post_is_answered_once(server):
+    key = f"app-{os.getpid()}-{time.time()}"
+    with _http() as http:
+        r = http.get("/health", headers={"x-request-id": "req-123"})
+        assert r.headers["x-request-id"] == "req-123" and r.headers["x-shoal-api-versions"] == "1"
+        assert len(http.get("/health").headers["x-request-id"]) == 12
+        body = {"name": f"idem-{os.getpid()}", "create_if_missing": True}
+        first = http.post("/apps/lookup", json=body, headers={"idempotency-key": key})
+        again = http.post("/apps/lookup", json=body, headers={"idempotency-key": key})
+        assert first.status_code == again.status_code == 200 and again.json() == first.json()
+        assert again.headers["idempotent-replayed"] == "true"
+        assert "idempotent-replayed" not in first.headers
+        assert again.headers["x-shoal-api-versions"] == "1" and again.headers["x-request-id"]
+        other = http.post("/volumes/lookup", json=body, headers={"idempotency-key": key})
+        assert other.status_code == 400 and "another request" in other.json()["error"]["message"]
+        refused = http.get("/health", headers={"x-shoal-api-version": "0"})
+        assert refused.status_code == 400 and refused.headers["x-shoal-api-versions"] == "1"

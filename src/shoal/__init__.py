@@ -26,6 +26,7 @@ from shoal.file_io import FileIO
 from shoal.sandbox import Probe, Sandbox
 from shoal.sandbox_fs import FileInfo, FileType, SandboxFilesystem
 from shoal.secret import Secret
+from shoal.snapshot import SandboxSnapshot
 from shoal.stream_type import StreamType
 from shoal._tunnel import Tunnel
 from shoal.volume import FileEntry, FileEntryType, Volume
@@ -36,7 +37,8 @@ __version__ = "0.1.0"
 __all__ = [
     "App", "Client", "Dict", "Queue", "ContainerProcess", "FileEntry", "FileEntryType", "FileIO",
     "FileInfo", "FileType", "Image", "NetworkFileSystem", "Probe", "Sandbox", "SandboxFilesystem",
-    "Secret", "StreamReader", "StreamType", "StreamWriter", "Tunnel", "Volume", "enable_output",
+    "SandboxSnapshot", "Secret", "StreamReader", "StreamType", "StreamWriter", "Tunnel", "Volume",
+    "enable_output",
     "exception",
     "CloudBucketMount",
 ]

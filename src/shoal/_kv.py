@@ -3,7 +3,6 @@ and pickling (plain `pickle`: values must be picklable here and unpicklable wher
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -12,6 +11,7 @@ import pickle
 from collections.abc import AsyncIterator
 
 from shoal._client import get_client
+from shoal._named import NamedObject
 from shoal.client import check_client
 from shoal.exception import DeserializationError, InvalidError, SerializationError
 
@@ -37,15 +37,12 @@ class KvInfo:
     created_by: str | None = None
 
 
-class _KvObject:
+class _KvObject(NamedObject):
     _kind = ""
 
-    def __init__(self, name: str | None = None, create_if_missing: bool = False,
-                 object_id: str | None = None):
-        self._name = name
-        self._create_if_missing = create_if_missing
-        self._object_id = object_id
-        self._lock: asyncio.Lock | None = None
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._prefix = f"/{cls._kind}s"
 
     @classmethod
     def _from_name(cls, name, environment_name, create_if_missing, client):
@@ -67,39 +64,8 @@ class _KvObject:
         check_client(client, environment_name)
         if heartbeat_sleep is not None:
             raise InvalidError("_heartbeat_sleep is not supported: SHOAL_LEASE_TTL sets it")
-        c = await get_client()
-        r = await c.call("POST", f"/{cls._kind}s/ephemeral")
-        obj = cls(object_id=r["id"])
-        beat = asyncio.ensure_future(obj._heartbeat(r["lease_ttl"] / 3))
-        try:
+        async with cls._leased() as obj:
             yield obj
-        finally:
-            beat.cancel()
-            with contextlib.suppress(Exception):
-                await c.call("DELETE", f"/{cls._kind}s/{obj._object_id}")
-
-    async def _heartbeat(self, every: float) -> None:
-        c = await get_client()
-        while True:
-            await asyncio.sleep(every)
-            with contextlib.suppress(Exception):
-                await c.call("POST", f"/{self._kind}s/{self._object_id}/heartbeat")
-
-    async def _id(self) -> str:
-        if self._object_id is None:
-            if self._lock is None:
-                self._lock = asyncio.Lock()
-            async with self._lock:
-                if self._object_id is None:
-                    c = await get_client()
-                    r = await c.call("POST", f"/{self._kind}s/lookup", json={
-                        "name": self._name, "create_if_missing": self._create_if_missing})
-                    self._object_id = r["id"]
-        return self._object_id
-
-    async def _call(self, method: str, suffix: str, **kwargs):
-        c = await get_client()
-        return await c.call(method, f"/{self._kind}s/{await self._id()}{suffix}", **kwargs)
 
     async def hydrate(self, client=None):
         """Look the object up now (otherwise it is looked up on first use); returns it.

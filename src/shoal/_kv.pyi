@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import typing
 import typing_extensions
-import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -11,6 +10,7 @@ import datetime
 import pickle
 from collections.abc import AsyncIterator
 from shoal._client import get_client
+from shoal._named import NamedObject
 from shoal.client import check_client
 from shoal.exception import DeserializationError, InvalidError, SerializationError
 
@@ -25,17 +25,13 @@ class KvInfo:
     def __init__(self, name: str | None, created_at: datetime.datetime, created_by: str | None = ...) -> None: ...
 
 
-class _KvObject:
-    def __init__(self, name: str | None = ..., create_if_missing: bool = ..., object_id: str | None = ...) -> typing.Any: ...
+class _KvObject(shoal._named.NamedObject):
     @classmethod
     def _from_name(cls, name, environment_name, create_if_missing, client) -> typing.Any: ...
     @classmethod
     def _from_id(cls, object_id, client) -> typing.Any: ...
     @classmethod
     def _ephemeral(cls, client, environment_name, heartbeat_sleep) -> AsyncIterator: ...
-    async def _heartbeat(self, every: float) -> None: ...
-    async def _id(self) -> str: ...
-    async def _call(self, method: str, suffix: str, **kwargs) -> typing.Any: ...
     async def hydrate(self, client=...) -> typing.Any: ...
     async def info(self) -> KvInfo: ...
     @property

@@ -223,6 +223,17 @@ def _async_result(value: Any) -> Any:
     return _translate_result(value, _async_iter, _AsyncCM)
 
 
+def known_without_io(check: Callable[[Any], Any]) -> Callable:
+    """Mark an async method whose answer may already be known in the caller's thread:
+    `check(impl)` returns it, or None when it is not. The blocking face then returns it without
+    the hop to the SDK loop's thread and back (~0.2 ms); the async face is unchanged. `check`
+    may only read plain attributes that the loop sets once (it runs in the caller's thread)."""
+    def mark(fn: Callable) -> Callable:
+        fn._shoal_known = check
+        return fn
+    return mark
+
+
 class FunctionWithAio:
     """A blocking callable that carries its async twin as `.aio`."""
 
@@ -233,6 +244,11 @@ class FunctionWithAio:
         functools.update_wrapper(self, fn, assigned=("__module__", "__qualname__"), updated=())
 
     def __call__(self, *args, **kwargs):
+        check = getattr(self._fn, "_shoal_known", None)
+        if check is not None and not args and not kwargs:
+            known = check(self._fn.__self__)
+            if known is not None:
+                return to_public(known)
         result = self._fn(*to_impl(args), **to_impl(kwargs))
         if inspect.iscoroutine(result):
             result = run_blocking(result)
@@ -278,6 +294,13 @@ def _wrap_property(prop: property) -> property:
     return property(fget, fset if prop.fset else None, doc=prop.__doc__)
 
 
+def exported(name: str) -> bool:
+    """Whether an implementation attribute is on the public class: public names, and Modal's
+    experimental API (`Sandbox._experimental_snapshot`, ...), which Modal names with a leading
+    underscore."""
+    return not name.startswith("_") or name.startswith("_experimental_")
+
+
 def synchronize_api(impl_cls: type, name: str | None = None) -> type:
     """Derive the public class from the async implementation class `impl_cls`."""
     public_name = name or impl_cls.__name__.lstrip("_")
@@ -285,7 +308,7 @@ def synchronize_api(impl_cls: type, name: str | None = None) -> type:
                           "_impl_cls": impl_cls, "__slots__": ("_impl", "__weakref__")}
     for klass in reversed(impl_cls.__mro__[:-1]):
         for attr_name, attr in vars(klass).items():
-            if attr_name.startswith("_"):
+            if not exported(attr_name):
                 continue
             if type(attr) in _IMPL_TO_PUBLIC:  # e.g. Volume.objects, an implementation object
                 ns[attr_name] = wrap(attr)

@@ -19,7 +19,7 @@ import httpx
 
 from shoal import exception as exc
 from shoal._client import get_client
-from shoal._sync import synchronize_api
+from shoal._sync import known_without_io, synchronize_api
 from shoal.io_streams import _StreamReader, _StreamWriter
 
 BUFFER_LIMIT = 16 << 20  # bytes of unread output held per stream before the process is paused
@@ -248,6 +248,7 @@ class _ContainerProcess:
             self._returncode = _modal_rc(r)
         return self._returncode
 
+    @known_without_io(lambda self: self._returncode)
     async def poll(self) -> int | None:
         """The exit code if the process has ended, else None (does not block).
 
@@ -259,6 +260,7 @@ class _ContainerProcess:
             await self._wait(0)
         return self._returncode
 
+    @known_without_io(lambda self: self._returncode)
     async def wait(self) -> int:
         """Wait for the process to end; returns its exit code.
 

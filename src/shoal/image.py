@@ -149,9 +149,11 @@ class _LocalFiles:
 class _Image:
     """A recipe for a sandbox's root filesystem, built by the server on first use and cached."""
 
-    def __init__(self, spec: dict, local: dict[int, tuple[_LocalFiles, str]] | None = None):
+    def __init__(self, spec: dict, local: dict[int, tuple[_LocalFiles, str]] | None = None,
+                 sources: dict[int, _Image] | None = None):
         self._spec = spec  # {"base": {...}, "steps": [...]}
         self._local = local or {}  # step index -> files to upload for that add_local step
+        self._sources = sources or {}  # step index -> the image a copy_from step copies from
         self._image_id: str | None = None
 
     # --- bases
@@ -279,12 +281,21 @@ class _Image:
                            "Image.debian_slim() or Image.from_registry(...)")
 
     # --- steps
-    def _with(self, step: dict, local: tuple[_LocalFiles, str] | None = None) -> "_Image":
+    def _with(self, step: dict, local: tuple[_LocalFiles, str] | None = None,
+              source: _Image | None = None) -> "_Image":
         spec = {"base": dict(self._spec["base"]), "steps": [*self._spec["steps"], step]}
-        locals_ = dict(self._local)
+        locals_, sources = dict(self._local), dict(self._sources)
         if local:
             locals_[len(spec["steps"]) - 1] = local
-        return _Image(spec, locals_)
+        if source is not None:
+            sources[len(spec["steps"]) - 1] = source
+        return _Image(spec, locals_, sources)
+
+    def _copy_from(self, source: _Image, srcs: list[str], dest: str,
+                   chown: str | None = None) -> "_Image":
+        """A Dockerfile's `COPY --from=SOURCE SRC... DEST`: files of another image (built first)."""
+        return self._with({"op": "copy_from", "srcs": list(srcs), "dest": dest, "chown": chown},
+                          source=source)
 
     def apt_install(self, *packages: str | list[str], force_build: bool = False,
                     env: dict[str, str | None] | None = None, secrets=None,
@@ -603,7 +614,8 @@ class _Image:
         without local files that this process resolved before is not sent again (one round trip
         less per Sandbox.create) unless `fresh`."""
         # Registry tags can move, and local files can change: only those recipes are remembered.
-        remember = not self._local and self._spec["base"].get("kind") != "registry" \
+        remember = not self._local and not self._sources \
+            and self._spec["base"].get("kind") != "registry" \
             and "_secret_name" not in json.dumps(self._spec)  # a named secret's values can change
         key = json.dumps(self._spec, sort_keys=True) if remember else None
         if fresh:
@@ -618,6 +630,8 @@ class _Image:
         client = await get_client()
         spec = json.loads(json.dumps(self._spec))
         await _secret_names_to_ids(spec)
+        for idx, source in self._sources.items():
+            spec["steps"][idx]["image_id"] = await source._resolve(fresh)
         blobs: dict[str, bytes] = {}
         for idx, (files, name) in self._local.items():
             data = files.pack() if files.is_dir else _single(files, name)

@@ -13,7 +13,7 @@ from shoal._client import get_client
 from shoal._sync import synchronize_api
 from shoal.client import check_client
 from shoal.exception import InvalidError
-from shoal.volume import _file_chunks, _StorageObject, _VolumeManager
+from shoal.volume import _replayable_chunks, _StorageObject, _VolumeManager
 
 
 class _NetworkFileSystem(_StorageObject):
@@ -48,7 +48,7 @@ class _NetworkFileSystem(_StorageObject):
         if not hasattr(fp, "read"):
             raise InvalidError("write_file needs a binary file object (open(path, 'rb'), BytesIO)")
         r = await self._call("PUT", "/file", params={"path": remote_path},
-                             content=_file_chunks(fp, progress_cb))
+                             content=_replayable_chunks(fp, progress_cb))
         return r["bytes"]
 
     async def add_local_file(self, local_path: str | Path,

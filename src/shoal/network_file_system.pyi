@@ -12,7 +12,7 @@ from shoal._client import get_client
 from shoal._sync import synchronize_api
 from shoal.client import check_client
 from shoal.exception import InvalidError
-from shoal.volume import _file_chunks, _StorageObject, _VolumeManager
+from shoal.volume import _replayable_chunks, _StorageObject, _VolumeManager
 
 class _NetworkFileSystem(shoal.volume._StorageObject):
     @classmethod

@@ -25,12 +25,14 @@ from shoal.io_streams import _StreamReader, _StreamWriter
 from shoal.network_file_system import _NetworkFileSystem
 from shoal.cloud_bucket_mount import CloudBucketMount
 from shoal.secret import merge_env, secret_ids
+from shoal.snapshot import _SandboxSnapshot
 from shoal.stream_type import StreamType
 from shoal.volume import _Volume
 
 _UNSUPPORTED = ("gpu", "cloud", "region", "proxy", "_experimental_scheduler_placement")
 
 LIST_PAGE = 10_000  # entries per listing call (server/host/runc_files.LIST_PAGE)
+_KEEP_NAME = "__keep_the_snapshotted_sandbox_s_name__"  # _experimental_from_snapshot's default
 
 
 def _refuse_create(given: dict) -> None:
@@ -245,6 +247,7 @@ class _Sandbox:
         proxy=None,
         include_oidc_identity_token: bool = False,
         experimental_options: dict | None = None,
+        _experimental_enable_snapshot: bool = False,
         client=None,
         environment_name: str | None = None,
         pty_info=None,
@@ -268,6 +271,8 @@ class _Sandbox:
         Runtime (docs/gvisor.md): `experimental_options={"runtime": "gvisor"}` runs the sandbox
         under gVisor's user-space kernel instead of the server's default (runc unless `shoal
         serve --runtime gvisor`); InvalidError when the server has no gVisor or for any other key.
+        `_experimental_enable_snapshot` (Modal's) is accepted and changes nothing: every gVisor
+        sandbox with `block_network=True` can be memory-snapshotted (`_experimental_snapshot`).
 
             sb = shoal.Sandbox.create(app=app, cpu=(0.5, 2), memory=(512, 1024))
         """
@@ -663,6 +668,55 @@ class _Sandbox:
         """
         raise InvalidError("Sandbox.unmount_image is not supported by shoal: nothing can be "
                            "mounted with mount_image (see docs/modal-parity.md)")
+
+    # --- memory snapshots (Modal's experimental API)
+    async def _experimental_snapshot(self) -> _SandboxSnapshot:
+        """Save this sandbox — its processes, their memory and its files — as a SandboxSnapshot;
+        the sandbox keeps running (it is paused for the moment of the save). Start copies with
+        `Sandbox._experimental_from_snapshot(snapshot)`. Needs a gVisor sandbox without a
+        network: `Sandbox.create(..., experimental_options={"runtime": "gvisor"},
+        block_network=True)` (runc cannot save memory here; gVisor cannot save host-network
+        sockets). Volumes are not saved: a copy mounts the same volumes. Snapshots are kept 7
+        days. Open `watch()` streams and file handles of the sandbox end with the save.
+
+        Raises InvalidError for a runc sandbox, one with a network or with cloud bucket mounts;
+        SandboxTerminatedError if it has finished; ExecutionError if gVisor fails to save it.
+
+            snapshot = sb._experimental_snapshot()
+            print(snapshot.object_id)   # "sn-..."
+        """
+        client = await get_client()
+        r = await client.call("POST", f"/sandboxes/{self._sandbox_id}/memory-snapshot")
+        snapshot = _SandboxSnapshot(r["snapshot_id"])
+        snapshot._info = r
+        return snapshot
+
+    @staticmethod
+    async def _experimental_from_snapshot(snapshot: _SandboxSnapshot, client=None, *,
+                                          name=_KEEP_NAME) -> "_Sandbox":
+        """A new sandbox that continues from a memory snapshot: the processes that ran when it
+        was taken run on, with their memory and the files as they were; exec and the file API
+        work on it. It gets the snapshotted sandbox's image, environment, limits, volumes and
+        timeout (counted from now), gVisor and no network. `name`: by default the snapshotted
+        sandbox's name; None for no name, or a new name.
+
+        Raises NotFoundError for an unknown or expired snapshot; AlreadyExistsError when the
+        name is held by a running sandbox of the app (pass name=None); InvalidError for a
+        `snapshot` that is not a SandboxSnapshot.
+
+            sb2 = shoal.Sandbox._experimental_from_snapshot(snapshot, name=None)
+        """
+        check_client(client)
+        if not isinstance(snapshot, _SandboxSnapshot):
+            raise InvalidError(f"snapshot must be a shoal.SandboxSnapshot, got "
+                               f"{type(snapshot).__name__}")
+        body = ({"keep_name": True} if name is _KEEP_NAME
+                else {"keep_name": False, "name": name})
+        c = await get_client()
+        r = await c.call("POST", f"/memory-snapshots/{snapshot.object_id}/restore", json=body)
+        sb = _Sandbox(r["sandbox_id"])
+        sb._update(r)
+        return sb
 
     # --- files (Modal's first file API)
     async def open(self, path: str, mode: str = "r") -> _FileIO:

@@ -24,6 +24,7 @@ from shoal.io_streams import _StreamReader, _StreamWriter
 from shoal.network_file_system import _NetworkFileSystem
 from shoal.cloud_bucket_mount import CloudBucketMount
 from shoal.secret import merge_env, secret_ids
+from shoal.snapshot import _SandboxSnapshot
 from shoal.stream_type import StreamType
 from shoal.volume import _Volume
 from shoal.app import App
@@ -33,10 +34,13 @@ from shoal.image import Image
 from shoal.io_streams import StreamReader
 from shoal.io_streams import StreamWriter
 from shoal.sandbox_fs import SandboxFilesystem
+from shoal.snapshot import SandboxSnapshot
 
 _UNSUPPORTED: tuple
 
 LIST_PAGE: int
+
+_KEEP_NAME: str
 
 def _refuse_create(given: dict) -> None: ...
 
@@ -69,7 +73,7 @@ def _pty_size(pty: bool, info) -> tuple[int, int] | None: ...
 class _Sandbox:
     def __init__(self, sandbox_id: str) -> typing.Any: ...
     @classmethod
-    async def create(cls, *args: str, app: _App | None = ..., name: str | None = ..., tags: dict[str, str] | None = ..., image: _Image | None = ..., env: dict[str, str | None] | None = ..., secrets: Sequence = ..., volumes: dict | None = ..., network_file_systems: dict | None = ..., timeout: int = ..., idle_timeout: int | None = ..., workdir: str | None = ..., cpu: float | tuple[float, float] | None = ..., memory: int | tuple[int, int] | None = ..., ephemeral_disk: int | None = ..., block_network: bool = ..., cidr_allowlist: Sequence[str] | None = ..., encrypted_ports: Sequence[int] = ..., unencrypted_ports: Sequence[int] = ..., h2_ports: Sequence[int] = ..., outbound_domain_allowlist: Sequence[str] | None = ..., readiness_probe: _Probe | None = ..., pty: bool = ..., verbose: bool = ..., gpu: str | None = ..., cloud: str | None = ..., region: str | Sequence[str] | None = ..., runtime: str | None = ..., outbound_cidr_allowlist: Sequence[str] | None = ..., inbound_cidr_allowlist: Sequence[str] | None = ..., custom_domain: str | None = ..., proxy=..., include_oidc_identity_token: bool = ..., experimental_options: dict | None = ..., client=..., environment_name: str | None = ..., pty_info=..., **unsupported) -> _Sandbox: ...
+    async def create(cls, *args: str, app: _App | None = ..., name: str | None = ..., tags: dict[str, str] | None = ..., image: _Image | None = ..., env: dict[str, str | None] | None = ..., secrets: Sequence = ..., volumes: dict | None = ..., network_file_systems: dict | None = ..., timeout: int = ..., idle_timeout: int | None = ..., workdir: str | None = ..., cpu: float | tuple[float, float] | None = ..., memory: int | tuple[int, int] | None = ..., ephemeral_disk: int | None = ..., block_network: bool = ..., cidr_allowlist: Sequence[str] | None = ..., encrypted_ports: Sequence[int] = ..., unencrypted_ports: Sequence[int] = ..., h2_ports: Sequence[int] = ..., outbound_domain_allowlist: Sequence[str] | None = ..., readiness_probe: _Probe | None = ..., pty: bool = ..., verbose: bool = ..., gpu: str | None = ..., cloud: str | None = ..., region: str | Sequence[str] | None = ..., runtime: str | None = ..., outbound_cidr_allowlist: Sequence[str] | None = ..., inbound_cidr_allowlist: Sequence[str] | None = ..., custom_domain: str | None = ..., proxy=..., include_oidc_identity_token: bool = ..., experimental_options: dict | None = ..., _experimental_enable_snapshot: bool = ..., client=..., environment_name: str | None = ..., pty_info=..., **unsupported) -> _Sandbox: ...
     @classmethod
     async def from_id(cls, sandbox_id: str, client=...) -> _Sandbox: ...
     @classmethod
@@ -103,6 +107,9 @@ class _Sandbox:
     async def snapshot_directory(self, path: str, *, timeout: int = ..., ttl: int | None = ..., _experimental_encryption_key: bytes | None = ...) -> _Image: ...
     async def mount_image(self, path: str, image: _Image, *, _experimental_encryption_key: bytes | None = ...) -> None: ...
     async def unmount_image(self, path: str) -> None: ...
+    async def _experimental_snapshot(self) -> _SandboxSnapshot: ...
+    @staticmethod
+    async def _experimental_from_snapshot(snapshot: _SandboxSnapshot, client=..., *, name=...) -> _Sandbox: ...
     async def open(self, path: str, mode: str = ...) -> _FileIO: ...
     async def ls(self, path: str) -> list[str]: ...
     async def mkdir(self, path: str, parents: bool = ...) -> None: ...
@@ -215,8 +222,8 @@ class Probe:
 
 
 class _spec_Sandbox_create(typing_extensions.Protocol):
-    def __call__(self, /, *args: str, app: App | None = ..., name: str | None = ..., tags: dict[str, str] | None = ..., image: Image | None = ..., env: dict[str, str | None] | None = ..., secrets: Sequence = ..., volumes: dict | None = ..., network_file_systems: dict | None = ..., timeout: int = ..., idle_timeout: int | None = ..., workdir: str | None = ..., cpu: float | tuple[float, float] | None = ..., memory: int | tuple[int, int] | None = ..., ephemeral_disk: int | None = ..., block_network: bool = ..., cidr_allowlist: Sequence[str] | None = ..., encrypted_ports: Sequence[int] = ..., unencrypted_ports: Sequence[int] = ..., h2_ports: Sequence[int] = ..., outbound_domain_allowlist: Sequence[str] | None = ..., readiness_probe: Probe | None = ..., pty: bool = ..., verbose: bool = ..., gpu: str | None = ..., cloud: str | None = ..., region: str | Sequence[str] | None = ..., runtime: str | None = ..., outbound_cidr_allowlist: Sequence[str] | None = ..., inbound_cidr_allowlist: Sequence[str] | None = ..., custom_domain: str | None = ..., proxy=..., include_oidc_identity_token: bool = ..., experimental_options: dict | None = ..., client=..., environment_name: str | None = ..., pty_info=..., **unsupported) -> Sandbox: ...
-    async def aio(self, /, *args: str, app: App | None = ..., name: str | None = ..., tags: dict[str, str] | None = ..., image: Image | None = ..., env: dict[str, str | None] | None = ..., secrets: Sequence = ..., volumes: dict | None = ..., network_file_systems: dict | None = ..., timeout: int = ..., idle_timeout: int | None = ..., workdir: str | None = ..., cpu: float | tuple[float, float] | None = ..., memory: int | tuple[int, int] | None = ..., ephemeral_disk: int | None = ..., block_network: bool = ..., cidr_allowlist: Sequence[str] | None = ..., encrypted_ports: Sequence[int] = ..., unencrypted_ports: Sequence[int] = ..., h2_ports: Sequence[int] = ..., outbound_domain_allowlist: Sequence[str] | None = ..., readiness_probe: Probe | None = ..., pty: bool = ..., verbose: bool = ..., gpu: str | None = ..., cloud: str | None = ..., region: str | Sequence[str] | None = ..., runtime: str | None = ..., outbound_cidr_allowlist: Sequence[str] | None = ..., inbound_cidr_allowlist: Sequence[str] | None = ..., custom_domain: str | None = ..., proxy=..., include_oidc_identity_token: bool = ..., experimental_options: dict | None = ..., client=..., environment_name: str | None = ..., pty_info=..., **unsupported) -> Sandbox: ...
+    def __call__(self, /, *args: str, app: App | None = ..., name: str | None = ..., tags: dict[str, str] | None = ..., image: Image | None = ..., env: dict[str, str | None] | None = ..., secrets: Sequence = ..., volumes: dict | None = ..., network_file_systems: dict | None = ..., timeout: int = ..., idle_timeout: int | None = ..., workdir: str | None = ..., cpu: float | tuple[float, float] | None = ..., memory: int | tuple[int, int] | None = ..., ephemeral_disk: int | None = ..., block_network: bool = ..., cidr_allowlist: Sequence[str] | None = ..., encrypted_ports: Sequence[int] = ..., unencrypted_ports: Sequence[int] = ..., h2_ports: Sequence[int] = ..., outbound_domain_allowlist: Sequence[str] | None = ..., readiness_probe: Probe | None = ..., pty: bool = ..., verbose: bool = ..., gpu: str | None = ..., cloud: str | None = ..., region: str | Sequence[str] | None = ..., runtime: str | None = ..., outbound_cidr_allowlist: Sequence[str] | None = ..., inbound_cidr_allowlist: Sequence[str] | None = ..., custom_domain: str | None = ..., proxy=..., include_oidc_identity_token: bool = ..., experimental_options: dict | None = ..., _experimental_enable_snapshot: bool = ..., client=..., environment_name: str | None = ..., pty_info=..., **unsupported) -> Sandbox: ...
+    async def aio(self, /, *args: str, app: App | None = ..., name: str | None = ..., tags: dict[str, str] | None = ..., image: Image | None = ..., env: dict[str, str | None] | None = ..., secrets: Sequence = ..., volumes: dict | None = ..., network_file_systems: dict | None = ..., timeout: int = ..., idle_timeout: int | None = ..., workdir: str | None = ..., cpu: float | tuple[float, float] | None = ..., memory: int | tuple[int, int] | None = ..., ephemeral_disk: int | None = ..., block_network: bool = ..., cidr_allowlist: Sequence[str] | None = ..., encrypted_ports: Sequence[int] = ..., unencrypted_ports: Sequence[int] = ..., h2_ports: Sequence[int] = ..., outbound_domain_allowlist: Sequence[str] | None = ..., readiness_probe: Probe | None = ..., pty: bool = ..., verbose: bool = ..., gpu: str | None = ..., cloud: str | None = ..., region: str | Sequence[str] | None = ..., runtime: str | None = ..., outbound_cidr_allowlist: Sequence[str] | None = ..., inbound_cidr_allowlist: Sequence[str] | None = ..., custom_domain: str | None = ..., proxy=..., include_oidc_identity_token: bool = ..., experimental_options: dict | None = ..., _experimental_enable_snapshot: bool = ..., client=..., environment_name: str | None = ..., pty_info=..., **unsupported) -> Sandbox: ...
 
 
 class _spec_Sandbox_from_id(typing_extensions.Protocol):
@@ -299,6 +306,16 @@ class _spec_Sandbox_unmount_image(typing_extensions.Protocol):
     async def aio(self, /, path: str) -> None: ...
 
 
+class _spec_Sandbox__experimental_snapshot(typing_extensions.Protocol):
+    def __call__(self, /) -> SandboxSnapshot: ...
+    async def aio(self, /) -> SandboxSnapshot: ...
+
+
+class _spec_Sandbox__experimental_from_snapshot(typing_extensions.Protocol):
+    def __call__(self, /, snapshot: SandboxSnapshot, client=..., *, name=...) -> Sandbox: ...
+    async def aio(self, /, snapshot: SandboxSnapshot, client=..., *, name=...) -> Sandbox: ...
+
+
 class _spec_Sandbox_open(typing_extensions.Protocol):
     def __call__(self, /, path: str, mode: str = ...) -> FileIO: ...
     async def aio(self, /, path: str, mode: str = ...) -> FileIO: ...
@@ -372,6 +389,8 @@ class Sandbox:
     Runtime (docs/gvisor.md): `experimental_options={"runtime": "gvisor"}` runs the sandbox
     under gVisor's user-space kernel instead of the server's default (runc unless `shoal
     serve --runtime gvisor`); InvalidError when the server has no gVisor or for any other key.
+    `_experimental_enable_snapshot` (Modal's) is accepted and changes nothing: every gVisor
+    sandbox with `block_network=True` can be memory-snapshotted (`_experimental_snapshot`).
 
         sb = shoal.Sandbox.create(app=app, cpu=(0.5, 2), memory=(512, 1024))
     """
@@ -540,6 +559,36 @@ class Sandbox:
     sb.unmount_image("/data")   # raises InvalidError
 
         sb.unmount_image("/data")  # InvalidError
+    """
+
+    _experimental_snapshot: _spec_Sandbox__experimental_snapshot
+    """Save this sandbox — its processes, their memory and its files — as a SandboxSnapshot;
+    the sandbox keeps running (it is paused for the moment of the save). Start copies with
+    `Sandbox._experimental_from_snapshot(snapshot)`. Needs a gVisor sandbox without a
+    network: `Sandbox.create(..., experimental_options={"runtime": "gvisor"},
+    block_network=True)` (runc cannot save memory here; gVisor cannot save host-network
+    sockets). Volumes are not saved: a copy mounts the same volumes. Snapshots are kept 7
+    days. Open `watch()` streams and file handles of the sandbox end with the save.
+
+    Raises InvalidError for a runc sandbox, one with a network or with cloud bucket mounts;
+    SandboxTerminatedError if it has finished; ExecutionError if gVisor fails to save it.
+
+        snapshot = sb._experimental_snapshot()
+        print(snapshot.object_id)   # "sn-..."
+    """
+
+    _experimental_from_snapshot: _spec_Sandbox__experimental_from_snapshot
+    """A new sandbox that continues from a memory snapshot: the processes that ran when it
+    was taken run on, with their memory and the files as they were; exec and the file API
+    work on it. It gets the snapshotted sandbox's image, environment, limits, volumes and
+    timeout (counted from now), gVisor and no network. `name`: by default the snapshotted
+    sandbox's name; None for no name, or a new name.
+
+    Raises NotFoundError for an unknown or expired snapshot; AlreadyExistsError when the
+    name is held by a running sandbox of the app (pass name=None); InvalidError for a
+    `snapshot` that is not a SandboxSnapshot.
+
+        sb2 = shoal.Sandbox._experimental_from_snapshot(snapshot, name=None)
     """
 
     open: _spec_Sandbox_open

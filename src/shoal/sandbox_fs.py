@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shoal import exception as exc
-from shoal._client import get_client
+from shoal._client import Replayable, get_client
 from shoal._sync import synchronize_api
 from shoal.file_io import FileWatchEvent, FileWatchEventType
 
@@ -197,8 +197,9 @@ class _SandboxFilesystem:
         local = Path(local_path)
         if not local.is_file():
             raise FileNotFoundError(f"no such local file: {local_path}")
+        # Sent again from the start if the server restarts meanwhile (the file lands whole).
         await self._call("PUT", "file", params={"path": remote_path},
-                         content=_local_chunks(local))
+                         content=Replayable(lambda: _local_chunks(local)))
 
     async def copy_to_local(self, remote_path: str, local_path: str | os.PathLike) -> None:
         """Download a file of any size (streamed); the local file appears only when complete.

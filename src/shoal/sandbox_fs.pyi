@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from shoal import exception as exc
-from shoal._client import get_client
+from shoal._client import Replayable, get_client
 from shoal._sync import synchronize_api
 from shoal.file_io import FileWatchEvent, FileWatchEventType
 

@@ -84,15 +84,18 @@ class _Secret:
 
     @staticmethod
     def from_dotenv(path: str | Path | None = None, *, filename: str = ".env",
-                    **_ignored) -> "_Secret":
+                    client=None) -> "_Secret":
         """A secret from a `.env` file: searched for in `path` (a directory, or a file such as
         `__file__`, whose directory is used; default: the working directory) and its parents.
         No file found: an empty secret, as Modal's.
 
             shoal.Secret.from_dotenv(__file__)
 
-        Raises InvalidError if the file cannot be read.
+        Raises InvalidError if the file cannot be read, or for a `client=` naming another server.
         """
+        from shoal.client import check_client
+
+        check_client(client)
         start = Path(path) if path is not None else Path.cwd()
         if start.is_file():
             start = start.parent

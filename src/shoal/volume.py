@@ -23,7 +23,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from shoal._client import get_client
+from shoal._client import Replayable, get_client
+from shoal._named import NamedObject
 from shoal._sync import synchronize_api
 from shoal.client import check_client
 from shoal.exception import InvalidError, NotFoundError
@@ -74,24 +75,39 @@ async def _file_chunks(fp: BinaryIO, progress: Callable[[int], None] | None):
         yield chunk
 
 
+def _replayable_chunks(fp: BinaryIO, progress: Callable[[int], None] | None):
+    """An upload body from `fp` that is sent again from where it started after a server restart
+    when `fp` can seek back there; else a plain stream (the call fails if the server restarts)."""
+    try:
+        start = fp.tell() if fp.seekable() else None
+    except (OSError, ValueError):
+        start = None
+    if start is None:
+        return _file_chunks(fp, progress)
+
+    def again():
+        fp.seek(start)
+        return _file_chunks(fp, progress)
+
+    return Replayable(again)
+
+
 def _check_version(version) -> None:
     if version not in (None, 1, 2):
         raise InvalidError(f"version must be 1 or 2 (Modal's volume formats), got {version!r}")
 
 
-class _StorageObject:
+class _StorageObject(NamedObject):
     """What volumes and network file systems share: lookup, leases, reading, listing, removing."""
 
     _prefix = "/volumes"
+    _id_key = "volume_id"
     _label = "volume"
 
     def __init__(self, name: str | None = None, create_if_missing: bool = False,
                  object_id: str | None = None, read_only: bool = False):
-        self._name = name
-        self._create_if_missing = create_if_missing
-        self._object_id = object_id
+        super().__init__(name, create_if_missing, object_id)
         self._read_only = read_only
-        self._lock: asyncio.Lock | None = None
 
     @classmethod
     def from_name(cls, name: str, *, environment_name: str | None = None,
@@ -138,23 +154,8 @@ class _StorageObject:
         if create_options or _heartbeat_sleep is not None:
             raise InvalidError("ephemeral(create_options=, _heartbeat_sleep=) are not supported "
                                "by shoal")
-        client = await get_client()
-        r = await client.call("POST", f"{cls._prefix}/ephemeral")
-        obj = cls(object_id=r["volume_id"])
-        beat = asyncio.ensure_future(obj._heartbeat(r["lease_ttl"] / 3))
-        try:
+        async with cls._leased() as obj:
             yield obj
-        finally:
-            beat.cancel()
-            with contextlib.suppress(Exception):
-                await client.call("DELETE", f"{cls._prefix}/{obj._object_id}")
-
-    async def _heartbeat(self, every: float) -> None:
-        client = await get_client()
-        while True:
-            await asyncio.sleep(every)
-            with contextlib.suppress(Exception):
-                await client.call("POST", f"{self._prefix}/{self._object_id}/heartbeat")
 
     async def hydrate(self, client=None):
         """Look the object up now (it is otherwise looked up on first use); returns it.
@@ -173,22 +174,6 @@ class _StorageObject:
         from shoal.client import _Client
 
         return _Client()
-
-    async def _id(self) -> str:
-        if self._object_id is None:
-            if self._lock is None:
-                self._lock = asyncio.Lock()
-            async with self._lock:
-                if self._object_id is None:
-                    client = await get_client()
-                    r = await client.call("POST", f"{self._prefix}/lookup", json={
-                        "name": self._name, "create_if_missing": self._create_if_missing})
-                    self._object_id = r["volume_id"]
-        return self._object_id
-
-    async def _call(self, method: str, suffix: str, **kwargs):
-        client = await get_client()
-        return await client.call(method, f"{self._prefix}/{await self._id()}{suffix}", **kwargs)
 
     @property
     def object_id(self) -> str | None:

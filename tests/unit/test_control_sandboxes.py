@@ -412,3 +412,99 @@ def test_a_hung_runtime_call_is_killed_and_reported(tmp_path):
             await rt._run("kill", "x", timeout=0.2)
         assert time.monotonic() - t0 < 5
     run(go())
+
+
+# --- memory snapshots (Modal's _experimental_snapshot / _experimental_from_snapshot)
+
+
+def _gvisor_env(env, tmp_path):
+    svc, host = env
+    host.name = "gvisor"  # the control plane allows memory snapshots of gVisor sandboxes only
+    svc.memory_snapshots = tmp_path / "memory-snapshots"
+    return svc, host
+
+
+def test_memory_snapshot_restores_into_a_new_sandbox(env, tmp_path):
+    svc, host = _gvisor_env(env, tmp_path)
+
+    async def go():
+        await started(svc)
+        src = await svc.create(create(block_network=True, name="web", env={"K": "v"}))
+        host.boxes[src.id].files["/root/a"] = b"saved"
+        snap = await svc.snapshot_memory(src.id)
+        assert snap.id.startswith("sn-") and snap.sandbox_id == src.id
+        assert (svc.memory_snapshots / snap.id / "fake").exists()
+        assert snap.expires_at - snap.created_at == pytest.approx(7 * 24 * 3600)
+        host.boxes[src.id].files["/root/b"] = b"after the snapshot"
+        assert (await svc.memory_snapshot(snap.id)).id == snap.id
+
+        with pytest.raises(AlreadyExistsError, match="name=None"):
+            await svc.restore_memory_snapshot(snap.id)  # "web" still runs
+        new = await svc.restore_memory_snapshot(snap.id, None)
+        assert new.id != src.id and new.state == "running" and new.name is None
+        assert new.spec["restored_from"] == snap.id and new.runtime == "gvisor"
+        box = host.boxes[new.id]
+        assert box.files == {"/root/a": b"saved"} and box.spec.env == {"A": "1", "K": "v"}
+        assert box.spec.network is None
+        assert ("create_from_snapshot", new.id) in host.calls
+        assert svc.live[new.id].env == {"A": "1", "K": "v"}
+
+        await svc.terminate(src.id)
+        again = await svc.restore_memory_snapshot(snap.id)  # the name is free now
+        assert again.name == "web"
+        await svc.close()
+    run(go())
+
+
+def test_memory_snapshot_refusals(env, tmp_path):
+    svc, host = env
+    svc.memory_snapshots = tmp_path / "memory-snapshots"
+
+    async def go():
+        await started(svc)
+        runc = await svc.create(create(block_network=True))
+        with pytest.raises(InvalidError, match="gvisor"):
+            await svc.snapshot_memory(runc.id)
+        host.name = "gvisor"
+        networked = await svc.create(create())
+        with pytest.raises(InvalidError, match="block_network=True"):
+            await svc.snapshot_memory(networked.id)
+        for bad in ("sn-" + "0" * 22, "nope", "", "sn-../../etc"):
+            with pytest.raises(NotFoundError):
+                await svc.memory_snapshot(bad)
+            with pytest.raises(NotFoundError):
+                await svc.restore_memory_snapshot(bad)
+        host.exit(networked.id, 0)
+        await svc.wait(networked.id, 5)
+        with pytest.raises(SandboxTerminatedError):
+            await svc.snapshot_memory(networked.id)
+        assert not any(c[0] == "snapshot_memory" for c in host.calls)
+        await svc.close()
+    run(go())
+
+
+def test_memory_snapshots_expire_and_a_failed_restore_leaves_a_terminated_row(env, tmp_path):
+    svc, host = _gvisor_env(env, tmp_path)
+
+    async def go():
+        await started(svc)
+        src = await svc.create(create(block_network=True))
+        snap = await svc.snapshot_memory(src.id)
+        host.fail_create = HostError("runsc restore exited with 1")
+        with pytest.raises(ExecutionError, match="runsc restore"):
+            await svc.restore_memory_snapshot(snap.id)
+        failed = [r for r in svc.store.sandbox_list() if r.spec.get("restored_from") == snap.id]
+        assert [(r.state, r.end_reason) for r in failed] == [("terminated", "failed-to-start")]
+        host.fail_create = None
+        # the image's layers stay in use while the snapshot exists
+        assert "layers/a" in svc.layers_in_use()[0]
+        (svc.memory_snapshots / "sn-leftover").mkdir()  # a crash mid-snapshot
+        assert await svc.expire_memory_snapshots(startup=True) == 1
+        assert await svc.expire_memory_snapshots(now=snap.expires_at + 1) == 1
+        assert not (svc.memory_snapshots / snap.id).exists()
+        with pytest.raises(NotFoundError, match="7 days"):
+            await svc.restore_memory_snapshot(snap.id)
+        await svc.terminate(src.id)
+        assert "layers/a" not in svc.layers_in_use()[0]
+        await svc.close()
+    run(go())

@@ -207,11 +207,33 @@ def test_dockerfile_run_env_workdir_arg(tmp_path):
     assert runs[1].endswith("echo 'a b'")
 
 
+def test_dockerfile_stages(tmp_path):
+    from shoal._dockerfile import apply_dockerfile
+
+    (tmp_path / "f.txt").write_text("x")
+    img = apply_dockerfile("FROM shoal/debian_slim AS Build\nRUN make\n"
+                           "FROM build AS second\nRUN more\n"
+                           "FROM shoal/debian_slim\nENV E=1\n"
+                           "COPY --from=build /out /app/\nCOPY --from=1 --chown=u /o /p\n"
+                           "COPY --chown=u:g f.txt /d/\n", "Dockerfile", tmp_path, {}, None)
+    ops = [s["op"] for s in img._spec["steps"]]
+    assert ops == ["env", "copy_from", "copy_from", "add_local", "run_commands"]
+    first, second = img._sources[1], img._sources[2]
+    assert [s["commands"] for s in first._spec["steps"]] == [["make"]]
+    # stage 1 is `FROM build`: build's steps, then its own
+    assert [s["commands"] for s in second._spec["steps"]] == [["make"], ["more"]]
+    assert img._spec["steps"][2]["chown"] == "u:"  # a user alone: its group too
+    chown = img._spec["steps"][4]
+    assert chown["user"] == "root" and chown["commands"] == ["chown -hR u:g -- /d/f.txt"]
+
+
 @pytest.mark.parametrize("text,msg", [
     ("RUN echo\n", "before FROM"),
-    ("FROM shoal/debian_slim\nFROM shoal/debian_slim\n", "multi-stage"),
+    ("FROM shoal/debian_slim x y\n", "optionally `AS name`"),
     ("FROM shoal/debian_slim\nHEALTHCHECK NONE\n", "HEALTHCHECK"),
-    ("FROM shoal/debian_slim\nCOPY --from=x a b\n", "--from"),
+    ("FROM shoal/debian_slim\nCOPY --from=1 a b\n", "no earlier stage 1"),
+    ("FROM shoal/debian_slim AS s\nFROM s\nCOPY --from=s *.txt b\n", "wildcard"),
+    ("FROM shoal/debian_slim\nCOPY --chmod=600 a b\n", "--chmod is not supported"),
     ("FROM shoal/debian_slim\nCOPY ../etc/passwd /x\n", "outside the build context"),
     ("FROM scratch\n", "scratch"),
 ])

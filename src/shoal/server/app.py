@@ -44,9 +44,11 @@ from shoal.server.tasks import TaskSet
 
 # --- the HTTP contract (issue 9): versions, idempotency keys, one error shape
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from shoal.server.contract import ACCEPTED_VERSIONS, API_VERSION, ContractMiddleware
+from shoal.server.contract import ACCEPTED_VERSIONS, API_VERSION
 from shoal.server.contract import IDEMPOTENCY_TTL
+from shoal.server.http_layer import RequestLayer
 from shoal.server.models import ErrorResponse
 # --- end the HTTP contract
 
@@ -92,6 +94,7 @@ def build_services(paths: Paths) -> Services:
     buckets = BucketMounts(paths.home / "buckets")
     sbx.secrets = images.secrets = secrets_svc
     sbx.buckets = buckets
+    sbx.memory_snapshots = paths.home / "memory-snapshots"  # Modal's SandboxSnapshot
     return Services(store, vols, sbx, images, KvService(KvStore(paths.db)), network,
                     secrets_svc, buckets)
 
@@ -118,6 +121,13 @@ def _error(status: int, type_name: str, message: str, errno: int | None = None) 
     if errno is not None:
         body["errno"] = errno
     return JSONResponse({"error": body}, status_code=status)
+
+
+class ShoalApp(FastAPI):
+    """FastAPI with shoal's one request layer (http_layer.py) outside Starlette's middleware."""
+
+    def build_middleware_stack(self):
+        return RequestLayer(super().build_middleware_stack(), getattr(self.state, "metrics", None))
 
 
 def create_app(paths: Paths, upkeep_interval: float = 1.0,
@@ -150,7 +160,7 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
             if on_shutdown:
                 on_shutdown()
 
-    app = FastAPI(title="shoal", version=API_VERSION, lifespan=lifespan,
+    app = ShoalApp(title="shoal", version=API_VERSION, lifespan=lifespan,
                   description="Control plane of shoal: sandboxes, volumes, network file systems.")
     for router in (apps.router, sandboxes.router, files.router, volumes.router, images.router,
                    kv.router, secret_routes.router):
@@ -158,7 +168,7 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
     ops.install(app, paths.home)  # status, stats, metrics, terminal, dashboard
 
     @app.get("/health", tags=["server"])
-    def health(request: Request) -> dict:
+    async def health(request: Request) -> dict:
         pool = request.app.state.svc.sandboxes.pool
         return {"ok": True, "version": API_VERSION, "versions": list(ACCEPTED_VERSIONS),
                 "pid": os.getpid(),
@@ -176,6 +186,12 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
             return _error(400, type(err).__name__, str(err))
         if isinstance(err, OSError):
             return _error(500, "ExecutionError", f"{err.strerror or err}")
+        if isinstance(err, ClientDisconnect):
+            # The client went away mid-body (killed, cancelled): nothing was done, nobody reads
+            # the answer.
+            log.info("%s %s: the client disconnected before sending its whole body",
+                     request.method, request.url.path)
+            return _error(400, "InvalidError", "the client disconnected mid-request")
         log.exception("unhandled error in %s %s", request.method, request.url.path)
         return _error(500, "InternalError", f"{type(err).__name__}: {err}")
 
@@ -197,7 +213,6 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
             resp.headers[k] = v
         return resp
 
-    app.add_middleware(ContractMiddleware)
     app.openapi = lambda: _openapi(app)
     # --- end the HTTP contract
 

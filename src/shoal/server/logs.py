@@ -19,10 +19,8 @@ import contextvars
 import json
 import logging
 import os
-import secrets
 import stat
 import sys
-import time
 from pathlib import Path
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id",
@@ -149,49 +147,6 @@ def setup(fmt: str = "text", level: str = "info", access_log: bool = False,
     return path
 
 
-_DISCONNECTS = ("ClientDisconnect", "ClosedResourceError", "BrokenResourceError",
-                "BrokenPipeError", "ConnectionResetError", "CancelledError")
-
-
-class RequestContext:
-    """ASGI middleware: a request id per request (X-Request-Id in and out), the access log, and
-    one line instead of tracebacks when a client goes away mid-response."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] not in ("http", "websocket"):
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        rid = headers.get(b"x-request-id", b"").decode(errors="replace")[:64] \
-            or secrets.token_hex(6)
-        token = request_id.set(rid)
-        started = time.monotonic()
-        status = {"code": None}
-
-        async def send_with_id(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-                message = {**message, "headers": [*message.get("headers", []),
-                                                  (b"x-request-id", rid.encode())]}
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        except BaseException as e:
-            if type(e).__name__ in _DISCONNECTS or isinstance(e, (ConnectionError, OSError)) \
-                    and status["code"] is not None:
-                logging.getLogger("shoal.server").info(
-                    "client went away during %s %s", scope.get("method", "WS"), scope["path"],
-                    extra={"event": "client.abort"})
-                if type(e).__name__ == "CancelledError":
-                    raise
-                return
-            raise
-        finally:
-            if not access.disabled:
-                access.info("%s %s %s %.1f ms", scope.get("method", "WS"), scope["path"],
-                            status["code"], (time.monotonic() - started) * 1000,
-                            extra={"event": "http.request"})
-            request_id.reset(token)
+# Exceptions that mean the client went away mid-response (one log line, not a traceback).
+DISCONNECTS = ("ClientDisconnect", "ClosedResourceError", "BrokenResourceError",
+               "BrokenPipeError", "ConnectionResetError", "CancelledError")

@@ -17,7 +17,6 @@ from shoal.server import linux as _linux
 from shoal.config import Paths
 from shoal.server import logs
 from shoal.server.app import create_app
-from shoal.server.logs import RequestContext
 
 log = logging.getLogger("shoal.server")
 
@@ -116,7 +115,7 @@ def serve(paths: Paths, tcp: str | None = None, token: str | None = None,
     sockets = [_unix_socket(paths.socket)]
     fastapi_app = create_app(paths, on_shutdown=remove_traces)
     fastapi_app.state.log_path = log_path
-    app = RequestContext(fastapi_app)
+    app = fastapi_app
     if tcp:
         if not token:
             token_file = paths.home / "token"

@@ -1,15 +1,14 @@
 """Prometheus metrics (`GET /metrics`, text format).
 
 Request-shaped metrics (creation, exec and file-API latency, volume bytes, image build time, errors
-by type) are measured by one ASGI middleware from the route each request matched, so no route or
-service carries metrics code. State-shaped ones (sandboxes by state and runtime, warm-pool hits and
+by type) are measured from the route each request matched by the server's one ASGI layer
+(`http_layer.RequestLayer`, which calls `record`), so no route or service carries metrics code. State-shaped ones (sandboxes by state and runtime, warm-pool hits and
 misses) are read from the services when Prometheus scrapes. Each app has its own registry.
 """
 
 from __future__ import annotations
 
 import json
-import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -71,69 +70,37 @@ class _StateCollector:
         yield from (states, hits, misses, idle)
 
 
-class MetricsMiddleware:
-    """Measures requests by the route they matched (FastAPI puts it in scope["route"])."""
+VOLUME_PATHS = ("/volumes/", "/nfs/", "/network_file_systems/")
 
-    def __init__(self, app, metrics: Metrics):
-        self.app = app
-        self.metrics = metrics
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        m = self.metrics
-        started = time.monotonic()
-        state = {"status": 0, "first": None, "error_body": None}
-        volume = scope["path"].startswith(("/volumes/", "/nfs/", "/network_file_systems/"))
+def file_route(scope) -> bool:
+    """Whether the request matched a volume's file route (its bytes are counted)."""
+    return getattr(scope.get("route"), "path", "").endswith("/file")
 
-        def file_route() -> bool:
-            return getattr(scope.get("route"), "path", "").endswith("/file")
 
-        async def counting_receive():
-            message = await receive()
-            if volume and message["type"] == "http.request" and file_route():
-                m.volume_bytes.labels("in").inc(len(message.get("body", b"")))
-            return message
-
-        async def measuring_send(message):
-            if message["type"] == "http.response.start":
-                state["status"] = message["status"]
-                state["first"] = time.monotonic() - started
-                if message["status"] >= 400:
-                    state["error_body"] = b""
-            elif message["type"] == "http.response.body":
-                body = message.get("body", b"")
-                if volume and 200 <= state["status"] < 300 and file_route():
-                    m.volume_bytes.labels("out").inc(len(body))
-                if state["error_body"] is not None and len(state["error_body"]) < 4096:
-                    state["error_body"] += body
-            await send(message)
-
+def record(m: Metrics, scope, status: int, first: float | None, total: float,
+           error_body: bytes | None) -> None:
+    """Account one finished request by the route it matched (FastAPI puts it in
+    scope["route"]): `first` is the time to the response's start, `error_body` the first bytes
+    of an error answer (None for a success)."""
+    route = getattr(scope.get("route"), "path", "")
+    method = scope.get("method")
+    ok = 200 <= status < 400
+    if route == "/sandboxes" and method == "POST":
+        m.creations.labels("ok" if ok else "error").inc()
+        if ok:
+            m.create_seconds.observe(total)
+    elif route == "/sandboxes/{sandbox_id}/exec" and ok:
+        m.exec_seconds.observe(first or total)
+    elif route.startswith("/sandboxes/{sandbox_id}/fs/"):
+        op = route.split("/fs/", 1)[1].replace("/{handle}", "")
+        m.file_seconds.labels(f"{method.lower()} {op}").observe(total)
+    elif route == "/images" and method == "POST" and ok:
+        m.build_seconds.observe(total)
+    if error_body is not None:
+        kind = "HTTPError"
         try:
-            await self.app(scope, counting_receive, measuring_send)
-        finally:
-            self._record(scope, state, time.monotonic() - started)
-
-    def _record(self, scope, state, total: float) -> None:
-        m = self.metrics
-        route = getattr(scope.get("route"), "path", "")
-        method = scope.get("method")
-        ok = 200 <= state["status"] < 400
-        if route == "/sandboxes" and method == "POST":
-            m.creations.labels("ok" if ok else "error").inc()
-            if ok:
-                m.create_seconds.observe(total)
-        elif route == "/sandboxes/{sandbox_id}/exec" and ok:
-            m.exec_seconds.observe(state["first"] or total)
-        elif route.startswith("/sandboxes/{sandbox_id}/fs/"):
-            op = route.split("/fs/", 1)[1].replace("/{handle}", "")
-            m.file_seconds.labels(f"{method.lower()} {op}").observe(total)
-        elif route == "/images" and method == "POST" and ok:
-            m.build_seconds.observe(total)
-        if state["error_body"] is not None:
-            kind = "HTTPError"
-            try:
-                kind = json.loads(state["error_body"])["error"]["type"]
-            except (ValueError, KeyError, TypeError):
-                pass
-            m.errors.labels(kind).inc()
+            kind = json.loads(error_body)["error"]["type"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        m.errors.labels(kind).inc()

@@ -48,7 +48,7 @@ class ImageStep(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     op: Literal["apt_install", "pip_install", "uv_pip_install", "run_commands", "add_local",
-                "env", "workdir", "entrypoint", "user"]
+                "copy_from", "env", "workdir", "entrypoint", "user"]
     packages: list[str] | None = None
     index_url: str | None = None
     extra_index_url: str | None = None
@@ -67,6 +67,11 @@ class ImageStep(BaseModel):
     requirements: list[str] | None = Field(None, description="contents of requirements files")
     uv_version: str | None = None
     nonce: str | None = Field(None, description="force_build: a new value rebuilds the step")
+    # copy_from (a Dockerfile's COPY --from): files of another image of this server
+    image_id: str | None = Field(None, description="copy_from: the image to copy from")
+    srcs: list[str] | None = Field(None, description="copy_from: paths in that image")
+    dest: str | None = Field(None, description="copy_from: absolute destination")
+    chown: str | None = Field(None, description="copy_from: USER[:GROUP] of the copies")
 
 
 class ImageRecipe(BaseModel):
@@ -379,3 +384,19 @@ class SandboxDetail(BaseModel):
     resources: dict
     mounts: list[dict]
     env_keys: list[str] = Field(description="names only: values may be secrets")
+
+
+# --- memory snapshots (Modal's SandboxSnapshot)
+class MemorySnapshotInfo(BaseModel):
+    snapshot_id: str = Field(description="sn-...")
+    sandbox_id: str = Field(description="the sandbox it was taken of")
+    created_at: float
+    expires_at: float = Field(description="removed after this (SHOAL_MEMORY_SNAPSHOT_TTL, "
+                                          "default 7 days, as Modal)")
+
+
+class RestoreMemorySnapshot(BaseModel):
+    keep_name: bool = Field(True, description="take the snapshotted sandbox's name (Modal's "
+                                              "default); false: `name`")
+    name: Name | None = Field(None, description="with keep_name=false: the new sandbox's name, "
+                                                "or null for none")

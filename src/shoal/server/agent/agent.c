@@ -36,6 +36,12 @@ static int g_sig_fd = -1;
  * connection, so the listener does not stay readable and spin the loop. */
 static int g_reserve_fd = -1;
 static struct ev g_sig_ev = {EV_SIGNAL, NULL};
+/* QUIESCE (PROTOCOL.md "Checkpoints"): the socket path, to listen again; a quiesce asked for
+ * (done at the loop top, once the OK is sent); and while quiesced, when to listen again anyway. */
+static const char *g_sock_path;
+static bool g_quiesce_pending;
+static uint64_t g_quiesce_ms;
+static uint64_t g_relisten_at; /* 0: not quiesced */
 
 /* Signals forwarded to the entry-point's process group (PROTOCOL.md "Starting"). */
 static const int g_forward[] = {SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2};
@@ -367,6 +373,8 @@ static void h_hello(struct conn *c, const struct msg *m)
     fr_end(c, s);
 }
 
+static void h_quiesce(struct conn *c, const struct msg *m);
+
 typedef void (*handler_fn)(struct conn *, const struct msg *);
 
 static handler_fn handler_for(uint8_t type)
@@ -399,6 +407,7 @@ static handler_fn handler_for(uint8_t type)
     case SA_T_WATCH: return h_watch;
     case SA_T_UNWATCH: return h_unwatch;
     case SA_T_PROBE_TCP: return h_probe_tcp;
+    case SA_T_QUIESCE: return h_quiesce;
     default: return NULL;
     }
 }
@@ -615,6 +624,9 @@ static void start_entry(char **argv, long uid, long gid)
             die_msg(argv[0], ": command not found", "", 127);
         die_msg(argv[0], ": ", strerror(e), e == ENOENT ? 127 : 126);
     }
+    /* Also here, not only in the child: a signal forwarded to the group before the child got
+     * to its own setpgid would find no group (ESRCH) and be lost. */
+    setpgid(pid, pid);
     close(out[1]);
     close(err[1]);
     g_entry.pid = pid;
@@ -639,6 +651,8 @@ static int status_code(int status)
 
 /* ---------------------------------------------------------------- signals */
 
+static void relisten(void);
+
 static void on_signal(void)
 {
     struct signalfd_siginfo si;
@@ -646,6 +660,10 @@ static void on_signal(void)
         int sig = (int)si.ssi_signo;
         if (sig == SIGCHLD)
             continue; /* reaped below, whatever the count of coalesced signals */
+        if (sig == SA_SIGNAL_RELISTEN) {
+            relisten(); /* the host's, after a checkpoint or a restore; never forwarded */
+            continue;
+        }
         if (g_entry.pid > 0) {
             kill(-g_entry.pid, sig);
         } else if (sig == SIGTERM || sig == SIGINT) {
@@ -685,6 +703,8 @@ static void setup_signals(void)
         signal(g_forward[i], noop_handler);
         sigaddset(&set, g_forward[i]);
     }
+    signal(SA_SIGNAL_RELISTEN, noop_handler);
+    sigaddset(&set, SA_SIGNAL_RELISTEN);
     sigprocmask(SIG_BLOCK, &set, NULL);
     g_sig_fd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
     if (g_sig_fd < 0 || ep_add(g_sig_fd, EPOLLIN, &g_sig_ev) < 0) {
@@ -695,18 +715,19 @@ static void setup_signals(void)
 
 /* ---------------------------------------------------------------- start-up */
 
-static void listen_on(const char *path)
+/* Listens on `path`; false (with a message on stderr, the host's log) when it cannot. */
+static bool listen_on(const char *path)
 {
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
     if (strlen(path) >= sizeof sa.sun_path) {
         fprintf(stderr, "shoal-agent: socket path too long: %s\n", path);
-        exit(125);
+        return false;
     }
     strcpy(sa.sun_path, path);
     g_listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (g_listen_fd < 0) {
         perror("shoal-agent: socket");
-        exit(125);
+        return false;
     }
     /* Whatever the sandbox left at the path (a file, a symlink, a stale socket) is replaced;
      * unlink never follows a symlink. */
@@ -716,10 +737,58 @@ static void listen_on(const char *path)
     umask(old);
     if (rc < 0 || listen(g_listen_fd, 8) < 0) {
         fprintf(stderr, "shoal-agent: cannot listen on %s: %s\n", path, strerror(errno));
-        exit(125);
+        close(g_listen_fd);
+        g_listen_fd = -1;
+        return false;
     }
     chmod(path, 0600);
     ep_add(g_listen_fd, EPOLLIN, &g_listen_ev);
+    return true;
+}
+
+/* ---------------------------------------------------------------- checkpoints (QUIESCE) */
+
+/* gVisor cannot checkpoint a sandbox that holds a Unix socket bound on (or connected to) the
+ * host, which the listening socket and every host connection are. QUIESCE answers OK, and at
+ * the next loop top closes every connection and the listener; exec sessions, their processes
+ * and output stay. The host then checkpoints, and sends RELISTEN (to this sandbox and to one
+ * restored from the checkpoint); TIMEOUT_MS later the agent listens again on its own. */
+static void h_quiesce(struct conn *c, const struct msg *m)
+{
+    int64_t t = 30000;
+    if (msg_int(m, SA_TAG_TIMEOUT_MS, &t) < 0 || t <= 0 || t > 3600000) {
+        reply_err(c, m->id, EINVAL, "TIMEOUT_MS must be between 1 and 3600000");
+        return;
+    }
+    reply_ok(c, m->id);
+    g_quiesce_pending = true;
+    g_quiesce_ms = (uint64_t)t;
+}
+
+static void quiesce_now(void)
+{
+    g_quiesce_pending = false;
+    for (int i = 0; i < SA_LIMIT_MAX_CONNECTIONS; i++)
+        if (g_conns[i])
+            g_conns[i]->dead = true;
+    conn_finish_dead(); /* the OK, if the socket takes it now */
+    conns_reap_dead();
+    if (g_listen_fd >= 0) {
+        ep_del(g_listen_fd);
+        close(g_listen_fd);
+        g_listen_fd = -1;
+        (void)unlink(g_sock_path);
+    }
+    g_relisten_at = now_ms() + g_quiesce_ms;
+}
+
+static void relisten(void)
+{
+    if (!g_relisten_at)
+        return; /* not quiesced: nothing to do (anyone in the sandbox may send the signal) */
+    g_relisten_at = 0;
+    if (!listen_on(g_sock_path))
+        g_relisten_at = now_ms() + 1000; /* the sandbox keeps running; try again */
 }
 
 static void usage(void)
@@ -793,7 +862,9 @@ int main(int argc, char **argv)
     }
     setup_signals();
     exec_init();
-    listen_on(sock);
+    g_sock_path = sock;
+    if (!listen_on(sock))
+        return 125;
     if (i < argc)
         start_entry(argv + i, uid, gid);
 
@@ -808,6 +879,17 @@ int main(int argc, char **argv)
         conn_flush_all();
         conn_finish_dead();
         conns_reap_dead();
+        if (g_quiesce_pending)
+            quiesce_now();
+        if (g_relisten_at) {
+            if (now_ms() >= g_relisten_at) {
+                relisten();
+            } else {
+                int left = (int)(g_relisten_at - now_ms());
+                if (timeout < 0 || left < timeout)
+                    timeout = left;
+            }
+        }
 
         int n = epoll_wait(g_epfd, evs, 64, timeout);
         if (n < 0 && errno != EINTR) {

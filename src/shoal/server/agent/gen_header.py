@@ -36,6 +36,10 @@ def render(proto: dict) -> str:
     for enum, members in proto["enums"].items():
         for name, value in members.items():
             lines.append(f"#define SA_{enum}_{name} {int(value)}")
+    lines.append("")
+    for name, value in proto.get("signals", {}).items():
+        if not name.startswith("_"):
+            lines.append(f"#define SA_SIGNAL_{name} {int(value)}")
     lines += ["", "#endif", ""]
     return "\n".join(lines)
 

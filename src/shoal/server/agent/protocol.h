@@ -51,6 +51,7 @@
 #define SA_T_EVENT 51
 #define SA_T_UNWATCH 52
 #define SA_T_PROBE_TCP 60
+#define SA_T_QUIESCE 70
 
 #define SA_TAG_VERSION 1
 #define SA_TAG_AGENT 2
@@ -131,5 +132,7 @@
 #define SA_FLAGS_TRUNCATE 8
 #define SA_FLAGS_APPEND 16
 #define SA_FLAGS_EXCLUSIVE 32
+
+#define SA_SIGNAL_RELISTEN 30
 
 #endif

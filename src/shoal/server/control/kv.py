@@ -30,6 +30,7 @@ class KvService:
     def __init__(self, store: KvStore, lease_ttl: float = LEASE_TTL):
         self.store = store
         self.lease_ttl = lease_ttl
+        self.started = time.time()  # leases run on from here after a restart (volumes.py)
         self.changed: dict[str, asyncio.Condition] = {}  # per queue id: notified on put and get
         self.tasks = TaskSet()  # the wake-ups of _notify; drained at shutdown
 
@@ -77,7 +78,8 @@ class KvService:
     def reap(self) -> None:
         """Ephemeral objects whose client stopped heart-beating; expired queue items."""
         now = time.time()
-        for obj_id in self.store.expired(now):
+        cutoff = now if now >= self.started + self.lease_ttl else 0.0  # none in the grace time
+        for obj_id in self.store.expired(cutoff):
             self.store.remove(obj_id)
             self._notify(obj_id, forget=True)
         self.store.queue_expire(now)
@@ -130,15 +132,17 @@ class KvService:
     async def queue_put(self, queue_id: str, values: list[bytes], partition: str | None,
                         partition_ttl: float, timeout: float | None) -> None:
         """Append `values`; if the queue is full, wait up to `timeout` (None: not at all) for
-        room, then ResourceExhaustedError."""
-        self.get("queue", queue_id)
+        room, then ResourceExhaustedError. The store is called in worker threads (as the sync
+        routes do), never on the loop."""
+        await asyncio.to_thread(self.get, "queue", queue_id)
         part = _partition(partition)
         for v in values:
             _bound(v, MAX_QUEUE_VALUE, "a Queue item")
         deadline = time.monotonic() + min(timeout or 0, MAX_WAIT)
         cond = self._cond(queue_id)
         async with cond:
-            while self.store.queue_len(queue_id, None, time.time()) + len(values) > MAX_QUEUE_ITEMS:
+            while await asyncio.to_thread(self.store.queue_len, queue_id, None, time.time()) \
+                    + len(values) > MAX_QUEUE_ITEMS:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise ResourceExhaustedError(
@@ -148,13 +152,13 @@ class KvService:
                 except TimeoutError:
                     pass
             expires = time.time() + partition_ttl if partition is not None else None
-            self.store.queue_put(queue_id, part, values, expires)
+            await asyncio.to_thread(self.store.queue_put, queue_id, part, values, expires)
             cond.notify_all()
 
     async def queue_get(self, queue_id: str, n: int, partition: str | None,
                         timeout: float) -> list[bytes]:
         """Up to `n` items, waiting up to `timeout` seconds (at most MAX_WAIT) for the first."""
-        self.get("queue", queue_id)
+        await asyncio.to_thread(self.get, "queue", queue_id)
         if n < 1:
             raise InvalidError(f"n_values must be at least 1, got {n}")
         part = _partition(partition)
@@ -162,12 +166,12 @@ class KvService:
         cond = self._cond(queue_id)
         async with cond:
             while True:
-                got = self.store.queue_take(queue_id, part, n, time.time())
+                got = await asyncio.to_thread(self.store.queue_take, queue_id, part, n, time.time())
                 if got:
                     cond.notify_all()
                     return got
                 left = deadline - time.monotonic()
-                if left <= 0 or self.store.get("queue", queue_id) is None:
+                if left <= 0 or await asyncio.to_thread(self.store.get, "queue", queue_id) is None:
                     return []
                 try:
                     await asyncio.wait_for(cond.wait(), left)

@@ -22,9 +22,11 @@ import os
 import posixpath
 import re
 import secrets
+import shutil
 import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from shoal.exception import (AlreadyExistsError, ExecutionError, InvalidError, NotFoundError,
                              SandboxTerminatedError)
@@ -39,7 +41,8 @@ from shoal.server.models import CreateSandbox, ExecRequest, Resources
 from shoal.server.names import check_name
 from shoal.server.storage.state import WriteConflict
 from shoal.server.network import TunnelInfo, validate_policy
-from shoal.server.storage.state import MountRecord, SandboxRecord, StateStore
+from shoal.server.storage.state import (MemorySnapshotRecord, MountRecord, SandboxRecord,
+                                        StateStore)
 from shoal.server.tasks import AsyncStore, TaskSet
 
 log = logging.getLogger("shoal.sandboxes")
@@ -56,6 +59,9 @@ ENDED_RETENTION = float(os.environ.get("SHOAL_ENDED_RETENTION", 60))
 STREAMS = ("stdout", "stderr")
 NODE = os.uname().nodename  # recorded with each sandbox: the machine that runs it
 DEFAULT_POLICY = validate_policy(False, None)  # Modal's default: outbound network, no ports
+# seconds a memory snapshot is kept after it was taken (Modal: 7 days, not extendable)
+MEMORY_SNAPSHOT_TTL = float(os.environ.get("SHOAL_MEMORY_SNAPSHOT_TTL", 7 * 24 * 3600))
+KEEP_NAME = object()  # restore: the snapshotted sandbox's name (Modal's default)
 
 
 def check_workdir(path: str) -> str:
@@ -71,6 +77,13 @@ def check_abs_path(path: str, what: str) -> str:
     if "\x00" in path or ".." in path.split("/"):
         raise InvalidError(f"{what} {path!r} must not contain '..' or NUL")
     return posixpath.normpath(path)
+
+
+def _limits(r: Resources) -> Limits:
+    """A request's resources as the host's limits (the defaults filled in)."""
+    return Limits(memory_mib=r.memory_limit or max(default_memory_mib(), r.memory or 0),
+                  cpu=r.cpu_limit, cpu_request=r.cpu, memory_request_mib=r.memory,
+                  pids=r.pids or Limits.pids, disk_mib=r.ephemeral_disk)
 
 
 def exec_sandbox(exec_id: str) -> str:
@@ -108,6 +121,36 @@ class ExecRecord:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     returncode: int | None = None
     timed_out: bool = False
+
+
+_EXEC_MODES = {"pipe": "pipe", "devnull": "null"}
+
+
+def _check_exec_request(req: ExecRequest) -> None:
+    """What exec() refuses whatever the sandbox's state (InvalidError)."""
+    if not req.args or not all(isinstance(a, str) and "\x00" not in a for a in req.args):
+        raise InvalidError("exec needs at least one argument, all strings without NUL bytes")
+    if req.workdir is not None:
+        check_workdir(req.workdir)
+    if req.timeout is not None and req.timeout <= 0:
+        raise InvalidError(f"timeout must be positive, got {req.timeout}")
+    if req.stdout not in _EXEC_MODES or req.stderr not in (*_EXEC_MODES, "stdout"):
+        raise InvalidError("stdout must be 'pipe' or 'devnull'; stderr 'pipe', 'devnull' or "
+                           "'stdout'")
+    for k, v in req.env.items():
+        if not k or "=" in k or "\x00" in k or "\x00" in v:
+            raise InvalidError(f"invalid environment variable {k!r}")
+    if (req.pty_rows is None) != (req.pty_cols is None):
+        raise InvalidError("a pty needs both pty_rows and pty_cols")
+
+
+def _claim_key(store: StateStore, key: str, path: str, exec_id: str):
+    """In the store's thread: the stored answer of `key`, or None after storing `exec_id` as
+    its answer."""
+    done = store.idempotent_get(key)
+    if done is None:
+        store.idempotent_put(key, "POST", path, 0, exec_id.encode(), "exec-id", time.time())
+    return done
 
 
 class SandboxService:
@@ -369,12 +412,7 @@ class SandboxService:
         hspec = SandboxSpec(
             id=sid, layers=layers, args=args, env=env, workdir=workdir or "/",
             user=image.config.user,
-            limits=Limits(memory_mib=req.resources.memory_limit or max(
-                              default_memory_mib(), req.resources.memory or 0),
-                          cpu=req.resources.cpu_limit, cpu_request=req.resources.cpu,
-                          memory_request_mib=req.resources.memory,
-                          pids=req.resources.pids or Limits.pids,
-                          disk_mib=req.resources.ephemeral_disk),
+            limits=_limits(req.resources),
             mounts=[Mount(str(self.volumes.storage.host_path(v.id)), posixpath.normpath(m.path),
                           m.read_only) for m, v in vols],
             network=policy, runtime=runtime)
@@ -386,15 +424,9 @@ class SandboxService:
             elif workdir and workdir != (image.config.workdir or "/"):
                 await self.host.mkdir(sid, workdir, True, True)  # as runc does for a new one
         except BaseException as e:
-            live.end_reason = "failed-to-start"
-            live.exited.set()
-            await self._finalize(live, HostEvent(sid, "exited", None))
-            if isinstance(e, HostError):
-                raise ExecutionError(str(e)) from None
+            await self._failed_to_start(live, e)
             if isinstance(e, ValueError):
                 raise InvalidError(f"image {image.id}: {e}") from None
-            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-                raise InvalidError(str(e.strerror or e)) from None  # the host lacks the room
             raise
         self._arm(live, rec.deadline)
         self._start_probe(live, req.readiness_probe)
@@ -402,6 +434,18 @@ class SandboxService:
             "event": "sandbox.created", "sandbox_id": sid, "app_id": req.app_id,
             "image_id": image.id, "pooled": pooled is not None})
         return self.get(sid)
+
+    async def _failed_to_start(self, live, e: BaseException) -> None:
+        """End a sandbox the host could not start (nothing of it is left), and raise what the
+        client should see for the host's errors; returns for the others, which the caller
+        raises or translates."""
+        live.end_reason = "failed-to-start"
+        live.exited.set()
+        await self._finalize(live, HostEvent(live.id, "exited", None))
+        if isinstance(e, HostError):
+            raise ExecutionError(str(e)) from None
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise InvalidError(str(e.strerror or e)) from None  # the host lacks the room
 
     def _arm(self, live: LiveSandbox, deadline: float | None) -> None:
         if deadline is not None:
@@ -587,39 +631,38 @@ class SandboxService:
                    idempotency_key: str | None = None) -> ExecRecord:
         """Start a command. With `idempotency_key`, a repeated request returns the command the
         first one started (its id is stored before the command starts), never a second run."""
+        eid = None
         if idempotency_key is not None:
-            done = await self.astore.idempotent_get(idempotency_key)
+            live = self.live.get(sandbox_id)
+            if live is not None and not live.exited.is_set() and not req.secret_ids:
+                # The usual case in one store call: the key is looked up and, if new, stored
+                # with the new command's id. A request this exec() refuses is refused the same
+                # way on every attempt, so it is checked first and stores nothing.
+                _check_exec_request(req)
+                eid = self._new_exec_id(sandbox_id)
+                done = await self.astore.run(_claim_key, self.store, idempotency_key,
+                                             f"exec:{sandbox_id}", eid)
+            else:
+                done = await self.astore.idempotent_get(idempotency_key)
             if done is not None:
                 if done[1] != f"exec:{sandbox_id}":
                     raise InvalidError("this Idempotency-Key was used for another request")
                 return self.get_exec(done[3].decode())
         live = self._running(sandbox_id)
-        if not req.args or not all(isinstance(a, str) and "\x00" not in a for a in req.args):
-            raise InvalidError("exec needs at least one argument, all strings without NUL bytes")
-        if req.workdir is not None:
-            check_workdir(req.workdir)
-        if req.timeout is not None and req.timeout <= 0:
-            raise InvalidError(f"timeout must be positive, got {req.timeout}")
-        modes = {"pipe": "pipe", "devnull": "null"}
-        if req.stdout not in modes or req.stderr not in (*modes, "stdout"):
-            raise InvalidError("stdout must be 'pipe' or 'devnull'; stderr 'pipe', 'devnull' or "
-                               "'stdout'")
-        for k, v in req.env.items():
-            if not k or "=" in k or "\x00" in k or "\x00" in v:
-                raise InvalidError(f"invalid environment variable {k!r}")
+        _check_exec_request(req)
+        modes = _EXEC_MODES
         env = {**live.env, **(await self.astore.run(self._secret_env, req.secret_ids)
                               if req.secret_ids else {}), **req.env}
         workdir = req.workdir or live.workdir or "/"
-        eid = self._new_exec_id(sandbox_id)
-        if idempotency_key is not None:
-            await self.astore.idempotent_put(idempotency_key, "POST", f"exec:{sandbox_id}", 0,
-                                             eid.encode(), "exec-id", time.time())
+        if eid is None:
+            eid = self._new_exec_id(sandbox_id)
+            if idempotency_key is not None:
+                await self.astore.idempotent_put(idempotency_key, "POST", f"exec:{sandbox_id}",
+                                                 0, eid.encode(), "exec-id", time.time())
         live.touch()
         stderr = "stdout" if req.stderr == "stdout" else modes[req.stderr]
         # --- pty (operations): everything the process writes arrives on stdout
         pty = None
-        if (req.pty_rows is None) != (req.pty_cols is None):
-            raise InvalidError("a pty needs both pty_rows and pty_cols")
         if req.pty_rows is not None:
             pty = (req.pty_rows, req.pty_cols)
             stderr = "stdout"
@@ -786,6 +829,7 @@ class SandboxService:
             if (rec is None and startup) or (rec is not None and rec.state != "running"
                                              and (rec.ended_at or 0) < cutoff):
                 await self.host.forget(sid)
+        await self.expire_memory_snapshots(startup=startup)  # the same minutely upkeep
 
     async def tunnels(self, sandbox_id: str) -> dict[int, TunnelInfo]:
         self._running(sandbox_id)
@@ -793,9 +837,11 @@ class SandboxService:
             return await self.host.tunnels(sandbox_id)
 
     def layers_in_use(self) -> tuple[set[str], set[str]]:
-        """(layer ids, image ids) of running sandboxes: never pruned or removed."""
+        """(layer ids, image ids) of running sandboxes and of memory snapshots (a restore stacks
+        the snapshot's files on the same layers): never pruned or removed."""
         layers, images = set(), set()
-        for rec in self.store.sandbox_list(state="running"):
+        for rec in [*self.store.sandbox_list(state="running"),
+                    *self.store.memory_snapshot_list()]:
             layers.update(rec.spec.get("layers") or [])
             if rec.spec.get("image_id"):
                 images.add(rec.spec["image_id"])
@@ -805,3 +851,134 @@ class SandboxService:
         ids = list(self.live)
         await asyncio.gather(*(self._stop(i, "terminated") for i in ids), return_exceptions=True)
         return len(ids)
+
+    # --- memory snapshots (Modal's Sandbox._experimental_snapshot / _experimental_from_snapshot)
+    memory_snapshots: Path | None = None  # <home>/memory-snapshots: set by the app
+
+    def _memory_snapshot_dir(self, snapshot_id: str) -> Path:
+        if self.memory_snapshots is None:
+            raise InvalidError("this server keeps no memory snapshots")
+        return self.memory_snapshots / snapshot_id
+
+    async def snapshot_memory(self, sandbox_id: str) -> MemorySnapshotRecord:
+        """Save the running sandbox — processes, memory, files — as a memory snapshot; the
+        sandbox keeps running. Only gVisor sandboxes without a network can be saved (runc has no
+        working CRIU here; gVisor cannot save host-network sockets): InvalidError otherwise."""
+        live = self._running(sandbox_id)
+        rec = await self.aget(sandbox_id)
+        spec = rec.spec
+        if (spec.get("runtime") or "runc") != "gvisor":
+            raise InvalidError(
+                f"sandbox {sandbox_id} runs under runc, which cannot save memory: memory "
+                "snapshots need Sandbox.create(..., experimental_options={'runtime': 'gvisor'}, "
+                "block_network=True)")
+        if not spec.get("block_network"):
+            raise InvalidError(
+                f"sandbox {sandbox_id} has a network, and gVisor cannot save host-network "
+                "sockets: memory snapshots need Sandbox.create(..., block_network=True)")
+        if spec.get("bucket_mounts"):
+            raise InvalidError(f"sandbox {sandbox_id} has cloud bucket mounts, which memory "
+                               "snapshots cannot restore; use a Volume")
+        live.touch()
+        snapshot_id = new_id("sn")
+        dest = self._memory_snapshot_dir(snapshot_id)
+        dest.parent.mkdir(mode=0o700, exist_ok=True)
+        started = time.monotonic()
+        try:
+            with self._gone_as_terminated(sandbox_id):
+                await self.host.snapshot_memory(sandbox_id, dest)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, dest, True)
+            raise
+        now = time.time()
+        snap = MemorySnapshotRecord(snapshot_id, sandbox_id, rec.app_id, spec, now,
+                                    now + MEMORY_SNAPSHOT_TTL)
+        await self.astore.memory_snapshot_insert(snap)
+        log.info("memory snapshot %s of %s taken", snapshot_id, sandbox_id, extra={
+            "event": "sandbox.memory_snapshot", "sandbox_id": sandbox_id,
+            "snapshot_id": snapshot_id, "seconds": round(time.monotonic() - started, 3)})
+        return snap
+
+    async def memory_snapshot(self, snapshot_id: str) -> MemorySnapshotRecord:
+        """The snapshot's record; NotFoundError for an unknown or expired one."""
+        snap = None
+        if re.fullmatch(r"sn-[0-9a-f]{22}", snapshot_id or ""):
+            snap = await self.astore.memory_snapshot_get(snapshot_id)
+        if snap is None or snap.expires_at <= time.time():
+            raise NotFoundError(f"memory snapshot {snapshot_id!r} not found (snapshots are kept "
+                                f"{MEMORY_SNAPSHOT_TTL / 86400:g} days after they are taken)")
+        return snap
+
+    async def restore_memory_snapshot(self, snapshot_id: str, name=KEEP_NAME) -> SandboxRecord:
+        """A new sandbox that continues from the snapshot: its processes, memory and files as
+        they were, with the snapshotted sandbox's image, env, limits, volumes and timeout (from
+        now). `name`: KEEP_NAME (the snapshotted sandbox's; AlreadyExistsError while a running
+        sandbox of the app has it), None, or a new name."""
+        snap = await self.memory_snapshot(snapshot_id)
+        spec = dict(snap.spec)
+        req = CreateSandbox.model_validate({k: spec[k] for k in CreateSandbox.model_fields
+                                            if k in spec})
+        name = req.name if name is KEEP_NAME else name
+        if name is not None:
+            check_name(name, "sandbox")
+        runtime = self._runtime("gvisor")
+        if await self.astore.app_get(snap.app_id) is None:
+            raise NotFoundError(f"app {snap.app_id} of the snapshot no longer exists")
+        if name and await self.astore.sandbox_running_by_name(snap.app_id, name):
+            raise AlreadyExistsError(
+                f"a running sandbox named {name!r} already exists in this app (the snapshotted "
+                "one?): restore with name=None or another name")
+        vols = [(m, await self.astore.run(self.volumes.get, m.volume_id)) for m in req.mounts]
+        layers = await self.images.mount_layers(self.images.manifest(spec["image_id"]))
+        sid = new_id("sb")
+        now = time.time()
+        rec = SandboxRecord(id=sid, app_id=snap.app_id, name=name, state="running",
+                            spec={**spec, "name": name, "restored_from": snapshot_id},
+                            created_at=now, deadline=now + req.timeout, tags=dict(req.tags),
+                            runtime=runtime, node=NODE)
+        try:
+            await self.astore.sandbox_insert(
+                rec, [MountRecord(sid, v.id, posixpath.normpath(m.path), m.read_only)
+                      for m, v in vols])
+        except WriteConflict as e:
+            raise AlreadyExistsError(str(e)) from None
+        live = LiveSandbox(sid, idle_timeout=req.idle_timeout, env=spec.get("env") or {},
+                           workdir=spec.get("workdir"))
+        self.live[sid] = live
+        hspec = SandboxSpec(
+            id=sid, layers=layers, args=list(req.args), env=spec.get("env") or {},
+            workdir=spec.get("workdir") or "/", user=spec.get("user"),
+            limits=_limits(req.resources),
+            mounts=[Mount(str(self.volumes.storage.host_path(v.id)), posixpath.normpath(m.path),
+                          m.read_only) for m, v in vols],
+            network=None, runtime=runtime)
+        started = time.monotonic()
+        try:
+            await self.host.create_from_snapshot(hspec, self._memory_snapshot_dir(snapshot_id))
+        except BaseException as e:
+            await self._failed_to_start(live, e)
+            raise
+        self._arm(live, rec.deadline)
+        self._start_probe(live, req.readiness_probe)
+        log.info("sandbox %s restored from %s", sid, snapshot_id, extra={
+            "event": "sandbox.created", "sandbox_id": sid, "app_id": snap.app_id,
+            "image_id": spec["image_id"], "snapshot_id": snapshot_id,
+            "seconds": round(time.monotonic() - started, 3)})
+        return self.get(sid)
+
+    async def expire_memory_snapshots(self, now: float | None = None,
+                                      startup: bool = False) -> int:
+        """Remove snapshots past their expiry (and, at start, directories no row knows: a crash
+        during a snapshot). Returns how many were removed."""
+        if self.memory_snapshots is None:
+            return 0
+        now = time.time() if now is None else now
+        rows = await self.astore.memory_snapshot_list()
+        gone = [r.id for r in rows if r.expires_at <= now]
+        if startup and self.memory_snapshots.is_dir():
+            known = {r.id for r in rows}
+            gone += [p.name for p in self.memory_snapshots.iterdir() if p.name not in known]
+        for snapshot_id in gone:
+            await asyncio.to_thread(shutil.rmtree, self.memory_snapshots / snapshot_id, True)
+            await self.astore.memory_snapshot_remove(snapshot_id)
+        return len(gone)

@@ -52,6 +52,9 @@ class VolumeService:
         self.store = store
         self.storage = storage
         self.lease_ttl = lease_ttl
+        # Leases run on from this server's start, not from the last beat a crashed server saw:
+        # its clients could not beat while no server ran.
+        self.started = time.time()
         self.batches: dict[str, Batch] = {}  # event loop only
 
     def _label(self, kind: str) -> str:
@@ -184,7 +187,7 @@ class VolumeService:
         staged, n = await self.upload(volume_id, body, mode)
         old = batch.staged.pop(rel, None)
         if old:
-            self.storage.discard(volume_id, old)
+            await asyncio.to_thread(self.storage.discard, volume_id, old)
         batch.staged[rel] = staged
         return n
 
@@ -195,14 +198,14 @@ class VolumeService:
         count = len(batch.staged)
         try:
             if not force:
-                self._check_absent(volume_id, batch.staged)
+                await asyncio.to_thread(self._check_absent, volume_id, list(batch.staged))
             while batch.staged:
                 path, staged = next(iter(batch.staged.items()))
                 await asyncio.to_thread(self.storage.land, volume_id, staged, path, force)
                 del batch.staged[path]
         finally:
-            for staged in batch.staged.values():
-                self.storage.discard(volume_id, staged)
+            for staged in list(batch.staged.values()):
+                await asyncio.to_thread(self.storage.discard, volume_id, staged)
         return count
 
     def batch_abort(self, volume_id: str, batch_id: str) -> None:
@@ -230,7 +233,8 @@ class VolumeService:
                       if b.last_used < now - BATCH_IDLE_LIMIT]:
             self.batch_abort(batch.volume_id, batch.id)
         for rec in self.store.volume_list():
-            if rec.state == "ready" and rec.lease_expires is not None and rec.lease_expires < now:
+            if rec.state == "ready" and rec.lease_expires is not None \
+                    and max(rec.lease_expires, self.started + self.lease_ttl) < now:
                 self.store.volume_update(rec.id, state="deleting")
                 rec.state = "deleting"
             if rec.state == "deleting":

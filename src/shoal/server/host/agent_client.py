@@ -38,6 +38,8 @@ ENUMS: dict[str, dict[str, int]] = {k: dict(v) for k, v in _P["enums"].items()}
 TAG_TYPES: dict[str, str] = {k: v for k, v in _P["tag_types"].items() if not k.startswith("_")}
 REPEATED: frozenset[str] = frozenset(_P["repeated"])
 OPEN_FLAGS: dict[str, int] = ENUMS["FLAGS"]
+# Signals the host sends the agent from outside (`runsc kill ID N`): RELISTEN after QUIESCE.
+SIGNALS: dict[str, int] = {k: v for k, v in _P["signals"].items() if not k.startswith("_")}
 
 _TYPE_NAMES = {v: k for k, v in TYPES.items()}
 _TAG_NAMES = {v: k for k, v in TAGS.items()}
@@ -657,6 +659,11 @@ class AgentClient:
         """Watch `path`: an async context manager yielding (path, kind) events, kind one of
         "Create", "Modify", "Remove", "Access", "Overflow". Errors raise on entering."""
         return AgentWatch(self, path, recursive)
+
+    async def quiesce(self, timeout_ms: int = 30_000) -> None:
+        """Ask the agent to close this and every connection and its listening socket (for a
+        gVisor checkpoint); it listens again on signal RELISTEN or after `timeout_ms`."""
+        await self._ok("QUIESCE", [("TIMEOUT_MS", timeout_ms)])
 
     async def probe_tcp(self, port: int, timeout_ms: int = 1000) -> bool:
         """True when a TCP connection to 127.0.0.1:port inside the sandbox succeeds."""

@@ -211,3 +211,15 @@ class SandboxHost(Protocol):
     async def export_changes(self, sandbox_id: str, dest: Path) -> None:
         """Copy what the sandbox changed in its root filesystem, as an overlay layer (whiteouts
         for deletions), into `dest` — consistently: the sandbox is frozen meanwhile."""
+
+    # --- memory snapshots (Modal's `Sandbox._experimental_snapshot`)
+    async def snapshot_memory(self, sandbox_id: str, dest: Path) -> None:
+        """Save the running sandbox — its processes, their memory and its root filesystem's
+        changes, of one instant — into the new directory `dest`; the sandbox keeps running.
+        HostError when this host cannot (runc: no working CRIU; a sandbox with a network)."""
+
+    async def create_from_snapshot(self, spec: SandboxSpec, snapshot: Path) -> None:
+        """Like `create`, but the sandbox `spec.id` continues from `snapshot` (a directory
+        `snapshot_memory` filled) instead of starting its entrypoint: same processes and memory,
+        same files, its own id, limits, logs and stdin. `spec.layers` must be the snapshotted
+        sandbox's. Returns once its agent answers; on failure nothing is left."""

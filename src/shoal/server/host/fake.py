@@ -57,6 +57,7 @@ class FakeHost:
             "echo": _echo, "fail": _fail, "true": lambda a: (b"", b"", 0)}
         self._events: asyncio.Queue[HostEvent] = asyncio.Queue()
         self.open_ports: set[int] = set()
+        self.saved: dict[str, dict[str, bytes]] = {}  # snapshot dir -> files
 
     def _box(self, sandbox_id: str) -> _FakeSandbox:
         box = self.boxes.get(sandbox_id)
@@ -258,3 +259,21 @@ class FakeHost:
             target = dest / path.lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
+
+    # --- memory snapshots: the files and running commands' output, copied (no processes)
+    async def snapshot_memory(self, sandbox_id: str, dest: Path) -> None:
+        self.calls.append(("snapshot_memory", sandbox_id))
+        box = self._box(sandbox_id)
+        dest.mkdir(parents=True)
+        (dest / "fake").write_text(sandbox_id)
+        self.saved[str(dest)] = dict(box.files)
+
+    async def create_from_snapshot(self, spec: SandboxSpec, snapshot: Path) -> None:
+        self.calls.append(("create_from_snapshot", spec.id))
+        if self.fail_create is not None:
+            raise self.fail_create
+        files = self.saved.get(str(snapshot))
+        if files is None or not (snapshot / "fake").exists():
+            raise HostError(f"no snapshot at {snapshot}")
+        self.boxes[spec.id] = _FakeSandbox(spec, files=dict(files))
+        self.logs.add(spec.id)

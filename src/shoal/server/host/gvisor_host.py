@@ -28,15 +28,20 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from shoal.server.host import runc_files, runsc
+from shoal.server.host import agent_client, runc_files, runsc
 from shoal.server.host.agent_files import AgentFiles
+from shoal.server.host.base import HostError, RuntimeError_, SandboxGone, SandboxSpec
 from shoal.server.host.oci import ContainerSpec, build_config
-from shoal.server.host.rootfs import Rootfs
+from shoal.server.host.rootfs import Rootfs, copy_tree
 from shoal.server.host.runc import CGROUP_PARENT
-from shoal.server.host.runc_host import RuncHost, _Sandbox, reap_zombie_children
+from shoal.server.host.runc_host import (AGENT_TIMEOUT, RUN_DIR, RuncHost, _Sandbox,
+                                         reap_zombie_children)
 
 log = logging.getLogger("shoal.host.gvisor")
 MARKER = "runtime"  # sandboxes/<id>/runtime: "gvisor", so a restarted server knows the owner
+IMAGE = "image"  # in a memory snapshot's directory: runsc's checkpoint files (beside upper/)
+RELISTEN = agent_client.SIGNALS["RELISTEN"]
+QUIESCE_MS = 60_000  # the agent listens again by itself this long after QUIESCE (a lost host)
 
 
 class GvisorHost(RuncHost):
@@ -50,11 +55,74 @@ class GvisorHost(RuncHost):
 
     # --- life
     async def _start(self, cspec: ContainerSpec, bundle: Path, stdin: int, stdout: int,
-                     stderr: int) -> int:
+                     stderr: int, snapshot: Path | None = None) -> int:
         (bundle.parent / MARKER).write_text(self.name)
         config = gvisor_config(cspec)
-        return await self.runtime.start(config, cspec.id, bundle, cspec.netns_path is not None,
-                                        stdin, stdout, stderr)
+        if snapshot is None:
+            return await self.runtime.start(config, cspec.id, bundle,
+                                            cspec.netns_path is not None, stdin, stdout, stderr)
+        if cspec.netns_path is not None:
+            raise RuntimeError_("a memory snapshot restores without a network")
+        pid = await self.runtime.restore(config, cspec.id, bundle, snapshot / IMAGE, stdin,
+                                         stdout, stderr)
+        # The restored agent is quiesced, as it was when saved: it listens again now.
+        await self.runtime.signal_init(cspec.id, RELISTEN)
+        return pid
+
+    # --- memory snapshots
+    async def snapshot_memory(self, sandbox_id: str, dest: Path) -> None:
+        """Save the sandbox's processes and memory (`runsc checkpoint --leave-running`) and its
+        root filesystem's changes (the overlay's upper dir) into `dest`; the sandbox goes on.
+
+        gVisor refuses to save a Unix socket bound on or connected to the host, so the agent
+        first closes its socket and connections (QUIESCE) and listens again afterwards
+        (RELISTEN); agent calls meanwhile wait (`thawed`) and calls whose connection closed are
+        asked again (`_call`). The sandbox is paused while its upper dir is copied and its
+        memory saved, so files and memory are of the same instant."""
+        sb = self._running(sandbox_id)
+        async with sb.agent_lock:
+            if not sb.thawed.is_set():
+                raise HostError(f"sandbox {sandbox_id} is already being snapshotted")
+            sb.thawed.clear()
+            sb.snapshots += 1
+            try:
+                agent = sb.agent
+                if agent is None or agent.closed.done():
+                    agent = await agent_client.connect(sb.dir / RUN_DIR, timeout=AGENT_TIMEOUT)
+                try:
+                    await agent.quiesce(QUIESCE_MS)
+                finally:
+                    await agent.close()
+                    sb.agent = None
+                await _socket_gone(sb.dir / RUN_DIR / "agent.sock")
+                await self._save(sb, dest)
+            except (RuntimeError_, OSError, agent_client.AgentConnectionError) as e:
+                if sb.exited:
+                    raise SandboxGone(f"sandbox {sandbox_id} is not running") from None
+                raise HostError(f"memory snapshot of {sandbox_id} failed: {e}") from None
+            finally:
+                with contextlib.suppress(RuntimeError_):
+                    await self.runtime.signal_init(sandbox_id, RELISTEN)
+                sb.thawed.set()
+
+    async def _save(self, sb: _Sandbox, dest: Path) -> None:
+        await self.runtime.pause(sb.id)
+        try:
+            (dest / "upper").mkdir(parents=True)
+            await asyncio.to_thread(copy_tree, sb.rootfs.upper, dest / "upper")
+            await self.runtime.checkpoint(sb.id, dest / IMAGE)
+        finally:
+            state = await self.runtime.state(sb.id)
+            if state is not None and state.status == "paused":
+                await self.runtime.resume(sb.id)
+
+    async def create_from_snapshot(self, spec: SandboxSpec, snapshot: Path) -> None:
+        """A new sandbox `spec.id` restored from `snapshot_memory`'s `snapshot`: the saved
+        upper dir over the same image layers, its own cgroups, bundle, logs and stdin; its
+        processes go on from the saved instant. `spec` must have no network."""
+        if spec.network is not None:
+            raise HostError("a memory snapshot restores without a network (block_network)")
+        await self._create(spec, snapshot)
 
     def _hold_root(self, sb: _Sandbox) -> None:
         pass  # no host-side view of a gVisor sandbox's root: files go through the agent
@@ -172,3 +240,13 @@ def _reap_runsc_strays(keep: set[int]) -> None:
     status a pidfd watcher reads, nor a runsc command asyncio waits for."""
     reap_zombie_children(lambda comm: comm.startswith("runsc") or comm == "exe",
                          keep | runsc.OWNED)
+
+
+async def _socket_gone(path: Path, timeout: float = 5.0) -> None:
+    """Wait for the quiesced agent to remove its socket (it closes the listener first)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while path.exists() or path.is_symlink():
+        if loop.time() > deadline:
+            raise HostError("the agent did not close its socket for the snapshot")
+        await asyncio.sleep(0.002)

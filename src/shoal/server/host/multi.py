@@ -70,6 +70,15 @@ class MultiHost:
             self.owner.pop(spec.id, None)
             raise
 
+    async def create_from_snapshot(self, spec: SandboxSpec, snapshot: Path) -> None:
+        runtime = self.check(spec.runtime)
+        self.owner[spec.id] = runtime
+        try:
+            await self.hosts[runtime].create_from_snapshot(spec, snapshot)
+        except BaseException:
+            self.owner.pop(spec.id, None)
+            raise
+
     async def adopt(self, sandbox_id: str) -> bool:
         runtime = self._runtime_of(sandbox_id)
         if await self.hosts[runtime].adopt(sandbox_id):
@@ -146,5 +155,5 @@ _ROUTED = frozenset({
     "write_stdin", "read_log", "exec", "exec_read", "exec_wait", "exec_stdin", "exec_signal",
     "exec_resize", "exec_forget", "stat", "listdir", "read_file", "write_file", "mkdir",
     "remove", "rename", "watch", "handle_open", "handle_read", "handle_write", "handle_seek",
-    "handle_flush", "handle_close", "probe_tcp", "export_changes",
+    "handle_flush", "handle_close", "probe_tcp", "export_changes", "snapshot_memory",
 })

@@ -11,6 +11,7 @@ With a disk limit (`mount(..., disk=...)`), upper and work live on the sandbox's
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 from shoal.server import linux as _linux
@@ -27,9 +28,11 @@ class Rootfs:
         self.work = base / "work"
         self.merged = sandbox_dir / "rootfs"
 
-    def mount(self, lowerdirs: list[Path], disk: tuple[_disk.DiskPool, int] | None = None) -> Path:
+    def mount(self, lowerdirs: list[Path], disk: tuple[_disk.DiskPool, int] | None = None,
+              seed: Path | None = None) -> Path:
         """Mount the overlay; `lowerdirs` are ordered top layer first, as overlayfs wants them.
-        `disk`: (pool, MiB) to put upper and work on an image of that size."""
+        `disk`: (pool, MiB) to put upper and work on an image of that size. `seed`: an upper
+        dir saved earlier (a memory snapshot's), copied in before the overlay is mounted."""
         if disk is not None:
             pool, mib = disk
             pool.take(mib, self.image)
@@ -37,6 +40,8 @@ class Rootfs:
             self.upper, self.work = self.disk / "upper", self.disk / "work"
         for d in (self.upper, self.work, self.merged):
             d.mkdir(parents=True, exist_ok=True)
+        if seed is not None:
+            copy_tree(seed, self.upper)
         lower = ":".join(str(p) for p in lowerdirs)
         _linux.mount("overlay", str(self.merged), "overlay", 0,
                      f"lowerdir={lower},upperdir={self.upper},workdir={self.work}")
@@ -62,3 +67,19 @@ class Rootfs:
         for d in (self.merged, self.upper, self.work, self.disk):
             shutil.rmtree(d, ignore_errors=True)
         self.image.unlink(missing_ok=True)
+
+
+COPY_TIMEOUT = 600.0
+
+
+def copy_tree(src: Path, dest: Path) -> None:
+    """`cp -a src/. dest` (owners, modes, xattrs, overlay whiteouts and opaque dirs kept), bounded
+    by COPY_TIMEOUT. OSError when it fails. Blocking: call it from a worker thread."""
+    try:
+        r = subprocess.run(["cp", "-a", "--reflink=auto", f"{src}/.", str(dest)],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, timeout=COPY_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise OSError(f"copying {src} took over {COPY_TIMEOUT:.0f} s") from None
+    if r.returncode != 0:
+        raise OSError(f"copying {src} failed: {r.stderr.decode(errors='replace').strip()}")

@@ -66,6 +66,15 @@ class _Sandbox:
     exit_event: asyncio.Event = field(default_factory=asyncio.Event)
     memory_cgroup: Path | None = None
     user: tuple[int, int] = (0, 0)  # of the entrypoint and of commands
+    # Memory snapshots (gVisor): the agent is quiesced while `thawed` is clear; `snapshots`
+    # counts them, so a call whose connection a snapshot closed knows to try again.
+    snapshots: int = 0
+    thawed: asyncio.Event = field(default_factory=lambda: _set(asyncio.Event()))
+
+
+def _set(event: asyncio.Event) -> asyncio.Event:
+    event.set()
+    return event
 
 
 class RuncHost:
@@ -89,6 +98,12 @@ class RuncHost:
 
     # --- life
     async def create(self, spec: SandboxSpec) -> None:
+        await self._create(spec)
+
+    async def _create(self, spec: SandboxSpec, snapshot: Path | None = None) -> None:
+        """`create`; with `snapshot` (a `snapshot_memory` directory), the sandbox is restored
+        from it instead of started: its saved upper dir seeds the new overlay, and the runtime
+        restores its processes (`_start`)."""
         sdir = self.root / spec.id
         sdir.mkdir(parents=True)
         run_dir = sdir / RUN_DIR
@@ -99,7 +114,8 @@ class RuncHost:
         try:
             mib = spec.limits.disk_mib or disk.default_mib()
             self.disks.check_room(mib)
-            merged = await asyncio.to_thread(sb.rootfs.mount, spec.layers, (self.disks, mib))
+            merged = await asyncio.to_thread(sb.rootfs.mount, spec.layers, (self.disks, mib),
+                                             snapshot / "upper" if snapshot else None)
             self._refill_disks()
             # ValueError: a mount path that is a symlink, reserved or nested (mountpaths.py)
             await asyncio.to_thread(mountpaths.check_targets, merged,
@@ -124,7 +140,8 @@ class RuncHost:
             stdout = os.open(sdir / "stdout", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             stderr = os.open(sdir / "stderr", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
-                sb.pid = await self._start(cspec, sdir / "bundle", stdin_r, stdout, stderr)
+                sb.pid = await self._start(cspec, sdir / "bundle", stdin_r, stdout, stderr,
+                                           snapshot)
             except RuntimeError_ as e:
                 detail = (sdir / "stderr").read_text(errors="replace").strip()
                 raise HostError(f"the sandbox failed to start: {detail or e}") from None
@@ -144,9 +161,11 @@ class RuncHost:
                     os.close(fd)
 
     async def _start(self, cspec: ContainerSpec, bundle: Path, stdin: int, stdout: int,
-                     stderr: int) -> int:
+                     stderr: int, snapshot: Path | None = None) -> int:
         """Start the container; returns the pid whose exit status is the sandbox's (a hook for
-        runtimes built on this host: gvisor_host)."""
+        runtimes built on this host: gvisor_host, which also restores from `snapshot`)."""
+        if snapshot is not None:
+            raise RuntimeError_("runc cannot restore memory snapshots")
         return await self.runtime.start(cspec, bundle, stdin, stdout, stderr)
 
     async def _first_contact(self, sb: _Sandbox) -> None:
@@ -331,13 +350,22 @@ class RuncHost:
 
     async def _call(self, sandbox_id: str, method: str, *args, **kw):
         sb = self._running(sandbox_id)
-        agent = await self._agent(sb)
-        try:
-            return await getattr(agent, method)(*args, **kw)
-        except agent_client.AgentConnectionError as e:
-            if sb.exited or sandbox_id not in self.live:
-                raise SandboxGone(f"sandbox {sandbox_id} is not running") from None
-            raise HostError(f"lost the agent of sandbox {sandbox_id}: {e}") from None
+        for attempt in range(2):
+            await sb.thawed.wait()
+            snapshots = sb.snapshots
+            agent = await self._agent(sb)
+            try:
+                return await getattr(agent, method)(*args, **kw)
+            except agent_client.AgentConnectionError as e:
+                if sb.exited or sandbox_id not in self.live:
+                    raise SandboxGone(f"sandbox {sandbox_id} is not running") from None
+                if attempt == 0 and sb.snapshots != snapshots and _repeatable(method, args):
+                    continue  # a memory snapshot closed the connection: ask again
+                raise HostError(f"lost the agent of sandbox {sandbox_id}: {e}") from None
+            except FileExistsError:
+                if attempt == 1 and method == "exec":
+                    return None  # the first attempt started it before the snapshot
+                raise
 
     # --- the entrypoint's stdio
     async def write_stdin(self, sandbox_id: str, data: bytes, eof: bool) -> None:
@@ -484,6 +512,15 @@ class RuncHost:
     async def probe_tcp(self, sandbox_id: str, port: int) -> bool:
         return await self._call(sandbox_id, "probe_tcp", port, 1000)
 
+    async def snapshot_memory(self, sandbox_id: str, dest: Path) -> None:
+        self._running(sandbox_id)
+        raise HostError("runc sandboxes have no memory snapshots (CRIU does not work on this "
+                        "kernel): create the sandbox with experimental_options="
+                        "{'runtime': 'gvisor'}")
+
+    async def create_from_snapshot(self, spec: SandboxSpec, snapshot: Path) -> None:
+        raise HostError("runc cannot restore memory snapshots; they are gVisor's")
+
     async def export_changes(self, sandbox_id: str, dest: Path) -> None:
         sb = self._running(sandbox_id)
         await self.runtime.pause(sandbox_id)
@@ -508,6 +545,19 @@ class RuncHost:
         # shoal's own mount points, not the sandbox's files
         for name in (tools.MOUNT_POINT.lstrip("/"), ".shoal-build"):
             await asyncio.to_thread(shutil.rmtree, dest / name, True)
+
+
+# Agent calls that may be sent again after a memory snapshot closed their connection: asking
+# twice has the effect of asking once (reads and waits by offset, stdin at an offset, an exec
+# whose id then exists, lookups).
+_REPEATABLE = frozenset({"read", "wait", "probe_tcp", "stat", "listdir", "read_file",
+                         "list_execs", "exec"})
+
+
+def _repeatable(method: str, args: tuple) -> bool:
+    if method == "stdin":
+        return len(args) > 1 and args[1] >= 0  # an offset, not "append"
+    return method in _REPEATABLE
 
 
 def _remove_sandbox_files(sdir: Path) -> None:

@@ -33,6 +33,7 @@ from shoal.server.host.runc import CGROUP_PARENT, _bounded, remove_cgroups, run_
 BINARY = os.environ.get("SHOAL_RUNSC", "runsc")
 CALL_TIMEOUT = 30.0
 START_TIMEOUT = 60.0
+CHECKPOINT_TIMEOUT = 120.0  # a sandbox with GiBs of memory takes seconds to write out
 
 
 def installed(binary: str = BINARY) -> str | None:
@@ -42,8 +43,8 @@ def installed(binary: str = BINARY) -> str | None:
 
     path = shutil.which(binary)
     if path is None:
-        return (f"gVisor's runsc is not installed on this server (install it with "
-                f"scripts/install.sh)")
+        return ("gVisor's runsc is not installed on this server (install it with "
+                "scripts/install.sh)")
     try:
         out = subprocess.run([path, "--version"], capture_output=True, text=True,
                              timeout=10).stdout
@@ -94,6 +95,41 @@ class RunscRuntime:
 
     async def kill(self, container_id: str, signal: int = _signal.SIGKILL) -> None:
         await self._run("kill", "--all", container_id, str(int(signal)), check=False)
+
+    async def signal_init(self, container_id: str, signo: int) -> None:
+        """Send `signo` to the container's init (the agent) only."""
+        await self._run("kill", container_id, str(int(signo)))
+
+    async def checkpoint(self, container_id: str, image_path: Path) -> None:
+        """Save the sandbox's state (processes, memory, gVisor's own tmpfs mounts such as /tmp)
+        into `image_path`; `--leave-running`: the sandbox goes on. Uncompressed: the fastest
+        to write and to restore (tens of MB for an idle Python)."""
+        image_path.mkdir(parents=True, exist_ok=True)
+        await self._run("checkpoint", "--leave-running", "--compression=none",
+                        "--image-path", str(image_path), container_id,
+                        timeout=CHECKPOINT_TIMEOUT)
+
+    async def restore(self, config: dict, container_id: str, bundle: Path, image_path: Path,
+                      stdin: int, stdout: int, stderr: int) -> int:
+        """`runsc restore --detach` of a checkpoint into a new container `container_id` (its
+        own bundle, cgroups and stdio); returns the sandbox process's pid, as `start`. The
+        network is gVisor's loopback only: a checkpoint holds no host-network sockets."""
+        bundle.mkdir(parents=True, exist_ok=True)
+        (bundle / "config.json").write_text(json.dumps(config))
+        pid_file = bundle / "init.pid"
+        proc = await _exec(
+            *self._cmd("restore", "--detach", "--image-path", str(image_path), "--bundle",
+                       str(bundle), "--pid-file", str(pid_file), container_id),
+            stdin=stdin, stdout=stdout, stderr=stderr)
+        try:
+            rc = await _waited(proc, proc.wait(), START_TIMEOUT, "runsc restore")
+        except RuntimeError_:
+            self.kill_strays(container_id)
+            raise
+        if rc != 0:
+            self.kill_strays(container_id)
+            raise RuntimeError_(f"runsc restore exited with {rc}")
+        return int(pid_file.read_text())
 
     async def pause(self, container_id: str) -> None:
         await self._run("pause", container_id)

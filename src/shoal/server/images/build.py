@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import posixpath
 import re
 import secrets
 import shlex
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from shoal.server import linux as _linux
 from shoal.server.images.store import ImageConfig, ImageStore, Manifest, digest
 from shoal.server.images.unpack import unpack
 from shoal.server.host import tools
@@ -55,7 +57,10 @@ class RecipeError(ValueError):
 
 
 CONFIG_OPS = {"env", "workdir", "entrypoint", "user"}
-LAYER_OPS = {"apt_install", "pip_install", "uv_pip_install", "run_commands", "add_local"}
+LAYER_OPS = {"apt_install", "pip_install", "uv_pip_install", "run_commands", "add_local",
+             "copy_from"}
+FROM_MOUNT = f"{BUILD_MOUNT}/from"  # copy_from: the source image's files, read-only
+OWNER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(:([A-Za-z0-9_][A-Za-z0-9_.\-]*)?)?$")
 
 
 def step_command(step: dict) -> str:
@@ -104,6 +109,8 @@ def step_command(step: dict) -> str:
             raise RecipeError(f"uv_version: invalid version {step.get('uv_version')!r}")
         return (f"{prep}python3 -m pip install --no-cache-dir {shlex.quote(uv)} && "
                 f"uv pip install --system --break-system-packages --no-cache {args}{cleanup}")
+    if op == "copy_from":
+        return _copy_from_command(step)
     if op == "run_commands":
         cmds = step.get("commands") or []
         if not cmds or not all(isinstance(c, str) for c in cmds):
@@ -111,6 +118,47 @@ def step_command(step: dict) -> str:
         # Each command in its own subshell, on its own lines (a trailing comment stays inside).
         return " && ".join(f"(\n{c}\n)" for c in cmds)
     raise RecipeError(f"unknown image step {op!r}")
+
+
+def _copy_from_command(step: dict) -> str:
+    """A Dockerfile's `COPY --from=SOURCE SRC... DEST [--chown=U[:G]]`, run by busybox in the build
+    sandbox, where SOURCE's files are mounted read-only at FROM_MOUNT. As Docker: a directory's
+    contents are copied (not the directory), several sources or a DEST ending in `/` make DEST a
+    directory, and the copies belong to root unless --chown says otherwise. Symlinks in SRC are
+    followed inside the sandbox, never on the host."""
+    srcs, dest, owner = step.get("srcs") or [], step.get("dest") or "", step.get("chown")
+    if not srcs or not all(isinstance(x, str) and x and "\x00" not in x for x in srcs):
+        raise RecipeError("copy_from needs source paths")
+    if not isinstance(dest, str) or not dest.startswith("/") or "\x00" in dest:
+        raise RecipeError("copy_from needs an absolute destination")
+    if owner is not None and not (isinstance(owner, str) and OWNER_RE.match(owner)):
+        raise RecipeError(f"copy_from: invalid --chown {owner!r}")
+    bb = shlex.quote(tools.BUSYBOX)
+    into_dir = dest.endswith("/") or len(srcs) > 1
+    target = dest.rstrip("/") or "/"
+    lines = ["set -e", f"{bb} mkdir -p {shlex.quote(target if into_dir else posixpath.dirname(target))}"]
+    for src in srcs:
+        path = shlex.quote(FROM_MOUNT + posixpath.normpath("/" + src.lstrip("/")))
+        own = f"{bb} chown -hR {shlex.quote(owner)}" if owner else ""
+        file_target = f"{shlex.quote(target)}/\"$({bb} basename \"$s\")\"" if into_dir \
+            else shlex.quote(target)
+        lines += [
+            f"s={path}",
+            "if [ ! -e \"$s\" ] && [ ! -L \"$s\" ]; then",
+            f"  echo {shlex.quote(f'COPY --from: {src} is not in the source image')} >&2; exit 1",
+            "fi",
+            "if [ -d \"$s\" ]; then",  # its contents, merged into the target directory
+            f"  d={shlex.quote(target)}; {bb} mkdir -p \"$d\"; {bb} cp -a \"$s/.\" \"$d/\"",
+            *(["  for p in \"$s\"/* \"$s\"/.[!.]* \"$s\"/..?*; do",
+               "    { [ -e \"$p\" ] || [ -L \"$p\" ]; } || continue",
+               f"    {own} \"$d/$({bb} basename \"$p\")\"",
+               "  done"] if owner else []),
+            "else",
+            f"  t={file_target}; {bb} cp -a \"$s\" \"$t\"",
+            *([f"  {own} \"$t\""] if owner else []),
+            "fi",
+        ]
+    return "\n".join(lines)
 
 
 class Builder:
@@ -169,6 +217,8 @@ class Builder:
                 t = time.monotonic()
                 if step["op"] == "add_local":
                     await asyncio.to_thread(self._add_local, layer_id, parents, step)
+                elif step["op"] == "copy_from":
+                    await self._copy_from(layer_id, parents, config, step, log)
                 else:
                     await self._run_step(layer_id, parents, config, step, log)
                 log(f"{label}: done in {time.monotonic() - t:.1f} s")
@@ -191,8 +241,39 @@ class Builder:
         finally:
             self.store.discard(work)
 
+    async def _copy_from(self, layer_id: str, parents: list[str], config: ImageConfig,
+                         step: dict, log: Log) -> None:
+        """COPY --from: the source image's layers, merged read-only on the host, are mounted into
+        a build sandbox of this image, which copies from them (as root, with busybox)."""
+        source = self.store.manifest(str(step.get("image_id")))
+        if source is None:
+            raise RecipeError(f"copy_from: no image {step.get('image_id')!r} on this server")
+        lowers = await asyncio.to_thread(self.store.mount_layers, source.layers)
+        view = self.store.scratch()
+        try:
+            if len(lowers) > 1:
+                (view / "m").mkdir()
+                await asyncio.to_thread(
+                    _linux.mount, "overlay", str(view / "m"), "overlay", 1,  # MS_RDONLY
+                    "lowerdir=" + ":".join(str(p) for p in lowers))
+                files = view / "m"
+            else:
+                files = lowers[0]
+            try:
+                await self._run_step(layer_id, parents, replace(config, user=None), step, log,
+                                     extra=[Mount(str(files), FROM_MOUNT, read_only=True)],
+                                     shell=[tools.BUSYBOX, "sh"])
+            finally:
+                if files != lowers[0]:
+                    await asyncio.to_thread(_linux.umount, str(files), _linux.MNT_DETACH)
+        finally:
+            import shutil
+
+            await asyncio.to_thread(shutil.rmtree, view, True)
+
     async def _run_step(self, layer_id: str, parents: list[str], config: ImageConfig,
-                        step: dict, log: Log) -> None:
+                        step: dict, log: Log, extra: list[Mount] = (),
+                        shell: list[str] = ["/bin/sh"]) -> None:  # noqa: B006 - not mutated
         command = step_command(step)
         work = await asyncio.to_thread(self.store.scratch, "step")
         rootfs = Rootfs(work)
@@ -200,14 +281,15 @@ class Builder:
         try:
             merged = rootfs.mount(self.store.mount_layers(parents))
             try:
-                user = resolve_user(merged, config.user)
+                # A step may name its own user (a Dockerfile's COPY --chown runs as root).
+                user = resolve_user(merged, step.get("user") or config.user)
             except ValueError as e:
                 raise RecipeError(str(e)) from None
             env = {**config.env,
                    "DEBIAN_FRONTEND": "noninteractive", "PIP_ROOT_USER_ACTION": "ignore",
                    "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_BREAK_SYSTEM_PACKAGES": "1",
                    **(step.get("secret_env") or {})}
-            mounts = []
+            mounts = list(extra)
             netns = None
             if self.network is not None:
                 att = await self.network.attach(cid, Policy())
@@ -218,7 +300,7 @@ class Builder:
                 mounts.append(Mount(CA_BUNDLE, ca, read_only=True))
                 env.update({"PIP_CERT": ca, "SSL_CERT_FILE": ca, "REQUESTS_CA_BUNDLE": ca,
                             "CURL_CA_BUNDLE": ca})
-            spec = ContainerSpec(id=cid, rootfs=str(merged), args=["/bin/sh", "-c", command],
+            spec = ContainerSpec(id=cid, rootfs=str(merged), args=[*shell, "-c", command],
                                  env=env, cwd=config.workdir or "/", mounts=mounts,
                                  limits=Limits(memory_mib=8192, pids=8192),
                                  tools_dir=str(self.tools_dir), netns_path=netns, net_raw=False,
@@ -313,6 +395,9 @@ def describe(step: dict) -> str:
         return "run " + " && ".join(step.get("commands") or [])
     if op == "add_local":
         return f"add_local -> {step.get('path')}"
+    if op == "copy_from":
+        return f"copy_from {str(step.get('image_id'))[:15]} {' '.join(step.get('srcs') or [])} " \
+               f"-> {step.get('dest')}"
     if op == "env":
         return "env " + " ".join(f"{k}=..." for k in (step.get("env") or {}))
     if op == "workdir":

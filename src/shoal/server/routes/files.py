@@ -40,9 +40,19 @@ async def fs_read(sandbox_id: str, request: Request, path: str = Query(...), who
     size, chunks = await _files(request)(sandbox_id, "read_file", path,
                                          READ_LIMIT if whole else None)
     if size <= INLINE_READ:
-        # Small files, the common case for agents: answered in one write, not streamed.
-        data = b"".join([c async for c in chunks])
-        return Response(data, media_type="application/octet-stream")
+        # Small files, the common case for agents: answered in one write, not streamed, and
+        # read up to the size the file had when opened (no second read to find its end: each
+        # read is a trip to a worker thread).
+        parts, got = [], 0
+        try:
+            async for chunk in chunks:
+                parts.append(chunk)
+                got += len(chunk)
+                if got >= size:
+                    break
+        finally:
+            await chunks.aclose()
+        return Response(b"".join(parts), media_type="application/octet-stream")
     return StreamingResponse(chunks, media_type="application/octet-stream",
                              headers={"content-length": str(size)})
 

@@ -1,8 +1,8 @@
 """Operating the server: status, resource stats, apps, logs without following, terminal resize,
 a websocket terminal, metrics, recent errors, and the dashboard's static files.
 
-`install(app)` adds all of it to the application (routes, the metrics middleware, the dashboard),
-so `app.py` wires it with one call.
+`install(app)` adds all of it to the application (routes, the metrics the request layer feeds,
+the dashboard), so `app.py` wires it with one call.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from shoal.exception import Error, InvalidError, NotFoundError
 from shoal.server.host.base import HostError, SandboxGone
 from shoal.server.logs import recent_errors
-from shoal.server.metrics import Metrics, MetricsMiddleware
+from shoal.server.metrics import Metrics
 from shoal.server.models import (AppSummary, ExecRequest, ResizeBody, SandboxDetail,
                                  SandboxStatsModel, StatusInfo)
 
@@ -50,7 +50,6 @@ def install(app: FastAPI, home: Path) -> None:
     metrics.app_state = app.state
     app.state.metrics = metrics
     app.include_router(router)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.mount("/dashboard", StaticFiles(directory=DASHBOARD, html=True), name="dashboard")
 
 

@@ -7,9 +7,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
 from shoal.exception import Error, InvalidError
+from shoal.server.control.sandboxes import KEEP_NAME
 from shoal.server.models import (CreateSandbox, ExecRequest, SandboxInfo, TagsBody,
                                  WaitResult)
 from shoal.server.models import TunnelModel, TunnelsInfo
+from shoal.server.models import MemorySnapshotInfo, RestoreMemorySnapshot
 from shoal.server.storage.state import SandboxRecord
 
 router = APIRouter(tags=["sandboxes"])
@@ -192,3 +194,29 @@ async def sandbox_snapshot(sandbox_id: str, request: Request) -> dict:
 async def sandbox_tunnels(sandbox_id: str, request: Request) -> TunnelsInfo:
     found = await _svc(request).tunnels(sandbox_id)
     return TunnelsInfo(tunnels={p: TunnelModel(**vars(t)) for p, t in found.items()})
+
+
+# --- memory snapshots (Modal's Sandbox._experimental_snapshot / _experimental_from_snapshot)
+def _snapshot_info(snap) -> MemorySnapshotInfo:
+    return MemorySnapshotInfo(snapshot_id=snap.id, sandbox_id=snap.sandbox_id,
+                              created_at=snap.created_at, expires_at=snap.expires_at)
+
+
+@router.post("/sandboxes/{sandbox_id}/memory-snapshot", response_model=MemorySnapshotInfo)
+async def sandbox_memory_snapshot(sandbox_id: str, request: Request) -> MemorySnapshotInfo:
+    """Save the running sandbox's processes, memory and files; it keeps running. gVisor
+    sandboxes with block_network only (else InvalidError)."""
+    return _snapshot_info(await _svc(request).snapshot_memory(sandbox_id))
+
+
+@router.get("/memory-snapshots/{snapshot_id}", response_model=MemorySnapshotInfo)
+async def memory_snapshot_get(snapshot_id: str, request: Request) -> MemorySnapshotInfo:
+    return _snapshot_info(await _svc(request).memory_snapshot(snapshot_id))
+
+
+@router.post("/memory-snapshots/{snapshot_id}/restore", response_model=SandboxInfo)
+async def memory_snapshot_restore(snapshot_id: str, body: RestoreMemorySnapshot,
+                                  request: Request) -> SandboxInfo:
+    """A new sandbox whose processes, memory and files continue from the snapshot."""
+    name = KEEP_NAME if body.keep_name else body.name
+    return _info(await _svc(request).restore_memory_snapshot(snapshot_id, name))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from fastapi import APIRouter, Query, Request
@@ -41,6 +42,10 @@ def _register(prefix: str, kind: str) -> None:
         if volume_id is not None:
             service.get(volume_id, kind)
         return service
+
+    async def asvc(request: Request, volume_id: str):
+        """`svc` for async routes: the volume's row is read in a worker thread, not on the loop."""
+        return await asyncio.to_thread(svc, request, volume_id)
 
     def op(name: str) -> str:
         return f"{kind}_{name}"
@@ -92,7 +97,7 @@ def _register(prefix: str, kind: str) -> None:
 
     @router.put(f"/{prefix}/{{volume_id}}/file", operation_id=op("write_file"))
     async def write_file(volume_id: str, request: Request, path: str = Query(...)) -> dict:
-        n = await svc(request, volume_id).write_file(volume_id, path, request.stream())
+        n = await (await asvc(request, volume_id)).write_file(volume_id, path, request.stream())
         return {"bytes": n}
 
     @router.delete(f"/{prefix}/{{volume_id}}/file", operation_id=op("remove_file"))
@@ -124,15 +129,16 @@ def _register(prefix: str, kind: str) -> None:
     @router.put(f"/{prefix}/{{volume_id}}/batches/{{batch_id}}/file", operation_id=op("batch_put"))
     async def batch_put(volume_id: str, batch_id: str, request: Request, path: str = Query(...),
                         mode: str | None = None) -> dict:
-        n = await svc(request, volume_id).batch_put(volume_id, batch_id, path, _mode(mode),
-                                                    request.stream())
+        n = await (await asvc(request, volume_id)).batch_put(volume_id, batch_id, path,
+                                                             _mode(mode), request.stream())
         return {"bytes": n}
 
     @router.post(f"/{prefix}/{{volume_id}}/batches/{{batch_id}}/commit",
                  operation_id=op("batch_commit"))
     async def batch_commit(volume_id: str, batch_id: str, request: Request,
                            force: bool = False) -> dict:
-        return {"files": await svc(request, volume_id).batch_commit(volume_id, batch_id, force)}
+        service = await asvc(request, volume_id)
+        return {"files": await service.batch_commit(volume_id, batch_id, force)}
 
     @router.delete(f"/{prefix}/{{volume_id}}/batches/{{batch_id}}", operation_id=op("batch_abort"))
     def batch_abort(volume_id: str, batch_id: str, request: Request) -> dict:

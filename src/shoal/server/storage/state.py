@@ -62,6 +62,18 @@ class MountRecord:
 
 
 @dataclass
+class MemorySnapshotRecord:
+    """A memory snapshot of a sandbox (Modal's SandboxSnapshot): what a restore needs besides
+    the files the host saved under `<home>/memory-snapshots/<id>/`."""
+    id: str  # "sn-..."
+    sandbox_id: str  # the sandbox it was taken of
+    app_id: str
+    spec: dict[str, Any]  # the sandbox's spec: a restored sandbox gets the same
+    created_at: float
+    expires_at: float  # removed after this (upkeep)
+
+
+@dataclass
 class SecretRecord:
     id: str
     name: str
@@ -101,6 +113,10 @@ class StateStore(Protocol):
     def app_list(self) -> list[AppRecord]: ...
     def sandbox_state_counts(self) -> dict[str, int]: ...
     def sandbox_runtime_counts(self) -> dict[tuple[str, str], int]: ...
+    def memory_snapshot_insert(self, rec: MemorySnapshotRecord) -> None: ...
+    def memory_snapshot_get(self, snapshot_id: str) -> MemorySnapshotRecord | None: ...
+    def memory_snapshot_list(self) -> list[MemorySnapshotRecord]: ...
+    def memory_snapshot_remove(self, snapshot_id: str) -> None: ...
 
 
 # Migrations: numbered steps, each applied once in its own transaction and recorded in
@@ -155,6 +171,13 @@ CREATE TABLE idempotency (
     key TEXT PRIMARY KEY, method TEXT NOT NULL, path TEXT NOT NULL, status INTEGER NOT NULL,
     body BLOB NOT NULL, content_type TEXT NOT NULL, created_at REAL NOT NULL);
 CREATE INDEX idempotency_created ON idempotency(created_at);
+"""),
+    # Memory snapshots (Modal's SandboxSnapshot): the files live under <home>/memory-snapshots.
+    (5, """
+CREATE TABLE memory_snapshots (
+    id TEXT PRIMARY KEY, sandbox_id TEXT NOT NULL, app_id TEXT NOT NULL, spec TEXT NOT NULL,
+    created_at REAL NOT NULL, expires_at REAL NOT NULL);
+CREATE INDEX memory_snapshots_expires ON memory_snapshots(expires_at);
 """),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -288,6 +311,30 @@ class SqliteStore:
             except BaseException:
                 self.conn.execute("ROLLBACK")
                 raise
+
+    # --- memory snapshots
+    @staticmethod
+    def _memory_snapshot(row: sqlite3.Row) -> MemorySnapshotRecord:
+        d = dict(row)
+        d["spec"] = json.loads(d["spec"])
+        return MemorySnapshotRecord(**d)
+
+    def memory_snapshot_insert(self, rec: MemorySnapshotRecord) -> None:
+        self._exec("INSERT INTO memory_snapshots (id, sandbox_id, app_id, spec, created_at,"
+                   " expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                   (rec.id, rec.sandbox_id, rec.app_id, json.dumps(rec.spec), rec.created_at,
+                    rec.expires_at))
+
+    def memory_snapshot_get(self, snapshot_id: str) -> MemorySnapshotRecord | None:
+        rows = self._all("SELECT * FROM memory_snapshots WHERE id = ?", (snapshot_id,))
+        return self._memory_snapshot(rows[0]) if rows else None
+
+    def memory_snapshot_list(self) -> list[MemorySnapshotRecord]:
+        return [self._memory_snapshot(r) for r in
+                self._all("SELECT * FROM memory_snapshots ORDER BY created_at")]
+
+    def memory_snapshot_remove(self, snapshot_id: str) -> None:
+        self._exec("DELETE FROM memory_snapshots WHERE id = ?", (snapshot_id,))
 
     def sandbox_by_idempotency_key(self, key: str) -> SandboxRecord | None:
         rows = self._all("SELECT * FROM sandboxes WHERE idempotency_key = ?", (key,))

@@ -1,0 +1,157 @@
+"""The SDK's HTTP/1.1 transport (shoal/_transport.py) against small real servers on a Unix socket:
+bodies both ways, keep-alive and what must not be reused, and httpx's errors for failures."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shoal._transport import AsyncSocketTransport
+
+
+@contextlib.asynccontextmanager
+async def _serve(handler):
+    """A Unix-socket server whose connections `handler(reader, writer)` answers: its path."""
+    with tempfile.TemporaryDirectory(prefix="transport-test-") as tmp:
+        path = str(Path(tmp) / "s.sock")
+        server = await asyncio.start_unix_server(handler, path)
+        async with server:
+            yield path
+
+
+async def _request(reader) -> tuple[bytes, dict, bytes]:
+    """One request: (request line, headers, body) — Content-Length or chunked bodies."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            k, _, v = line.partition(b":")
+            headers[k.strip().lower()] = v.strip()
+    body = b""
+    if headers.get(b"transfer-encoding") == b"chunked":
+        while True:
+            size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
+            data = await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            body += data[:-2]
+    elif b"content-length" in headers:
+        body = await reader.readexactly(int(headers[b"content-length"]))
+    return lines[0], headers, body
+
+
+def _run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+def test_bodies_both_ways_and_keep_alive():
+    connections = []
+
+    async def handler(reader, writer):
+        connections.append(writer)
+        while True:
+            try:
+                line, headers, body = await _request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            if line.startswith(b"GET /chunked"):
+                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                             b"3\r\nabc\r\n5;ext=1\r\ndefgh\r\n0\r\n\r\n")
+            else:
+                answer = line + b"|" + body
+                writer.write(b"HTTP/1.1 201 Created\r\nx-a: 1\r\ncontent-length: %d\r\n\r\n%s"
+                             % (len(answer), answer))
+            await writer.drain()
+
+    async def main():
+        async with _serve(handler) as path:
+            t = AsyncSocketTransport(uds=path)
+            async with httpx.AsyncClient(transport=t, base_url="http://shoal") as c:
+                r = await c.post("/x?y=1", content=b"hello")
+                assert (r.status_code, r.headers["x-a"], r.content) == (
+                    201, "1", b"POST /x?y=1 HTTP/1.1|hello")
+                r = await c.get("/chunked")
+                assert r.content == b"abcdefgh"
+
+                async def gen():
+                    for part in (b"a" * 70000, b"", b"tail"):
+                        yield part
+
+                r = await c.put("/up", content=gen())  # chunked upload
+                assert r.content == b"PUT /up HTTP/1.1|" + b"a" * 70000 + b"tail"
+                big = b"z" * (3 << 20)
+                r = await c.put("/big", content=big)
+                assert r.content == b"PUT /big HTTP/1.1|" + big
+            assert len(connections) == 1  # all on one kept-alive connection
+
+    _run(main())
+
+
+def test_a_connection_is_not_reused_after_an_unread_body_or_when_the_server_closed_it():
+    connections = []
+
+    async def handler(reader, writer):
+        connections.append(writer)
+        n = 0
+        while True:
+            try:
+                await _request(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            n += 1
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n" + b"x" * 100000)
+            await writer.drain()
+            if n == 1 and len(connections) == 2:
+                writer.close()  # like uvicorn's keep-alive timeout
+                return
+
+    async def main():
+        async with _serve(handler) as path:
+            async with httpx.AsyncClient(transport=AsyncSocketTransport(uds=path),
+                                         base_url="http://shoal") as c:
+                async with c.stream("GET", "/") as r:
+                    await r.aiter_raw().__anext__()  # then left unread
+                assert len((await c.get("/")).content) == 100000
+                assert len(connections) == 2
+                await asyncio.sleep(0.1)  # the server has closed the second connection
+                assert len((await c.get("/")).content) == 100000
+                assert len(connections) == 3
+
+    _run(main())
+
+
+def test_failures_are_httpx_errors():
+    async def handler(reader, writer):
+        line, _, _ = await _request(reader)
+        if b"/hang" in line:
+            await asyncio.sleep(10)
+        elif b"/half" in line:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+        elif b"/junk" in line:
+            writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
+        writer.close()
+
+    async def main():
+        async with _serve(handler) as path:
+            async with httpx.AsyncClient(transport=AsyncSocketTransport(uds=path),
+                                         base_url="http://shoal") as c:
+                with pytest.raises(httpx.RemoteProtocolError):
+                    await c.get("/gone")  # closed without an answer
+                with pytest.raises(httpx.RemoteProtocolError):
+                    await c.get("/half")
+                with pytest.raises(httpx.RemoteProtocolError):
+                    await c.get("/junk")
+                with pytest.raises(httpx.ReadTimeout):
+                    await c.get("/hang", timeout=0.2)
+        async with httpx.AsyncClient(transport=AsyncSocketTransport(uds=path + ".none"),
+                                     base_url="http://shoal") as c:
+            with pytest.raises(httpx.ConnectError):
+                await c.get("/")
+
+    _run(main())
