@@ -346,7 +346,7 @@ def stray_temp_dirs(home: Path, since: float) -> list[str]:
     concurrent session's own are told apart by its live pid)."""
     found = []
     for d in [*Path("/tmp").glob("shoal-test-*"), *Path("/tmp").glob("shoal-nobody-*"),
-              *Path("/tmp").glob("shoal-world-*")]:
+              *Path("/tmp").glob("shoal-stale-*"), *Path("/tmp").glob("shoal-world-*")]:
         try:
             if d == home or d.stat().st_ctime < since:
                 continue

@@ -152,6 +152,7 @@ def test_stop_never_signals_a_stranger(tmp_path):
     finally:
         stranger.kill()
         stranger.wait()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _nobody_env(home: str) -> dict:
