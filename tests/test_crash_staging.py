@@ -73,6 +73,61 @@ STEP_SIZE = 3 << 20
 SNAP_SIZE = 2 << 20
 
 
+@pytest.mark.parametrize("kind", ["volume", "nfs"])
+def test_volume_and_nfs_uploads_killed_at_random_points(server, tmp_path, kind):
+    """30 kills per kind (test_durability.py has the 256 MiB uploads from another process)."""
+    import shoal
+    from shoal import config
+
+    cls = shoal.Volume if kind == "volume" else shoal.NetworkFileSystem
+    name = f"crash-{kind}-{os.getpid()}-{int(time.time())}"
+    obj = cls.from_name(name, create_if_missing=True)
+    size = 32 << 20
+    digests = set()
+    raced = landed = 0
+    rng = random.Random(11)
+    try:
+        for i in range(KILLS):
+            local = tmp_path / f"src-{i}"
+            block = hashlib.sha256(f"{kind}{i}".encode()).digest() * (1 << 15)  # 1 MiB
+            local.write_bytes(block * (size >> 20))
+            digests.add(hashlib.sha256(local.read_bytes()).hexdigest())
+
+            def upload():
+                try:
+                    if kind == "volume":
+                        with obj.batch_upload(force=True) as b:
+                            b.put_file(local, "/big.bin")
+                    else:
+                        with open(local, "rb") as f:
+                            obj.write_file("/big.bin", f)
+                except Exception:  # noqa: BLE001 - a failed upload is fine; half a file not
+                    pass
+
+            t = threading.Thread(target=upload)
+            t.start()
+            time.sleep(rng.uniform(0.0, 0.4))
+            if i % 5 == 4:
+                t.join(timeout=120)  # every fifth lands first: the whole file must survive
+            raced += t.is_alive()
+            server.restart(signal.SIGKILL)
+            t.join(timeout=120)
+            assert not t.is_alive()
+            names = [e.path.lstrip("/") for e in obj.listdir("/")]
+            assert set(names) <= {"big.bin"}, f"kill {i}: visible leftovers {names}"
+            if names:
+                got = hashlib.sha256(b"".join(obj.read_file("/big.bin"))).hexdigest()
+                assert got in digests, f"kill {i}: a partial file is visible"
+                landed += 1
+            local.unlink()
+        assert raced >= KILLS // 4, f"only {raced} of {KILLS} kills hit an upload in flight"
+        assert landed, "no upload ever landed"
+        staging = config.paths().volumes / obj.hydrate().object_id / "staging"
+        assert not staging.exists() or list(staging.iterdir()) == [], "staging kept files"
+    finally:
+        cls.objects.delete(name)
+
+
 @pytest.fixture
 def no_pool(server, monkeypatch):
     """The restarted servers keep no warm pool: each restart would otherwise end the last
