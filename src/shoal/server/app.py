@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from shoal import exception as exc
 from shoal.config import Paths
 from shoal.server.host import tools
+from shoal.server.host.base import HostError
 from shoal.server.host.runc_host import RuncHost
 from shoal.server.host.runc import RuncRuntime, remove_cgroup_parent
 from shoal.server.control.images import ImageService
@@ -192,6 +193,11 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
             log.info("%s %s: the client disconnected before sending its whole body",
                      request.method, request.url.path)
             return _error(400, "InvalidError", "the client disconnected mid-request")
+        if isinstance(err, HostError):
+            # The runtime failed under a route, typically mid-stream (a file download whose
+            # sandbox ended): the stream is cut, so the client sees an incomplete body.
+            log.warning("%s %s: %s", request.method, request.url.path, err)
+            return _error(500, "ExecutionError", str(err))
         log.exception("unhandled error in %s %s", request.method, request.url.path)
         return _error(500, "InternalError", f"{type(err).__name__}: {err}")
 
