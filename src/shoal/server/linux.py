@@ -129,3 +129,96 @@ KERNEL_FS = {
     0x74726163: "tracefs", 0xCAFE4A11: "bpf", 0x62656570: "configfs", 0x6165676C: "pstore",
     0xDE5E81E4: "efivarfs", 0x42494E4D: "binfmt_misc",
 }
+
+
+# --- user namespaces and idmapped mounts (host/idmap.py)
+SYS_open_tree, SYS_move_mount, SYS_mount_setattr = 428, 429, 442
+SYS_setfsuid, SYS_setfsgid, SYS_capget, SYS_capset = 122, 123, 125, 126
+OPEN_TREE_CLONE = 1
+AT_EMPTY_PATH, AT_RECURSIVE = 0x1000, 0x8000
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
+MOUNT_ATTR_IDMAP = 0x00100000
+CLONE_NEWUSER = 0x10000000
+_AT_FDCWD = -100
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def open_tree(path: str, flags: int) -> int:
+    """open_tree(2) of `path`; with OPEN_TREE_CLONE, a detached copy of the mount there."""
+    return _check(_libc.syscall(SYS_open_tree, _AT_FDCWD, path.encode(), flags | os.O_CLOEXEC),
+                  "open_tree", path)
+
+
+def mount_setattr(fd: int, attr_set: int, userns_fd: int = 0, flags: int = 0) -> None:
+    """mount_setattr(2) on the mount `fd` (from open_tree) itself."""
+    attr = _MountAttr(attr_set, 0, 0, userns_fd)
+    _check(_libc.syscall(SYS_mount_setattr, fd, b"", AT_EMPTY_PATH | flags, ctypes.byref(attr),
+                         ctypes.sizeof(attr)), "mount_setattr")
+
+
+def move_mount(fd: int, target: str) -> None:
+    """Attach the detached mount `fd` at `target`."""
+    _check(_libc.syscall(SYS_move_mount, fd, b"", _AT_FDCWD, target.encode(),
+                         MOVE_MOUNT_F_EMPTY_PATH), "move_mount", target)
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), "unshare")
+
+
+def setresids(uid: int, gid: int) -> None:
+    """setgroups([]) + setresgid + setresuid of the calling *thread* (raw system calls: glibc's
+    wrappers would change every thread of the process)."""
+    _check(_libc.syscall(116, 0, None), "setgroups")  # SYS_setgroups
+    _check(_libc.syscall(119, gid, gid, gid), "setresgid")  # SYS_setresgid
+    _check(_libc.syscall(117, uid, uid, uid), "setresuid")  # SYS_setresuid
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+_CAP_V3 = 0x20080522
+
+
+def thread_caps() -> bytes:
+    """The calling thread's capability sets (capget), to give back to `restore_caps`."""
+    data = (_CapData * 2)()
+    _check(_libc.syscall(SYS_capget, ctypes.byref(_CapHeader(_CAP_V3, 0)), data), "capget")
+    return bytes(data)
+
+
+def restore_caps(saved: bytes, effective_from_permitted: bool = False) -> None:
+    """capset of the calling thread: `saved` (from thread_caps), or with the effective set raised
+    to the permitted one."""
+    data = (_CapData * 2).from_buffer_copy(saved)
+    if effective_from_permitted:
+        for d in data:
+            d.effective = d.permitted
+    _check(_libc.syscall(SYS_capset, ctypes.byref(_CapHeader(_CAP_V3, 0)), data), "capset")
+
+
+def setfsids(uid: int, gid: int) -> tuple[int, int]:
+    """setfsgid + setfsuid of the calling thread; the previous (uid, gid)."""
+    old_gid = _libc.syscall(SYS_setfsgid, gid)
+    old_uid = _libc.syscall(SYS_setfsuid, uid)
+    return old_uid, old_gid
+
+
+CLONE_NEWNET, CLONE_NEWNS = 0x40000000, 0x00020000
+MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
+
+
+def setns(fd: int, nstype: int) -> None:
+    """setns(2) of the calling thread (a network namespace may be entered by one thread)."""
+    _check(_libc.setns(fd, nstype), "setns")

@@ -116,13 +116,16 @@ def _loop_attach(image: Path) -> tuple[str, int]:
         os.close(ctl)
 
 
-def mount_image(image: Path, target: Path) -> None:
+def mount_image(image: Path, target: Path) -> str:
+    """Mount `image` at `target`; the loop device it is on (held until the unmount: host/idmap.py
+    derives the sandbox's uid range from it)."""
     target.mkdir(exist_ok=True)
     dev, fd = _loop_attach(image)
     try:
         _linux.mount(dev, str(target), "ext4", MS_NOATIME, "discard")
     finally:
         os.close(fd)  # autoclear: the device goes with the last unmount (or now, on failure)
+    return dev
 
 
 def loop_devices_of(prefix: str) -> list[str]:

@@ -115,6 +115,21 @@ class ContainerSpec:
     net_raw: bool = True  # CAP_NET_RAW (ping); image builds run without it
     user: tuple[int, int] = (0, 0)  # uid, gid of the process
     init: bool = True  # start `args` under the static tini; False: args[0] is its own init
+    # A user namespace to join (host/idmap.py): (its path, first host uid, size); root inside is
+    # that host uid. None: none (root is host root).
+    userns: tuple[str, int, int] | None = None
+
+
+# With a user namespace, runc mounts the rootfs from inside it, as the sandbox's root, which cannot
+# walk a 0700 home (/root, or a test's mkdtemp) to it. So runc runs in a mount namespace of its own
+# where the rootfs is also bound here (an empty directory on the host, mode 0755); nothing is ever
+# mounted on it in the host's namespace, so nothing is left there after a crash.
+USERNS_ROOTFS = "/run/shoal-rootfs"
+
+
+def runc_netns(spec: ContainerSpec) -> str | None:
+    """The network namespace runc must be started in (rather than join): see build_config."""
+    return spec.netns_path if spec.userns is not None else None
 
 
 def seccomp_profile() -> dict:
@@ -143,7 +158,7 @@ def seccomp_profile() -> dict:
     }
 
 
-def _host_nofile_cap(wanted: int) -> int:
+def host_nofile_cap(wanted: int) -> int:
     # runc cannot raise RLIMIT_NOFILE above the host's hard limit (RUNTIME-NOTES.md, trap 4).
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     return wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
@@ -187,7 +202,7 @@ def build_config(spec: ContainerSpec, cgroups_path: str) -> dict:
         period = 100_000
         resources["cpu"].update({"quota": max(1000, int(lim.cpu * period)), "period": period})
 
-    nofile = _host_nofile_cap(lim.nofile)
+    nofile = host_nofile_cap(lim.nofile)
     mounts = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
@@ -204,6 +219,10 @@ def build_config(spec: ContainerSpec, cgroups_path: str) -> dict:
         {"destination": tools.MOUNT_POINT, "type": "bind", "source": spec.tools_dir,
          "options": ["bind", "ro", "nosuid", "nodev"]},
     ]
+    if runc_netns(spec):
+        # sysfs can only be mounted by a process with CAP_SYS_ADMIN over the network
+        # namespace's owner (host root): runc.py mounts it before runc starts (_enter_for_userns).
+        mounts = [m for m in mounts if m["type"] != "sysfs"]
     for m in spec.mounts:
         opts = ["rbind", "rprivate", "nosuid", "nodev"]
         if m.read_only:
@@ -213,8 +232,22 @@ def build_config(spec: ContainerSpec, cgroups_path: str) -> dict:
 
     caps = [c for c in DEFAULT_CAPABILITIES if spec.net_raw or c != "CAP_NET_RAW"]
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
-    namespaces.append({"type": "network", "path": spec.netns_path} if spec.netns_path
-                      else {"type": "network"})
+    if spec.netns_path and spec.userns is not None:
+        pass  # runc runs inside it (joins_netns_itself): see below
+    else:
+        namespaces.append({"type": "network", "path": spec.netns_path} if spec.netns_path
+                          else {"type": "network"})
+    ids = {}
+    if spec.userns is not None:
+        # Joined by path, so its owner is the sandbox's own uid (idmap.py says why); runc 1.1.5
+        # still wants the mappings written out, and uses them for what it makes (/dev). runc
+        # joins the user namespace before any other, and a process in it can no longer enter a
+        # network namespace that host root made: so runc itself is started inside that network
+        # namespace (runc_netns) and the container inherits it.
+        path, base, size = spec.userns
+        namespaces.insert(0, {"type": "user", "path": path})
+        ids = {"uidMappings": [{"containerID": 0, "hostID": base, "size": size}],
+               "gidMappings": [{"containerID": 0, "hostID": base, "size": size}]}
     return {
         "ociVersion": "1.0.2",
         "process": {
@@ -225,11 +258,15 @@ def build_config(spec: ContainerSpec, cgroups_path: str) -> dict:
             "cwd": spec.cwd,
             "capabilities": {"bounding": caps, "effective": caps, "permitted": caps,
                              "inheritable": [], "ambient": []},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
+            # With a user namespace runc (here without CAP_SYS_RESOURCE) may not prlimit a process
+            # of another uid: runc.py sets the limit on runc itself, and the sandbox inherits it.
+            "rlimits": [] if spec.userns is not None else
+            [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
             "noNewPrivileges": True,
             "oomScoreAdj": 500,  # under memory pressure the host kills a sandbox before the server
         },
-        "root": {"path": spec.rootfs, "readonly": False},
+        "root": {"path": USERNS_ROOTFS if spec.userns is not None else spec.rootfs,
+                 "readonly": False},
         "hostname": spec.hostname,
         "mounts": mounts,
         "hooks": {"createRuntime": [
@@ -242,5 +279,6 @@ def build_config(spec: ContainerSpec, cgroups_path: str) -> dict:
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS,
             "rootfsPropagation": "private",
+            **ids,
         },
     }

@@ -7,6 +7,12 @@ absolute symlinks stop at the sandbox's root, and `/proc/<pid>/root`-style links
 link the sandbox makes leads to a host file. Only regular files and directories are ever opened
 (`storage.paths.open_checked`): a device node the sandbox made stays closed. Files are created as
 uid 0 with mode 0644 — what root in the sandbox gets — and a replaced file keeps its owner and mode.
+
+In a sandbox with a user namespace (host/idmap.py), root inside is host uid `base`: each operation
+runs with the worker thread's file-system ids set to `base` (setfsuid/setfsgid, per thread, with
+its capabilities kept), so what it creates is root's inside — `base` in the overlay's upper dir,
+uid 0 on disk through an idmapped volume mount (where host uid 0 would get EOVERFLOW) — and owners
+are reported as the sandbox sees them.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from shoal.server import linux as _linux
 from shoal.exception import (InvalidError, SandboxFilesystemDirectoryNotEmptyError,
                              SandboxFilesystemFileTooLargeError)
 from shoal.server.host.base import SandboxGone
+from shoal.server.host.idmap import RANGE_SIZE
 from shoal.server.storage.paths import RESOLVE, open_checked, remove_entry
 
 READ_LIMIT = 512 << 20  # read_bytes / read_text; copy_to_local streams without a limit
@@ -114,13 +121,21 @@ def _name_of(kind: str, key: int) -> str:
     return str(key)
 
 
-def file_info(path: str, st: os.stat_result, link: str | None) -> dict:
+def _inside(host_id: int, base: int | None) -> int:
+    """An owner as the sandbox sees it: unmapped host ids are the overflow id, as in `ls`."""
+    if base is None:
+        return host_id
+    return host_id - base if base <= host_id < base + RANGE_SIZE else 65534
+
+
+def file_info(path: str, st: os.stat_result, link: str | None, base: int | None = None) -> dict:
+    uid, gid = _inside(st.st_uid, base), _inside(st.st_gid, base)
     return {
         "name": posixpath.basename(path) or "/", "path": path,
         "type": FILE_TYPES.get(stat_mod.S_IFMT(st.st_mode), "FILE"), "size": st.st_size,
         "mode": stat_mod.S_IMODE(st.st_mode),
-        "owner": _name_of("user", 0) if st.st_uid == 0 else str(st.st_uid),  # cached lookups
-        "group": _name_of("group", 0) if st.st_gid == 0 else str(st.st_gid),
+        "owner": _name_of("user", 0) if uid == 0 else str(uid),  # cached lookups
+        "group": _name_of("group", 0) if gid == 0 else str(gid),
         "modified_time": st.st_mtime, "symlink_target": link,
     }
 
@@ -141,8 +156,9 @@ class SandboxRoot:
     send it to another sandbox).
     """
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, base: int | None = None):
         self.fd = fd
+        self.base = base  # root's host uid in a sandbox with a user namespace
         self.handles: dict[str, Handle] = {}
         self.mu = threading.Condition()
         self.users = 0  # guarded by mu
@@ -183,8 +199,8 @@ class SandboxFiles:
     def __init__(self):
         self.roots: dict[str, SandboxRoot] = {}  # changed on the event loop only
 
-    def add(self, sandbox_id: str, root_fd: int) -> None:
-        self.roots[sandbox_id] = SandboxRoot(root_fd)
+    def add(self, sandbox_id: str, root_fd: int, base: int | None = None) -> None:
+        self.roots[sandbox_id] = SandboxRoot(root_fd, base)
 
     def take(self, sandbox_id: str) -> SandboxRoot | None:
         """Forget a sandbox; the caller closes the returned root (blocking) off the loop."""
@@ -194,8 +210,13 @@ class SandboxFiles:
         root = self.roots.get(sandbox_id)
         if root is None:
             raise SandboxGone("the sandbox has ended")
-        with root.use():
+        with root.use(), acting_as(root.base):
             return fn(sandbox_id, *args)
+
+    @staticmethod
+    def commit_write(sandbox_id: str, out: "AtomicFile") -> None:
+        """`out.commit()`, through `call` (as the sandbox's root)."""
+        out.commit()
 
     def root(self, sandbox_id: str) -> SandboxRoot:
         root = self.roots.get(sandbox_id)
@@ -263,15 +284,16 @@ class SandboxFiles:
         rel = sandbox_rel(path)
         with said_as(path):
             root = self.root(sandbox_id).fd
+            base = self.root(sandbox_id).base
             if not rel:
-                return file_info("/", os.stat(root), None)
+                return file_info("/", os.stat(root), None, base)
             pfd, name = self._parent(root, rel)
             try:
                 st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
                 link = os.readlink(name, dir_fd=pfd) if stat_mod.S_ISLNK(st.st_mode) else None
             finally:
                 os.close(pfd)
-        return file_info("/" + rel, st, link)
+        return file_info("/" + rel, st, link, base)
 
     def list(self, sandbox_id: str, path: str, offset: int = 0,
              limit: int = LIST_PAGE) -> list[dict]:
@@ -291,7 +313,8 @@ class SandboxFiles:
                         st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                         link = os.readlink(name, dir_fd=fd) if stat_mod.S_ISLNK(st.st_mode) \
                             else None
-                        out.append(file_info(posixpath.join("/" + rel, name), st, link))
+                        out.append(file_info(posixpath.join("/" + rel, name), st, link,
+                                             self.root(sandbox_id).base))
                 return out
             finally:
                 os.close(fd)
@@ -544,6 +567,24 @@ class Watch:
         finally:
             loop.remove_reader(self.ino)
             self.close()
+
+
+@contextlib.contextmanager
+def acting_as(base: int | None):
+    """Run the block with this thread's file-system uid and gid set to `base` (nothing when None),
+    its capabilities kept (setfsuid to non-zero drops the file ones from the effective set), and
+    everything restored afterwards: worker threads are shared."""
+    if base is None:
+        yield
+        return
+    saved = _linux.thread_caps()
+    old = _linux.setfsids(base, base)
+    try:
+        _linux.restore_caps(saved, effective_from_permitted=True)
+        yield
+    finally:
+        _linux.setfsids(*old)
+        _linux.restore_caps(saved)
 
 
 def _refuse_kernel_fs(dirfd: int, rel: str) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -27,11 +28,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shoal.server.host import agent_client, cgroups, disk, filemax, mountpaths, tools
+from shoal.server.host import agent_client, cgroups, disk, filemax, idmap, mountpaths, tools
 from shoal.server.host.base import (HostError, HostEvent, RuntimeError_, SandboxGone, SandboxSpec,
                                     SandboxStats, ExecSpec)
-from shoal.server.host.oci import DEFAULT_PATH, ContainerSpec, Mount
-from shoal.server.host.rootfs import Rootfs
+from shoal.server.host.oci import DEFAULT_PATH, USERNS_ROOTFS, ContainerSpec, Mount
+from shoal.server.host.rootfs import IDMAP, Rootfs
 from shoal.server.host.runc import RuncRuntime
 from shoal.server.host import runc_files
 from shoal.server.host.runc_files import SandboxFiles
@@ -94,6 +95,11 @@ class RuncHost:
         # --- disk limits (issue 10): formatted images kept beside, not inside, sandboxes/
         self.disks = disk.DiskPool(root.parent / "disk-spares")
         self._refill: asyncio.Future | None = None
+        # User namespaces (host/idmap.py, SHOAL_USERNS): runc sandboxes only; runsc isolates
+        # itself (GvisorHost reuses this class).
+        self.userns = idmap.enabled() and self.name == "runc"
+        if self.userns:
+            os.makedirs(USERNS_ROOTFS, mode=0o755, exist_ok=True)
         filemax.ensure()  # open files: see host/filemax.py
 
     # --- life
@@ -115,7 +121,8 @@ class RuncHost:
             mib = spec.limits.disk_mib or disk.default_mib()
             self.disks.check_room(mib)
             merged = await asyncio.to_thread(sb.rootfs.mount, spec.layers, (self.disks, mib),
-                                             snapshot / "upper" if snapshot else None)
+                                             snapshot / "upper" if snapshot else None,
+                                             self.userns)
             self._refill_disks()
             # ValueError: a mount path that is a symlink, reserved or nested (mountpaths.py)
             await asyncio.to_thread(mountpaths.check_targets, merged,
@@ -124,15 +131,23 @@ class RuncHost:
             (sdir / "user").write_text(f"{uid}:{gid}")
             args = [tools.AGENT, "--socket", AGENT_SOCKET, "--uid", str(uid), "--gid", str(gid),
                     "--log-limit", str(spec.log_limit), *self.agent_flags, "--", *spec.args]
+            mounts, ns = list(spec.mounts), sb.rootfs.userns
+            if ns is not None:
+                # the agent (root inside) makes its socket there
+                os.chown(run_dir, ns.base, ns.base)
+                mounts = await asyncio.to_thread(_idmap_mounts, sb.rootfs, ns, mounts)
             cspec = ContainerSpec(
                 id=spec.id, rootfs=str(merged), args=args, env=spec.env, cwd=spec.workdir,
                 hostname=spec.hostname, limits=spec.limits,
-                mounts=[*spec.mounts, Mount(str(run_dir), f"{tools.MOUNT_POINT}/run",
-                                            read_only=False)],
-                tools_dir=str(self.tools_dir), user=(0, 0), init=False)
+                mounts=[*mounts, Mount(str(run_dir), f"{tools.MOUNT_POINT}/run",
+                                       read_only=False)],
+                tools_dir=str(self.tools_dir), user=(0, 0), init=False,
+                userns=(ns.path, ns.base, ns.size) if ns is not None else None)
             if spec.network is not None:
                 att = await self.network.attach(spec.id, spec.network)
                 cspec.netns_path = att.netns_path
+                if ns is not None:
+                    await asyncio.to_thread(idmap.open_netns_for_userns, att.netns_path)
                 if att.resolv_conf:
                     cspec.mounts.append(Mount(str(att.resolv_conf), "/etc/resolv.conf", True))
             stdin_r, sb.stdin_fd = os.pipe()
@@ -145,6 +160,7 @@ class RuncHost:
             except RuntimeError_ as e:
                 detail = (sdir / "stderr").read_text(errors="replace").strip()
                 raise HostError(f"the sandbox failed to start: {detail or e}") from None
+            await self._release_userns(sb)
             self._hold_root(sb)
             sb.memory_cgroup = _memory_cgroup(sb.pid)
             self._watch(sb)
@@ -152,6 +168,7 @@ class RuncHost:
             if spec.network is not None and spec.network.ports:
                 await self.network.open_tunnels(spec.id, spec.network.ports)
         except BaseException:
+            await self._release_userns(sb)
             await self.kill(spec.id)
             await self.destroy(spec.id)
             raise
@@ -167,6 +184,13 @@ class RuncHost:
         if snapshot is not None:
             raise RuntimeError_("runc cannot restore memory snapshots")
         return await self.runtime.start(cspec, bundle, stdin, stdout, stderr)
+
+    @staticmethod
+    async def _release_userns(sb: _Sandbox) -> None:
+        """End the helper that held the sandbox's user namespace until runc joined it."""
+        if sb.rootfs.userns is not None:
+            await asyncio.to_thread(sb.rootfs.userns.close)
+            sb.rootfs.userns = None
 
     async def _first_contact(self, sb: _Sandbox) -> None:
         """Wait for the new sandbox's agent to answer — or for the sandbox to end first (an
@@ -225,7 +249,7 @@ class RuncHost:
             fd = os.open(f"/proc/{sb.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
             return
-        self.files.add(sb.id, fd)
+        self.files.add(sb.id, fd, sb.rootfs.uid_base())
 
     def _watch(self, sb: _Sandbox) -> None:
         loop = asyncio.get_running_loop()
@@ -293,13 +317,13 @@ class RuncHost:
         await asyncio.to_thread(_remove_sandbox_files, sdir)
 
     async def forget(self, sandbox_id: str) -> None:
-        await asyncio.to_thread(shutil.rmtree, self.root / sandbox_id, True)
+        await asyncio.to_thread(_forget_files, self.root / sandbox_id)
 
     async def sandboxes(self) -> set[str]:
         found = {c.id for c in await self.runtime.list()}
         found.update(p.name for p in self.root.iterdir()
                      if Rootfs(p).is_mounted() or (p / "bundle").exists()
-                     or (p / disk.IMAGE).exists())
+                     or (p / disk.IMAGE).exists() or (p / IDMAP).exists())
         return found
 
     async def sandbox_logs(self) -> set[str]:
@@ -450,7 +474,7 @@ class RuncHost:
             async for chunk in chunks:
                 await asyncio.to_thread(out.write, chunk) if len(chunk) > (256 << 10) \
                     else out.write(chunk)
-            await asyncio.to_thread(out.commit)
+            await self._files(sandbox_id, self.files.commit_write, out)
         finally:
             out.close()
         return out.written
@@ -523,12 +547,18 @@ class RuncHost:
 
     async def export_changes(self, sandbox_id: str, dest: Path) -> None:
         sb = self._running(sandbox_id)
+        base, view = sb.rootfs.uid_base(), sb.rootfs.upper
         await self.runtime.pause(sandbox_id)
         try:
+            if base is not None:
+                # Layers are portable: the upper dir's owners (base + N on disk) are copied as N,
+                # through an idmapped view with the inverse mapping.
+                view = sb.rootfs.idmap / "snapshot"
+                await asyncio.to_thread(_unmapped_view, sb.rootfs.upper, view, base)
             # setpriv --pdeathsig: the copy dies with the server, so it cannot write on into a
             # scratch directory that the next server's sweep removes.
             proc = await asyncio.create_subprocess_exec(
-                *_DIE_WITH_SERVER, "cp", "-a", "--reflink=auto", f"{sb.rootfs.upper}/.", str(dest),
+                *_DIE_WITH_SERVER, "cp", "-a", "--reflink=auto", f"{view}/.", str(dest),
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
             try:
                 async with asyncio.timeout(600):
@@ -541,6 +571,8 @@ class RuncHost:
                 raise HostError(f"copying the sandbox's changes failed: "
                                 f"{err.decode(errors='replace').strip()}")
         finally:
+            if view != sb.rootfs.upper:
+                await asyncio.to_thread(idmap.unmount_under, view)
             await self.runtime.resume(sandbox_id)
         # shoal's own mount points, not the sandbox's files
         for name in (tools.MOUNT_POINT.lstrip("/"), ".shoal-build"):
@@ -558,6 +590,41 @@ def _repeatable(method: str, args: tuple) -> bool:
     if method == "stdin":
         return len(args) > 1 and args[1] >= 0  # an offset, not "append"
     return method in _REPEATABLE
+
+
+def _idmap_mounts(rootfs: Rootfs, ns: idmap.Userns, mounts: list[Mount]) -> list[Mount]:
+    """The sandbox's volume, network-file-system and bucket mounts with each source replaced by an
+    idmapped bind mount of it (idmap.py): root inside reads and writes uid 0 on disk. A file
+    system that cannot be idmapped (a bucket's FUSE mount) is bound as it is. Blocking."""
+    out = []
+    for i, m in enumerate(mounts):
+        target = rootfs.idmap / f"m{i}"
+        try:
+            idmap.idmapped_bind(m.source, target, ns.fd, m.read_only)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            log.info("%s cannot be idmapped (%s): bound with its host owners", m.source, e)
+            out.append(m)
+            continue
+        out.append(Mount(str(target), m.destination, m.read_only))
+    return out
+
+
+def _unmapped_view(upper: Path, view: Path, base: int) -> None:
+    ns = idmap.Userns(base, inverse=True)
+    try:
+        idmap.idmapped_bind(str(upper), view, ns.fd, read_only=True)
+    finally:
+        ns.close()
+
+
+def _forget_files(sdir: Path) -> None:
+    """Remove a sandbox's directory — never through a mount left in it (an idmapped volume)."""
+    if idmap.unmount_under(sdir):
+        log.warning("%s still has mounts; left in place", sdir)
+        return
+    shutil.rmtree(sdir, ignore_errors=True)
 
 
 def _remove_sandbox_files(sdir: Path) -> None:
