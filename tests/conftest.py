@@ -269,6 +269,16 @@ def sandbox(app):
     sb.terminate()
 
 
+def sandbox_host_pid(sb) -> int:
+    """A runc sandbox's init (its agent) as the host sees it."""
+    import json
+
+    out = subprocess.run(["runc", "--root", str(Path(os.environ["SHOAL_HOME"]) / "runc"),
+                          "state", sb.object_id], capture_output=True, text=True, timeout=30,
+                         check=True).stdout
+    return int(json.loads(out)["pid"])
+
+
 def sandbox_cgroups(sid: str) -> list[Path]:
     """The host cgroup directories of a sandbox (cgroupsPath /shoal/<sid>) on cgroup v1 (one per
     controller: /sys/fs/cgroup/<controller>/shoal/<sid>), v2 (/sys/fs/cgroup/shoal/<sid>) or a
