@@ -21,6 +21,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_RUNTIME = os.environ.get("SHOAL_TEST_RUNTIME") or "runc"  # runc | gvisor
+# The server's SHOAL_USERNS (passed on through the environment): runc sandboxes in user namespaces.
+TEST_USERNS = TEST_RUNTIME == "runc" and os.environ.get("SHOAL_USERNS", "1") != "0"
 DEFAULT_IMAGES = Path(os.environ.get("SHOAL_IMAGES") or Path.home() / ".shoal" / "images")
 
 
