@@ -120,9 +120,12 @@ class RuncHost:
         try:
             mib = spec.limits.disk_mib or disk.default_mib()
             self.disks.check_room(mib)
+            # A bucket (s3fs FUSE) cannot be idmapped, and s3fs would need the range's uid=
+            # before it is known: such a sandbox runs without a user namespace (security.md).
+            userns = self.userns and not (spec.mounts and await asyncio.to_thread(
+                idmap.fuse_mounts, [m.source for m in spec.mounts]))
             merged = await asyncio.to_thread(sb.rootfs.mount, spec.layers, (self.disks, mib),
-                                             snapshot / "upper" if snapshot else None,
-                                             self.userns)
+                                             snapshot / "upper" if snapshot else None, userns)
             self._refill_disks()
             # ValueError: a mount path that is a symlink, reserved or nested (mountpaths.py)
             await asyncio.to_thread(mountpaths.check_targets, merged,
