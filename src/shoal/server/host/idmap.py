@@ -21,11 +21,12 @@ instances to the namespace's owner — so a runc-made namespace would still shar
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
-import select
-import signal
+import subprocess
 import threading
+import time
 from pathlib import Path
 
 from shoal.server import linux as _linux
@@ -34,6 +35,7 @@ RANGE_BASE = 0x80000  # 524288: systemd's range for container uids
 RANGE_SIZE = 65536  # uids (and gids) 0..65535 inside
 MAX_SLOTS = (0x6FFFFFFF - RANGE_BASE) // RANGE_SIZE
 HELPER_TIMEOUT = 5.0  # seconds for the helper to make its namespace
+HELPER_LIFE = 300  # seconds the helper sleeps at most (if the server died before ending it)
 
 
 def range_of(loop_device: str) -> int:
@@ -58,47 +60,50 @@ class Userns:
     files owned by the range as their unmapped ids (snapshots). The helper runs as `base`, so the
     namespace is owned by that uid (not root) — the owner the kernel charges inotify to.
 
-    Blocking (fork, pipes): call from a worker thread."""
+    Blocking (a process, /proc polling): call from a worker thread."""
 
     def __init__(self, base: int, size: int = RANGE_SIZE, inverse: bool = False):
         self.base, self.size = base, size
-        ready_r, ready_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the helper: no Python beyond these calls, and it never returns
-            try:
-                # Nothing inherited stays open: a pipe another thread's Popen is waiting on
-                # (its exec-error pipe) would otherwise stay open for as long as this lives.
-                os.closerange(0, ready_w)
-                os.closerange(ready_w + 1, 1 << 20)
-                _linux._libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-                if not inverse:
-                    _linux.setresids(base, base)
-                _linux.unshare(_linux.CLONE_NEWUSER)
-                os.write(ready_w, b"1")
-                while True:
-                    signal.pause()
-            finally:
-                os._exit(1)
-        os.close(ready_w)
-        self.pid = pid
         self.fd = -1
+        # A small helper (not a fork of the server: that costs ~7 ms to make and as much to end
+        # here): setpriv drops to `base`, unshare makes the namespace and becomes `sleep`. The
+        # sleep bounds its life if the server dies before ending it.
+        argv = ["unshare", "--user", "--", "sleep", str(HELPER_LIFE)]
+        if not inverse:
+            argv = ["setpriv", f"--reuid={base}", f"--regid={base}", "--clear-groups",
+                    "--pdeathsig", "KILL", "--", *argv]
+        self.proc: subprocess.Popen | None = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.pid = self.proc.pid
         try:
-            ready, _, _ = select.select([ready_r], [], [], HELPER_TIMEOUT)
-            if not ready or os.read(ready_r, 1) != b"1":
-                raise OSError(errno.ETIMEDOUT, "the user-namespace helper did not start")
+            self._wait_unshared()
             line = (f"{base} 0 {size}\n" if inverse else f"0 {base} {size}\n").encode()
             for name in ("uid_map", "gid_map"):
-                fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
+                fd = os.open(f"/proc/{self.pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
                 try:
                     os.write(fd, line)
                 finally:
                     os.close(fd)
-            self.fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+            self.fd = os.open(f"/proc/{self.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
         except BaseException:
             self.close()
             raise
-        finally:
-            os.close(ready_r)
+
+    def _wait_unshared(self) -> None:
+        """Until the helper is `sleep` (so unshare has made the namespace)."""
+        deadline = time.monotonic() + HELPER_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise OSError(errno.ECHILD, "the user-namespace helper exited "
+                              f"({self.proc.returncode})")
+            try:
+                with open(f"/proc/{self.pid}/comm") as f:
+                    if f.read().strip() == "sleep":
+                        return
+            except OSError:
+                pass
+            time.sleep(0.0002)
+        raise OSError(errno.ETIMEDOUT, "the user-namespace helper did not start")
 
     @property
     def path(self) -> str:
@@ -109,13 +114,11 @@ class Userns:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        if self.pid:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
-            self.pid = 0
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            self.proc.wait()
+            self.proc = None
 
 
 def idmapped_bind(source: str, target: Path, userns_fd: int, read_only: bool = False) -> None:
