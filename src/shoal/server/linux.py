@@ -139,7 +139,6 @@ AT_EMPTY_PATH, AT_RECURSIVE = 0x1000, 0x8000
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
 MOUNT_ATTR_IDMAP = 0x00100000
-CLONE_NEWUSER = 0x10000000
 _AT_FDCWD = -100
 
 
@@ -169,14 +168,6 @@ def move_mount(fd: int, target: str) -> None:
 
 def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), "unshare")
-
-
-def setresids(uid: int, gid: int) -> None:
-    """setgroups([]) + setresgid + setresuid of the calling *thread* (raw system calls: glibc's
-    wrappers would change every thread of the process)."""
-    _check(_libc.syscall(116, 0, None), "setgroups")  # SYS_setgroups
-    _check(_libc.syscall(119, gid, gid, gid), "setresgid")  # SYS_setresgid
-    _check(_libc.syscall(117, uid, uid, uid), "setresuid")  # SYS_setresuid
 
 
 class _CapHeader(ctypes.Structure):

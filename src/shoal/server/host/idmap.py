@@ -171,7 +171,7 @@ NETNS_SYSCTLS = {"net/ipv4/ip_unprivileged_port_start": "0",
                  "net/ipv4/ping_group_range": "0 2147483647"}
 
 
-def open_netns_for_userns(netns_path: str) -> None:
+def set_netns_sysctls(netns_path: str) -> None:
     """Set NETNS_SYSCTLS inside the network namespace at `netns_path`, from a throwaway thread
     (setns of a network namespace affects only the calling thread). Blocking."""
     errors: list[BaseException] = []

@@ -150,7 +150,7 @@ class RuncHost:
                 att = await self.network.attach(spec.id, spec.network)
                 cspec.netns_path = att.netns_path
                 if ns is not None:
-                    await asyncio.to_thread(idmap.open_netns_for_userns, att.netns_path)
+                    await asyncio.to_thread(idmap.set_netns_sysctls, att.netns_path)
                 if att.resolv_conf:
                     cspec.mounts.append(Mount(str(att.resolv_conf), "/etc/resolv.conf", True))
             stdin_r, sb.stdin_fd = os.pipe()
