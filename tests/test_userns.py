@@ -232,3 +232,18 @@ def test_snapshot_layers_are_portable(app):
                                "1000:1000", "644", "/srv/s/suid", "0:0", "4755"], out
     finally:
         sb2.terminate()
+
+
+def test_an_adopted_sandbox_keeps_its_range_and_file_owners(server, app):
+    """After a kill -9 of the server, the next one adopts the sandbox with its range (recorded in
+    its directory), and the file API still creates root's files inside."""
+    sb = shoal.Sandbox.create(app=app, timeout=120)
+    try:
+        before = host_uids(host_pid(sb))[0]
+        server.restart()
+        with sb.open("/tmp/after-restart", "w") as f:
+            f.write("x")
+        assert sh(sb, "stat -c %u:%g /tmp/after-restart").strip() == "0:0"
+        assert host_uids(host_pid(sb))[0] == before
+    finally:
+        sb.terminate()
