@@ -35,7 +35,6 @@ RANGE_BASE = 0x80000  # 524288: systemd's range for container uids
 RANGE_SIZE = 65536  # uids (and gids) 0..65535 inside
 MAX_SLOTS = (0x6FFFFFFF - RANGE_BASE) // RANGE_SIZE
 HELPER_TIMEOUT = 5.0  # seconds for the helper to make its namespace
-HELPER_LIFE = 300  # seconds the helper sleeps at most (if the server died before ending it)
 
 
 def range_of(loop_device: str) -> int:
@@ -66,14 +65,15 @@ class Userns:
         self.base, self.size = base, size
         self.fd = -1
         # A small helper (not a fork of the server: that costs ~7 ms to make and as much to end
-        # here): setpriv drops to `base`, unshare makes the namespace and becomes `sleep`. The
-        # sleep bounds its life if the server dies before ending it.
-        argv = ["unshare", "--user", "--", "sleep", str(HELPER_LIFE)]
+        # here): setpriv drops to `base`, unshare makes the namespace and becomes `cat`, which
+        # reads a pipe only this process holds: if the server dies, cat reads EOF and exits (a
+        # parent-death signal would not do: changing uid clears it).
+        argv = ["unshare", "--user", "--", "cat"]
         if not inverse:
-            argv = ["setpriv", f"--reuid={base}", f"--regid={base}", "--clear-groups",
-                    "--pdeathsig", "KILL", "--", *argv]
+            argv = ["setpriv", f"--reuid={base}", f"--regid={base}", "--clear-groups", "--",
+                    *argv]
         self.proc: subprocess.Popen | None = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.pid = self.proc.pid
         try:
             self._wait_unshared()
@@ -90,7 +90,7 @@ class Userns:
             raise
 
     def _wait_unshared(self) -> None:
-        """Until the helper is `sleep` (so unshare has made the namespace)."""
+        """Until the helper is `cat` (so unshare has made the namespace)."""
         deadline = time.monotonic() + HELPER_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -98,7 +98,7 @@ class Userns:
                               f"({self.proc.returncode})")
             try:
                 with open(f"/proc/{self.pid}/comm") as f:
-                    if f.read().strip() == "sleep":
+                    if f.read().strip() == "cat":
                         return
             except OSError:
                 pass
@@ -118,6 +118,7 @@ class Userns:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
             self.proc.wait()
+            self.proc.stdin.close()
             self.proc = None
 
 
