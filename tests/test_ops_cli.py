@@ -234,3 +234,82 @@ def test_ctrl_c_on_foreground_serve_hands_sandboxes_over():
         srv.wait(timeout=30)
     assert not leftovers(home)
     shutil.rmtree(home)
+
+
+def _scrape() -> dict[tuple, float]:
+    """The session server's /metrics as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from shoal import config
+
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(config.paths().socket)),
+                      base_url="http://shoal", timeout=30) as c:
+        text = c.get("/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def _sum(samples: dict, name: str, **labels) -> float:
+    return sum(v for (n, ls), v in samples.items()
+               if n == name and all(dict(ls).get(k) == w for k, w in labels.items()))
+
+
+def test_metrics_move_when_things_happen(app):
+    """Each family of /metrics moves when its thing happens (not only exists)."""
+    import io
+
+    import shoal
+    from conftest import TEST_RUNTIME
+    from shoal.exception import AlreadyExistsError, NotFoundError
+
+    deadline = time.monotonic() + 120  # a warm sandbox to hit (earlier tests may have used them)
+    while _sum(_scrape(), "shoal_pool_idle") < 1:
+        assert time.monotonic() < deadline, "the warm pool never refilled"
+        time.sleep(0.5)
+    before = _scrape()
+
+    def moved(name: str, **labels) -> float:
+        return _sum(_scrape(), name, **labels) - _sum(before, name, **labels)
+
+    pooled = shoal.Sandbox.create(app=app, timeout=60)  # default: served by the warm pool
+    name = f"metrics-{uuid.uuid4().hex[:6]}"
+    named = shoal.Sandbox.create("sleep", "60", app=app, name=name, timeout=60)  # a pool miss
+    with pytest.raises(AlreadyExistsError):
+        shoal.Sandbox.create("sleep", "60", app=app, name=name, timeout=60)
+    assert moved("shoal_pool_hits_total") >= 1 and moved("shoal_pool_misses_total") >= 1
+    assert moved("shoal_sandbox_creations_total", result="ok") == 2
+    assert moved("shoal_sandbox_creations_total", result="error") == 1
+    assert moved("shoal_sandbox_create_seconds_count") == 2
+    assert moved("shoal_errors_total", type="AlreadyExistsError") == 1
+    assert moved("shoal_sandboxes", state="running", runtime=TEST_RUNTIME) >= 2
+
+    with pytest.raises(NotFoundError):
+        shoal.Sandbox.from_id("sb-0000000000000000000000")
+    assert moved("shoal_errors_total", type="NotFoundError") >= 1
+
+    assert pooled.exec("true").wait() == 0
+    assert moved("shoal_exec_start_seconds_count") == 1
+    pooled.filesystem.write_text("metrics", "/tmp/m.txt")
+    assert pooled.filesystem.read_text("/tmp/m.txt") == "metrics"
+    assert moved("shoal_file_api_seconds_count", op="put file") == 1
+    assert moved("shoal_file_api_seconds_count", op="get file") == 1
+
+    data = os.urandom(12345)
+    vol = shoal.Volume.from_name(f"metrics-{uuid.uuid4().hex[:6]}", create_if_missing=True)
+    try:
+        with vol.batch_upload() as b:
+            b.put_file(io.BytesIO(data), "/blob")
+        assert b"".join(vol.read_file("blob")) == data
+        assert moved("shoal_volume_bytes_total", direction="in") == len(data)
+        assert moved("shoal_volume_bytes_total", direction="out") == len(data)
+    finally:
+        shoal.Volume.objects.delete(vol.name)
+
+    # One build request per image of the chain: the (cached) base, then the new step.
+    shoal.Image.debian_slim().run_commands(f"echo {uuid.uuid4().hex} > /marker").build()
+    assert moved("shoal_image_build_seconds_count") == 2
+    assert moved("shoal_image_build_seconds_sum") > 0.1  # the step ran in a build container
+
+    for sb in (pooled, named):
+        sb.terminate()
+    assert moved("shoal_sandboxes", state="terminated", runtime=TEST_RUNTIME) >= 2

@@ -72,7 +72,7 @@ class RequestLayer:
             elif message["type"] == "http.response.body":
                 if seen.error_body is not None and len(seen.error_body) < 4096:
                     seen.error_body += message.get("body", b"")
-                elif volume and 200 <= seen.status < 300 and _metrics.file_route(scope):
+                elif volume and 200 <= seen.status < 300 and _metrics.volume_flow(scope) == "out":
                     m.volume_bytes.labels("out").inc(len(message.get("body", b"")))
             await send(message)
 
@@ -81,7 +81,7 @@ class RequestLayer:
 
             async def receive():
                 message = await inner_receive()
-                if message["type"] == "http.request" and _metrics.file_route(scope):
+                if message["type"] == "http.request" and _metrics.volume_flow(scope) == "in":
                     m.volume_bytes.labels("in").inc(len(message.get("body", b"")))
                 return message
 

@@ -73,9 +73,13 @@ class _StateCollector:
 VOLUME_PATHS = ("/volumes/", "/nfs/", "/network_file_systems/")
 
 
-def file_route(scope) -> bool:
-    """Whether the request matched a volume's file route (its bytes are counted)."""
-    return getattr(scope.get("route"), "path", "").endswith("/file")
+def volume_flow(scope) -> str | None:
+    """"in" for an upload to a volume's file route (its request body is counted), "out" for a
+    download from one (its response body), None for anything else: the JSON answer to an upload
+    is not volume data."""
+    if not getattr(scope.get("route"), "path", "").endswith("/file"):
+        return None
+    return {"PUT": "in", "GET": "out"}.get(scope.get("method"))
 
 
 def record(m: Metrics, scope, status: int, first: float | None, total: float,
