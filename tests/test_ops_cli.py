@@ -61,13 +61,42 @@ def test_list_inspect_logs_exec(named):
                env={**os.environ, "COLUMNS": "97", "LINES": "20"}).stdout.strip() == "97"
 
 
-def test_logs_follow_ends_with_the_sandbox(app):
+def _popen_cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "shoal", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_logs_follow_is_live_and_ends_with_the_sandbox(app):
     import shoal
 
-    sb = shoal.Sandbox.create("sh", "-c", "for i in 1 2 3; do echo line$i; sleep 0.3; done",
-                              app=app, timeout=60)
-    r = cli("sandbox", "logs", "-f", sb.object_id)
-    assert r.stdout == "line1\nline2\nline3\n"
+    sb = shoal.Sandbox.create("sh", "-c", "echo line1; while [ ! -e /tmp/go ]; do sleep 0.1; done;"
+                              " echo line2", app=app, timeout=60)
+    follow = _popen_cli("sandbox", "logs", "-f", sb.object_id)
+    try:
+        assert follow.stdout.readline() == "line1\n"  # printed while the sandbox still runs
+        assert sb.poll() is None and follow.poll() is None
+        sb.exec("touch", "/tmp/go").wait()
+        out, err = follow.communicate(timeout=60)
+    finally:
+        follow.kill()
+    assert (follow.returncode, out, err) == (0, "line2\n", "")
+
+
+def test_ctrl_c_and_closed_pipe_exit_codes(named):
+    """Ctrl-C exits 130 and a reader that went away (`| head`) 141, each without a message."""
+    sb, name = named
+    follow = _popen_cli("sandbox", "logs", "-f", name)
+    assert follow.stdout.readline() == "hello\n"
+    follow.send_signal(signal.SIGINT)
+    _, err = follow.communicate(timeout=60)
+    # The entrypoint's stderr ("oops", if its stream was read before the signal), nothing else.
+    assert follow.returncode == 130 and err in ("", "oops\n"), err
+    stats = _popen_cli("sandbox", "stats", "--interval", "0.1")
+    assert stats.stdout.readline().startswith("ID")
+    stats.stdout.close()
+    assert stats.wait(timeout=60) == 141 and stats.stderr.read() == ""
+    r = cli("sandbox", "stats", "--interval", "0", ok=False)
+    assert r.returncode == 2 and "--interval" in r.stderr
 
 
 def test_stop_and_list_all(app):
