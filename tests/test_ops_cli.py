@@ -210,10 +210,13 @@ def test_ctrl_c_on_foreground_serve_hands_sandboxes_over():
     env = {**os.environ, "SHOAL_HOME": str(home), "SHOAL_IMAGES": str(DEFAULT_IMAGES)}
     log = home / "fg.log"
 
-    def start():
+    def start(*flags: str):
         return subprocess.Popen([sys.executable, "-m", "shoal", "serve", "--log-format", "json",
-                                 "--access-log"], env=env, stdout=open(log, "ab"),
+                                 *flags], env=env, stdout=open(log, "ab"),
                                 stderr=subprocess.STDOUT)
+
+    def events(text: str) -> list[dict]:
+        return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
     def http():
         return httpx.Client(transport=httpx.HTTPTransport(uds=str(home / "shoal.sock")),
@@ -231,7 +234,7 @@ def test_ctrl_c_on_foreground_serve_hands_sandboxes_over():
             time.sleep(0.05)
         raise AssertionError("server did not start")
 
-    srv = start()
+    srv = start("--access-log")
     try:
         wait_up(srv)
         code = ("import shoal; a = shoal.App.lookup('fg', create_if_missing=True); "
@@ -242,23 +245,57 @@ def test_ctrl_c_on_foreground_serve_hands_sandboxes_over():
         with http() as c, c.stream("GET", f"/sandboxes/{sid}/logs/stdout",
                                    params={"follow": True}, timeout=1) as r:
             assert r.status_code == 200
+        with http() as c:  # an error answer: its access-log line carries the client's request id
+            assert c.get("/sandboxes/sb-0000000000000000000000",
+                         headers={"x-request-id": "req-from-test"}).status_code == 404
         srv.send_signal(signal.SIGINT)
         assert srv.wait(timeout=30) == 0
         assert not (home / "shoal.sock").exists()
-        lines = [json.loads(line) for line in log.read_text().splitlines()
-                 if line.startswith("{")]
-        events = {e.get("event") for e in lines}
-        assert {"sandbox.created", "http.request"} <= events, events
+        first = log.read_text()
+        lines = events(first)
+        assert {"sandbox.created", "http.request", "client.abort"} <= {e.get("event")
+                                                                       for e in lines}
         created = next(e for e in lines if e.get("event") == "sandbox.created")
         assert created["sandbox_id"] == sid and created["request_id"]
-        assert "Traceback" not in log.read_text()
-        assert "running sandboxes keep running" in log.read_text()
+        assert any(e.get("event") == "http.request" and e.get("request_id") == "req-from-test"
+                   and " 404 " in e["message"] for e in lines)
+        aborts = [e for e in lines if e.get("event") == "client.abort"]
+        assert len(aborts) == 1 and "/logs/stdout" in aborts[0]["message"]
+        assert "Traceback" not in first
+        assert "running sandboxes keep running" in first
 
-        srv = start()
+        srv = start()  # no --access-log this time
         wait_up(srv)
         with http() as c:
             assert c.get(f"/sandboxes/{sid}").json()["state"] == "running"  # adopted
+        code = ("import shoal; a = shoal.App.lookup('fg', create_if_missing=True); "
+                "sb = shoal.Sandbox.create(app=a, timeout=120); sb.exec('true').wait(); "
+                "print(sb.object_id)")
+        other = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                               text=True, timeout=120, check=True).stdout.strip()
+        r = subprocess.run([sys.executable, "-m", "shoal", "sandbox", "stop", "--all"], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and set(r.stdout.split()) == {sid, other}, r.stderr
+        with http() as c:
+            assert c.get("/ops/sandboxes").json() == []
+        deadline = time.monotonic() + 30
+        while len([e for e in events(log.read_text()[len(first):])
+                   if e.get("event") == "sandbox.ended"]) < 2:
+            assert time.monotonic() < deadline, log.read_text()[len(first):][-3000:]
+            time.sleep(0.1)
+        second = events(log.read_text()[len(first):])
+        assert "http.request" not in {e.get("event") for e in second}  # the access log is off
+        ended = {e["sandbox_id"]: e for e in second if e.get("event") == "sandbox.ended"}
+        assert {ended[i]["reason"] for i in (sid, other)} == {"terminated"}
+        assert {ended[i]["returncode"] for i in (sid, other)} == {137}
+        started = [e for e in second if e.get("event") == "exec.started"]
+        assert [e["sandbox_id"] for e in started] == [other]
+        assert any(e.get("event") == "exec.ended" and e.get("exec_id") == started[0]["exec_id"]
+                   for e in second)
     finally:
+        if srv.poll() is not None:  # failed between the servers: one to end the handed-over
+            srv = start()
+            wait_up(srv)
         subprocess.run([sys.executable, "-m", "shoal", "stop"], env=env, timeout=120)
         srv.wait(timeout=30)
     assert not leftovers(home)

@@ -27,12 +27,14 @@ _log = logging.getLogger("shoal.server")
 class _Seen:
     """What the layer saw of one answer."""
 
-    __slots__ = ("status", "first", "error_body")
+    __slots__ = ("status", "first", "error_body", "done", "left")
 
     def __init__(self) -> None:
         self.status: int | None = None
         self.first: float | None = None
         self.error_body: bytes | None = None
+        self.done = False  # the answer's last byte was handed to the server
+        self.left = False  # the client disconnected before that
 
 
 class RequestLayer:
@@ -70,18 +72,22 @@ class RequestLayer:
                     seen.error_body = b""
                 message = {**message, "headers": [*message.get("headers", ()), *extra]}
             elif message["type"] == "http.response.body":
+                seen.done = not message.get("more_body", False)
                 if seen.error_body is not None and len(seen.error_body) < 4096:
                     seen.error_body += message.get("body", b"")
                 elif volume and 200 <= seen.status < 300 and _metrics.volume_flow(scope) == "out":
                     m.volume_bytes.labels("out").inc(len(message.get("body", b"")))
             await send(message)
 
-        if volume:
+        if http:
             inner_receive = receive
 
             async def receive():
                 message = await inner_receive()
-                if message["type"] == "http.request" and _metrics.volume_flow(scope) == "in":
+                if message["type"] == "http.disconnect":
+                    seen.left = not seen.done  # e.g. Ctrl-C on `logs -f`: the stream just ends
+                elif volume and message["type"] == "http.request" \
+                        and _metrics.volume_flow(scope) == "in":
                     m.volume_bytes.labels("in").inc(len(message.get("body", b"")))
                 return message
 
@@ -97,13 +103,15 @@ class RequestLayer:
         except BaseException as e:
             if type(e).__name__ in logs.DISCONNECTS or isinstance(e, (ConnectionError, OSError)) \
                     and seen.status is not None:
-                _log.info("client went away during %s %s", scope.get("method", "WS"),
-                          scope["path"], extra={"event": "client.abort"})
+                seen.left = True
                 if type(e).__name__ == "CancelledError":
                     raise
                 return
             raise
         finally:
+            if seen.left:
+                _log.info("client went away during %s %s", scope.get("method", "WS"),
+                          scope["path"], extra={"event": "client.abort"})
             total = time.monotonic() - started
             if m is not None:
                 _metrics.record(m, scope, seen.status or 0, seen.first, total, seen.error_body)
