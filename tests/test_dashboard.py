@@ -233,7 +233,10 @@ def test_click_through(tcp_server, tmp_path):
         page.locator("#volumes tr[data-name='dash-vol'] button").click()
         expect(page.locator("#volumes tr[data-name='dash-vol']")).to_have_count(0)
 
-        _bad_terminal_frame(base, sid)  # the server logs a warning about it
+        _bad_terminal_frame(base, sid)  # the server logs a warning about it, with a request id
+        warned = [e for e in httpx.get(base + "/errors", headers={"authorization": f"Bearer {TOKEN}"}
+                                       ).json() if f"terminal on {sid} ended" in e["message"]]
+        assert warned and warned[0]["request_id"] and warned[0]["level"] == "warning"
         page.click("nav a[data-view='errors']")
         expect(page.locator("#errors")).to_contain_text(f"terminal on {sid} ended",
                                                         timeout=10000)

@@ -376,8 +376,10 @@ def test_metrics_move_when_things_happen(app):
         shoal.Volume.objects.delete(vol.name)
 
     # One build request per image of the chain: the (cached) base, then the new step.
-    shoal.Image.debian_slim().run_commands(f"echo {uuid.uuid4().hex} > /marker").build()
+    img = shoal.Image.debian_slim().run_commands(f"echo {uuid.uuid4().hex} > /marker").build()
     assert moved("shoal_image_build_seconds_count") == 2
+    from shoal import config  # the build is in the server's (text) log as an event, too
+    assert f"[image.built image_id={img.object_id} seconds=" in config.paths().server_log.read_text()
     assert moved("shoal_image_build_seconds_sum") > 0.1  # the step ran in a build container
 
     for sb in (pooled, named):
