@@ -109,7 +109,8 @@ class RequestLayer:
                 return
             raise
         finally:
-            if seen.left:
+            # (An app that still answered in full after the disconnect logged it itself.)
+            if seen.left and not seen.done:
                 _log.info("client went away during %s %s", scope.get("method", "WS"),
                           scope["path"], extra={"event": "client.abort"})
             total = time.monotonic() - started
