@@ -392,10 +392,16 @@ def test_metrics_move_when_things_happen(app):
     # One build request per image of the chain the SDK has not resolved yet: the (cached) base
     # unless this process built it already, then the new step.
     img = shoal.Image.debian_slim().run_commands(f"echo {uuid.uuid4().hex} > /marker").build()
-    assert moved("shoal_image_build_seconds_count") in (1, 2)
+    assert moved("shoal_image_build_seconds_count", result="ok") in (1, 2)
     from shoal import config  # the build is in the server's (text) log as an event, too
     assert f"[image.built image_id={img.object_id} seconds=" in config.paths().server_log.read_text()
     assert moved("shoal_image_build_seconds_sum") > 0.1  # the step ran in a build container
+    # A failed build still answers 200 (the failure is the stream's last line): counted as one.
+    failing = shoal.Image.debian_slim().run_commands(f"echo {uuid.uuid4().hex}; exit 3")
+    with pytest.raises(shoal.exception.Error):
+        failing.build()
+    assert moved("shoal_image_build_seconds_count", result="error") == 1
+    assert moved("shoal_errors_total", type="ExecutionError") == 1
 
     for sb in (pooled, named):
         sb.terminate()

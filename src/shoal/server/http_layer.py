@@ -27,7 +27,7 @@ _log = logging.getLogger("shoal.server")
 class _Seen:
     """What the layer saw of one answer."""
 
-    __slots__ = ("status", "first", "error_body", "done", "left")
+    __slots__ = ("status", "first", "error_body", "done", "left", "tail")
 
     def __init__(self) -> None:
         self.status: int | None = None
@@ -35,6 +35,7 @@ class _Seen:
         self.error_body: bytes | None = None
         self.done = False  # the answer's last byte was handed to the server
         self.left = False  # the client disconnected before that
+        self.tail: bytes | None = None  # the end of a streamed build's answer (its result line)
 
 
 class RequestLayer:
@@ -63,6 +64,8 @@ class RequestLayer:
                  (b"x-request-id", rid.encode())) if http else ((b"x-request-id", rid.encode()),)
         m = self.metrics if http else None
         volume = m is not None and scope["path"].startswith(_metrics.VOLUME_PATHS)
+        if m is not None and scope["path"] == "/images" and scope["method"] == "POST":
+            seen.tail = b""
 
         async def send_(message):
             if message["type"] == "http.response.start":
@@ -75,6 +78,8 @@ class RequestLayer:
                 seen.done = not message.get("more_body", False)
                 if seen.error_body is not None and len(seen.error_body) < 4096:
                     seen.error_body += message.get("body", b"")
+                elif seen.tail is not None:
+                    seen.tail = (seen.tail + message.get("body", b""))[-4096:]
                 elif volume and 200 <= seen.status < 300 and _metrics.volume_flow(scope) == "out":
                     m.volume_bytes.labels("out").inc(len(message.get("body", b"")))
             await send(message)
@@ -115,7 +120,8 @@ class RequestLayer:
                           scope["path"], extra={"event": "client.abort"})
             total = time.monotonic() - started
             if m is not None:
-                _metrics.record(m, scope, seen.status or 0, seen.first, total, seen.error_body)
+                _metrics.record(m, scope, seen.status or 0, seen.first, total, seen.error_body,
+                                seen.tail)
             if not logs.access.disabled:
                 logs.access.info("%s %s %s %.1f ms", scope.get("method", "WS"), scope["path"],
                                  seen.status, total * 1000, extra={"event": "http.request"})
