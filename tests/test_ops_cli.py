@@ -377,6 +377,8 @@ def test_metrics_move_when_things_happen(app):
     assert pooled.filesystem.read_text("/tmp/m.txt") == "metrics"
     assert moved("shoal_file_api_seconds_count", op="put file") == 1
     assert moved("shoal_file_api_seconds_count", op="get file") == 1
+    assert list(pooled.watch("/tmp", timeout=1)) == []  # a watch lasts as long as it is asked to
+    assert moved("shoal_file_api_seconds_count") == 2  # so it is no latency
 
     data = os.urandom(12345)
     vol = shoal.Volume.from_name(f"metrics-{uuid.uuid4().hex[:6]}", create_if_missing=True)

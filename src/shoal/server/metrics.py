@@ -83,6 +83,9 @@ def volume_flow(scope) -> str | None:
     return {"PUT": "in", "GET": "out"}.get(scope.get("method"))
 
 
+_WATCH = "/sandboxes/{sandbox_id}/fs/watch"  # a stream as long as the watch: not a latency
+
+
 def _error_type(body: bytes) -> str:
     try:
         return json.loads(body)["error"]["type"]
@@ -105,7 +108,7 @@ def record(m: Metrics, scope, status: int, first: float | None, total: float,
             m.create_seconds.observe(total)
     elif route == "/sandboxes/{sandbox_id}/exec" and ok:
         m.exec_seconds.observe(first or total)
-    elif route.startswith("/sandboxes/{sandbox_id}/fs/"):
+    elif route.startswith("/sandboxes/{sandbox_id}/fs/") and route != _WATCH:
         op = route.split("/fs/", 1)[1].replace("/{handle}", "")
         m.file_seconds.labels(f"{method.lower()} {op}").observe(total)
     elif route == "/images" and method == "POST" and ok:
