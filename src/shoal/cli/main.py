@@ -41,7 +41,7 @@ Exit codes:
   1    error: the server refused (not found, invalid, conflict) or a local failure
   2    usage error (unknown option, missing argument)
   3    no shoal server answers (status, sandbox, app commands)
-  130  interrupted (Ctrl-C)
+  130  interrupted (Ctrl-C; `serve` exits 0: that is its clean shutdown)
   141  the output's reader went away (`| head`)
   `sandbox exec` and `shell` exit with the command's exit code."""
 
