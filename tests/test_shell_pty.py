@@ -122,3 +122,21 @@ def test_shell_in_a_real_terminal(sandbox, tmux, tmp_path):
     assert text.startswith("exit=5")
     assert " icanon " in f" {text} " and " echo " in f" {text} "  # cooked mode again
     assert sandbox.poll() is None  # the sandbox keeps running
+
+
+def test_exec_it_in_a_real_terminal(sandbox, tmux, tmp_path):
+    """`shoal sandbox exec -it ID -- CMD`: the terminal's size, typed input, the exit code."""
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in os.environ.items()
+                   if k.startswith("SHOAL_"))
+    marker = tmp_path / "done"
+    inner = shlex.quote('stty size; read x; echo "got-$x"; exit 3')
+    tmux.start(f"env {env} TERM=xterm-256color {sys.executable} -m shoal sandbox exec -it "
+               f"{sandbox.object_id} -- sh -c {inner}; echo \"exit=$?\" > {marker}.tmp; "
+               f"mv {marker}.tmp {marker}")
+    tmux.wait_for(f"{tmux.rows} {tmux.cols}")
+    tmux.keys("typed-here", "Enter")
+    tmux.wait_for("got-typed-here")
+    deadline = time.monotonic() + 20
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.read_text() == "exit=3\n"

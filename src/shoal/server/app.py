@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 
 from shoal import exception as exc
 from shoal.config import Paths
+from shoal.server import names
 from shoal.server.host import tools
 from shoal.server.host.base import HostError
 from shoal.server.host.runc_host import RuncHost
@@ -227,7 +228,10 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
         parts = []
         for e in err.errors():
             where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-            parts.append(f"{where}: {e.get('msg')}")
+            if (e.get("ctx") or {}).get("pattern") == names.NAME_PATTERN:  # the rule, in words
+                parts.append(f"{where}: invalid name {e.get('input')!r}: {names.RULE}")
+            else:
+                parts.append(f"{where}: {e.get('msg')}")
         return _error(400, "InvalidError", "; ".join(parts) or "invalid request")
 
     return app
