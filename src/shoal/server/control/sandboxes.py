@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import errno
 import logging
 import os
@@ -88,7 +89,7 @@ def _limits(r: Resources) -> Limits:
 
 def exec_sandbox(exec_id: str) -> str:
     """The sandbox an exec id belongs to: exec ids embed it, so they resolve after a restart."""
-    if not re.fullmatch(r"ex-[0-9a-f]{22}-[0-9a-f]{8}", exec_id or ""):
+    if not re.fullmatch(r"ex-[0-9a-f]{22}-(?:[0-9a-f]{8}){1,2}", exec_id or ""):
         raise NotFoundError(f"exec {exec_id!r} not found")
     return "sb-" + exec_id[3:25]
 
@@ -624,14 +625,25 @@ class SandboxService:
 
     # --- exec
     @staticmethod
-    def _new_exec_id(sandbox_id: str) -> str:
-        return f"ex-{sandbox_id[3:]}-{secrets.token_hex(4)}"
+    def _new_exec_id(sandbox_id: str, key: str | None = None) -> str:
+        """A new exec's id. With an Idempotency-Key it is derived from the key, so every attempt
+        of one request names the same session, and the agent refuses to start that twice."""
+        if key is None:
+            return f"ex-{sandbox_id[3:]}-{secrets.token_hex(8)}"
+        digest = hashlib.sha256(f"{sandbox_id}\0{key}".encode()).hexdigest()
+        return f"ex-{sandbox_id[3:]}-{digest[:16]}"
 
     async def exec(self, sandbox_id: str, req: ExecRequest,
-                   idempotency_key: str | None = None) -> ExecRecord:
+                   idempotency_key: str | None = None, first_attempt: bool = False
+                   ) -> ExecRecord:
         """Start a command. With `idempotency_key`, a repeated request returns the command the
-        first one started (its id is stored before the command starts), never a second run."""
+        first one started, never a second run: the key is stored with the exec id, and the id is
+        derived from the key, so a repeat that finds no stored key (its first attempt's server
+        died before storing it) names the running session, which the agent refuses to start
+        again. `first_attempt` (the client says it never sent this key before) skips the
+        lookup: the key's write is queued in the store's thread, not waited for."""
         eid = None
+        keyed_id = False
         if idempotency_key is not None:
             live = self.live.get(sandbox_id)
             if live is not None and not live.exited.is_set() and not req.secret_ids:
@@ -639,9 +651,17 @@ class SandboxService:
                 # with the new command's id. A request this exec() refuses is refused the same
                 # way on every attempt, so it is checked first and stores nothing.
                 _check_exec_request(req)
-                eid = self._new_exec_id(sandbox_id)
-                done = await self.astore.run(_claim_key, self.store, idempotency_key,
-                                             f"exec:{sandbox_id}", eid)
+                eid = self._new_exec_id(sandbox_id, idempotency_key)
+                keyed_id = True
+                if first_attempt:
+                    # Submitted now: the store's one thread runs calls in order, so a retry's
+                    # lookup finds it (~0.7 ms less before the command starts).
+                    self.astore.submit(_claim_key, self.store, idempotency_key,
+                                       f"exec:{sandbox_id}", eid)
+                    done = None
+                else:
+                    done = await self.astore.run(_claim_key, self.store, idempotency_key,
+                                                 f"exec:{sandbox_id}", eid)
             else:
                 done = await self.astore.idempotent_get(idempotency_key)
             if done is not None:
@@ -667,9 +687,14 @@ class SandboxService:
             pty = (req.pty_rows, req.pty_cols)
             stderr = "stdout"
         with self._gone_as_terminated(sandbox_id):
-            await self.host.exec(sandbox_id, ExecSpec(
-                eid, list(req.args), env, workdir, stdin="pipe", stdout=modes[req.stdout],
-                stderr=stderr, timeout=req.timeout, pty=pty))
+            try:
+                await self.host.exec(sandbox_id, ExecSpec(
+                    eid, list(req.args), env, workdir, stdin="pipe", stdout=modes[req.stdout],
+                    stderr=stderr, timeout=req.timeout, pty=pty))
+            except FileExistsError:
+                if not keyed_id:
+                    raise
+                return self.get_exec(eid)  # the first attempt started it: that is the answer
         streams = tuple(s for s, mode in (("stdout", req.stdout), ("stderr", req.stderr))
                         if mode == "pipe" and not (pty and s == "stderr"))
         rec = self._track(eid, sandbox_id, streams)

@@ -127,7 +127,8 @@ async def sandbox_exec(sandbox_id: str, body: ExecRequest, request: Request):
     """Start a command and stream its output and exit code in the same response: one round trip
     for a command that needs no stdin."""
     svc = _svc(request)
-    rec = await svc.exec(sandbox_id, body, _idempotency_key(request))
+    rec = await svc.exec(sandbox_id, body, _idempotency_key(request),
+                         request.headers.get("x-shoal-attempt") == "1")
     return StreamingResponse(_exec_frames(svc, rec.id, {}, {"exec_id": rec.id,
                                                              "sandbox_id": sandbox_id}),
                              media_type="application/x-shoal-exec")
