@@ -129,7 +129,7 @@ class ShoalApp(FastAPI):
 
     def build_middleware_stack(self):
         return RequestLayer(super().build_middleware_stack(), getattr(self.state, "metrics", None),
-                            sandboxes.FAST_ROUTES)
+                            sandboxes.FAST_ROUTES + files.FAST_ROUTES)
 
 
 def create_app(paths: Paths, upkeep_interval: float = 1.0,

@@ -35,6 +35,20 @@ class _Seen:
         self.error_body: bytes | None = None
 
 
+async def answer_error(scope, receive, send, err: Exception) -> None:
+    """Answer `err` as the app's own exception handlers would (for the fast routes, which run
+    outside the framework); re-raises an error no handler takes."""
+    app = scope["app"]
+    handler = next((app.exception_handlers[c] for c in type(err).__mro__
+                    if c in app.exception_handlers), None)
+    if handler is None:
+        raise err
+    from starlette.requests import Request
+
+    response = await handler(Request(scope, receive), err)
+    await response(scope, receive, send)
+
+
 class RequestLayer:
     def __init__(self, app, metrics: _metrics.Metrics | None = None, fast_routes=()):
         self.app = app

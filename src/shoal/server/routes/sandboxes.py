@@ -10,6 +10,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from shoal.exception import Error, InvalidError
+from shoal.server import http_layer
 from shoal.server.control.sandboxes import KEEP_NAME
 from shoal.server.models import (CreateSandbox, ExecRequest, SandboxInfo, TagsBody,
                                  WaitResult)
@@ -179,12 +180,7 @@ async def sandbox_exec_asgi(app, scope, receive, send, sandbox_id: str) -> None:
             raise InvalidError("Idempotency-Key must be 1-200 characters")
         rec = await svc.exec(sandbox_id, req, key, headers.get(b"x-shoal-attempt") == b"1")
     except Exception as e:
-        handler = next((starlette_app.exception_handlers[c] for c in type(e).__mro__
-                        if c in starlette_app.exception_handlers), None)
-        if handler is None:
-            raise
-        response = await handler(Request(scope, receive), e)
-        return await response(scope, receive, send)
+        return await http_layer.answer_error(scope, receive, send, e)
     response = StreamingResponse(_exec_frames(svc, rec.id, {}, {"exec_id": rec.id,
                                                                  "sandbox_id": sandbox_id}),
                                  media_type="application/x-shoal-exec")
