@@ -129,7 +129,8 @@ class ShoalApp(FastAPI):
     """FastAPI with shoal's one request layer (http_layer.py) outside Starlette's middleware."""
 
     def build_middleware_stack(self):
-        return RequestLayer(super().build_middleware_stack(), getattr(self.state, "metrics", None))
+        return RequestLayer(super().build_middleware_stack(), getattr(self.state, "metrics", None),
+                            sandboxes.FAST_ROUTES + files.FAST_ROUTES)
 
 
 def create_app(paths: Paths, upkeep_interval: float = 1.0,

@@ -861,6 +861,7 @@ int main(int argc, char **argv)
         return 125;
     }
     setup_signals();
+    child_reset_list_init();
     exec_init();
     g_sock_path = sock;
     if (!listen_on(sock))

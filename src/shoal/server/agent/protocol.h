@@ -79,6 +79,8 @@
 #define SA_TAG_TIMED_OUT 28
 #define SA_TAG_SIGNO 29
 #define SA_TAG_STATE 30
+#define SA_TAG_STDOUT_END 31
+#define SA_TAG_STDERR_END 32
 #define SA_TAG_PATH 40
 #define SA_TAG_PATH2 41
 #define SA_TAG_TYPE 42

@@ -143,6 +143,8 @@ class FakeHost:
     async def exec(self, sandbox_id: str, spec: ExecSpec) -> None:
         box = self._box(sandbox_id)
         self.calls.append(("exec", sandbox_id, spec.argv))
+        if spec.exec_id in box.execs:  # as the agent: one session per id
+            raise FileExistsError(f"exec id {spec.exec_id} is in use")
         ex = box.execs[spec.exec_id] = _Exec(spec)
         fn = self.commands.get(spec.argv[0])
         if fn is not None:

@@ -439,9 +439,18 @@ class RuncHost:
 
     async def read_file(self, sandbox_id: str, path: str,
                         limit: int | None) -> tuple[int, AsyncIterator[bytes]]:
-        fd = await self._files(sandbox_id, self.files.open_read, path, limit)
-        size = os.fstat(fd).st_size
-        return size, _iter_fd(fd)
+        def open_read() -> tuple[int, int, bytes]:
+            # One worker-thread trip for a small file: open, size, and its bytes.
+            fd = self.files.call(sandbox_id, self.files.open_read, path, limit)
+            try:
+                size = os.fstat(fd).st_size
+                return fd, size, os.read(fd, size) if 0 < size <= (64 << 10) else b""
+            except BaseException:
+                os.close(fd)
+                raise
+        self._running(sandbox_id)
+        fd, size, head = await asyncio.to_thread(open_read)
+        return size, _iter_fd(fd, head)
 
     async def write_file(self, sandbox_id: str, path: str, chunks: AsyncIterator[bytes],
                          parents: bool) -> int:
@@ -631,8 +640,10 @@ async def _write_all_nonblocking(fd: int, data: bytes) -> None:
             return
 
 
-async def _iter_fd(fd: int) -> AsyncIterator[bytes]:
+async def _iter_fd(fd: int, head: bytes = b"") -> AsyncIterator[bytes]:
     try:
+        if head:
+            yield head
         while data := await asyncio.to_thread(os.read, fd, 1 << 20):
             yield data
     finally:
