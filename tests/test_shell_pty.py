@@ -140,3 +140,53 @@ def test_exec_it_in_a_real_terminal(sandbox, tmux, tmp_path):
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert marker.read_text() == "exit=3\n"
+
+
+def test_agent_pty_flag_and_resize_entry(tmp_path):
+    """The agent run directly (no container): `--pty ROWS:COLS`, RESIZE_ENTRY, stdin typed on
+    the terminal, EOF typed as ^D; RESIZE_ENTRY refused without a pty; a bad size refused."""
+    import asyncio
+
+    from shoal.server.agent import ensure_built
+    from shoal.server.host.agent_client import connect
+
+    agent = str(ensure_built())
+    script = "stty size; echo ready; read x; stty size; cat; echo end"
+    out = tmp_path / "out"
+    with open(out, "wb") as f:
+        proc = subprocess.Popen([agent, "--socket", str(tmp_path / "agent.sock"), "--pty", "5:50",
+                                 "--", "sh", "-c", script], stdin=subprocess.PIPE, stdout=f)
+    plain = subprocess.Popen([agent, "--socket", str(tmp_path / "plain.sock"), "--", "sleep",
+                              "30"], stdin=subprocess.DEVNULL)
+
+    async def go():
+        deadline = time.monotonic() + 10
+        while b"ready" not in out.read_bytes():
+            assert time.monotonic() < deadline and proc.poll() is None, out.read_bytes()
+            await asyncio.sleep(0.02)
+        c = await connect(tmp_path, timeout=10)
+        p = await connect(tmp_path, "plain.sock", timeout=10)
+        try:
+            await c.resize_entry(7, 70)
+            with pytest.raises(OSError) as e:
+                await p.resize_entry(7, 70)
+            assert e.value.errno == 22  # EINVAL: no pty
+        finally:
+            await c.close()
+            await p.close()
+
+    try:
+        asyncio.run(go())
+        proc.stdin.write(b"\nline\n")
+        proc.stdin.close()  # the host's EOF: ^D on the terminal ends cat
+        assert proc.wait(timeout=10) == 0
+    finally:
+        for x in (proc, plain):
+            x.kill()
+            x.wait()
+    text = out.read_bytes()  # what was typed is echoed as it arrives: order aside
+    assert text.startswith(b"5 50\r\nready\r\n") and text.endswith(b"line\r\nend\r\n")
+    assert b"7 70\r\n" in text and text.count(b"line\r\n") == 2  # the echo, and cat's copy
+    bad = subprocess.run([agent, "--socket", str(tmp_path / "bad.sock"), "--pty", "0:80", "--",
+                          "true"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--pty ROWS:COLS" in bad.stderr
