@@ -21,12 +21,12 @@ import shoal
 def test_exec_pty_size_and_resize(sandbox):
     p = sandbox.exec("sh", "-c", "stty size; read x; stty size; test -t 0 && echo tty",
                      pty=True, pty_info=(33, 111))
-    first = p.stdout.readline() if hasattr(p.stdout, "readline") else None
+    first = _until(p.stdout, "33 111")  # before the resize: else the first size is the new one
     p.resize(40, 100)
     p.stdin.write("\n")
     p.stdin.drain()
     rest = p.stdout.read()
-    out = (first or "") + rest
+    out = first + rest
     assert p.wait() == 0
     assert "33 111" in out and "40 100" in out and "tty" in out
 
