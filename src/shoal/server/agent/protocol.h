@@ -52,6 +52,7 @@
 #define SA_T_UNWATCH 52
 #define SA_T_PROBE_TCP 60
 #define SA_T_QUIESCE 70
+#define SA_T_RESIZE_ENTRY 80
 
 #define SA_TAG_VERSION 1
 #define SA_TAG_AGENT 2

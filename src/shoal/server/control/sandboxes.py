@@ -328,6 +328,8 @@ class SandboxService:
             check_workdir(req.workdir)
         if req.idle_timeout is not None and not 0 < req.idle_timeout <= MAX_TIMEOUT:
             raise InvalidError(f"idle_timeout must be between 1 and {MAX_TIMEOUT} seconds")
+        if (req.pty_rows is None) != (req.pty_cols is None):
+            raise InvalidError("a pty needs both pty_rows and pty_cols")
         if req.readiness_probe is not None:
             p = req.readiness_probe
             if (p.exec_args is None) == (p.tcp_port is None):
@@ -407,8 +409,10 @@ class SandboxService:
         if args and image.config.entrypoint:
             args = [*image.config.entrypoint, *args]
 
-        # A warm sandbox serves a request that asks for nothing it was not started with.
-        fits = (not args and not req.mounts and not req.bucket_mounts
+        # A warm sandbox serves a request that asks for nothing it was not started with (its
+        # agent was started without a terminal, so never a pty request).
+        pty = (req.pty_rows, req.pty_cols) if req.pty_rows is not None else None
+        fits = (not args and pty is None and not req.mounts and not req.bucket_mounts
                 and req.resources == Resources()
                 and policy == (DEFAULT_POLICY if self.host.has_network else None)
                 and runtime == self._runtime(None))
@@ -442,7 +446,7 @@ class SandboxService:
             limits=_limits(req.resources),
             mounts=[Mount(str(self.volumes.storage.host_path(v.id)), posixpath.normpath(m.path),
                           m.read_only) for m, v in vols],
-            network=policy, runtime=runtime)
+            network=policy, runtime=runtime, pty=pty)
         try:
             buckets = await self._mount_buckets(sid, req)  # fails before anything runs
             hspec.mounts.extend(buckets)
@@ -648,6 +652,16 @@ class SandboxService:
                 await self.host.write_stdin(sandbox_id, data, eof)
             except BrokenPipeError as e:
                 raise InvalidError(str(e)) from None
+
+    async def resize_pty(self, sandbox_id: str, rows: int, cols: int) -> None:
+        """Resize the terminal of an entrypoint started with one (it gets SIGWINCH)."""
+        self._running(sandbox_id)
+        with self._gone_as_terminated(sandbox_id):
+            try:
+                await self.host.resize_pty(sandbox_id, rows, cols)
+            except OSError as e:
+                raise InvalidError(f"sandbox {sandbox_id} has no terminal to resize: create it "
+                                   f"with pty=True ({e.strerror or e})") from None
 
     # --- exec
     @staticmethod
@@ -1002,7 +1016,8 @@ class SandboxService:
             limits=_limits(req.resources),
             mounts=[Mount(str(self.volumes.storage.host_path(v.id)), posixpath.normpath(m.path),
                           m.read_only) for m, v in vols],
-            network=None, runtime=runtime)
+            network=None, runtime=runtime,
+            pty=(req.pty_rows, req.pty_cols) if req.pty_rows is not None else None)
         started = time.monotonic()
         try:
             await self.host.create_from_snapshot(hspec, self._memory_snapshot_dir(snapshot_id))

@@ -649,6 +649,10 @@ class AgentClient:
         """Resize the session's pty (the process gets SIGWINCH)."""
         await self._ok("RESIZE", [("EXEC_ID", exec_id), ("PTY_ROWS", rows), ("PTY_COLS", cols)])
 
+    async def resize_entry(self, rows: int, cols: int) -> None:
+        """Resize the entry-point's pty (started with `--pty`; it gets SIGWINCH)."""
+        await self._ok("RESIZE_ENTRY", [("PTY_ROWS", rows), ("PTY_COLS", cols)])
+
     async def forget(self, exec_id: str) -> None:
         """Kill the session's process group if it still runs and free the session."""
         self._drop_early(exec_id)

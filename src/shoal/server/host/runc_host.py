@@ -123,7 +123,8 @@ class RuncHost:
             sb.user = uid, gid = resolve_user(merged, spec.user)  # ValueError: a bad USER
             (sdir / "user").write_text(f"{uid}:{gid}")
             args = [tools.AGENT, "--socket", AGENT_SOCKET, "--uid", str(uid), "--gid", str(gid),
-                    "--log-limit", str(spec.log_limit), *self.agent_flags, "--", *spec.args]
+                    "--log-limit", str(spec.log_limit), *self.agent_flags,
+                    *(("--pty", "%d:%d" % spec.pty) if spec.pty else ()), "--", *spec.args]
             cspec = ContainerSpec(
                 id=spec.id, rootfs=str(merged), args=args, env=spec.env, cwd=spec.workdir,
                 hostname=spec.hostname, limits=spec.limits,
@@ -376,6 +377,9 @@ class RuncHost:
         if eof:
             os.close(sb.stdin_fd)
             sb.stdin_fd = None
+
+    async def resize_pty(self, sandbox_id: str, rows: int, cols: int) -> None:
+        await self._call(sandbox_id, "resize_entry", rows, cols)
 
     def read_log(self, sandbox_id: str, stream: str, offset: int, finished) -> AsyncIterator[bytes]:
         return _tail_file(self.root / sandbox_id / stream, offset, finished)
