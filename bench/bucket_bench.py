@@ -34,6 +34,8 @@ SIZE = 256 << 20
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runtime", choices=["runc", "gvisor"], default="runc",
+                    help="the sandbox's runtime (the host side, s3fs and moto, is the same)")
     ap.add_argument("--images", default=os.environ.get("SHOAL_IMAGES")
                     or str(Path.home() / ".shoal" / "images"))
     args = ap.parse_args()
@@ -56,7 +58,8 @@ def main() -> int:
         secret = shoal.Secret.from_dict({"AWS_ACCESS_KEY_ID": s3.key,
                                          "AWS_SECRET_ACCESS_KEY": s3.secret})
         sb = shoal.Sandbox.create(app=app, timeout=1800, volumes={"/b": shoal.CloudBucketMount(
-            "bench", bucket_endpoint_url=s3.endpoint, secret=secret)})
+            "bench", bucket_endpoint_url=s3.endpoint, secret=secret)},
+            experimental_options={"runtime": args.runtime})
         res: dict[str, list[float]] = {k: [] for k in ("sandbox write", "sandbox read",
                                                         "boto3 put", "boto3 get")}
         data = b"\0" * SIZE
@@ -80,7 +83,8 @@ def main() -> int:
                    and str(home).encode() in (p / "cmdline").read_bytes())
         peak = [ln for ln in (pid / "status").read_text().splitlines()
                 if ln.startswith("VmHWM")][0].split()[1]
-        print(f"256 MiB object, medians of {args.runs} runs (MB/s):")
+        print(f"256 MiB object, {args.runtime} sandbox, medians of {args.runs} runs (MB/s), "
+              f"load average {os.getloadavg()[0]:.1f}:")
         for k, v in res.items():
             print(f"  {k:14s} {statistics.median(v):7.0f}   (runs: {', '.join(f'{x:.0f}' for x in v)})")
         print(f"  s3fs peak RSS  {int(peak) / 1024:7.0f} MiB")

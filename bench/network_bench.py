@@ -3,15 +3,20 @@
 1. create -> first output, with a network (the default policy) and without (`block_network=True`),
    interleaved, N runs each: `Sandbox.create(app=app, ...)` until `sb.exec("echo", "hi")` returns
    "hi\\n". Also with `cidr_allowlist` (one nft batch on the create path). Teardown is untimed.
+   The network's cost is given as the difference of the medians and as the median of the
+   differences within each round (paired: steadier on a shared machine).
 2. Throughput to a test "outside world" namespace (tests/networld.py, 198.18.0.0/15): a sandbox
    sends 512 MiB over one TCP connection to a sink in the world (through its veth, the host's
    forward path, nftables and NAT); the baseline is the host sending to the same sink over the
    world's plain veth, without shoal. Both senders are the same Python loop (256 KiB writes).
 
 Runs its own shoal server on a fresh SHOAL_HOME under /tmp (images from SHOAL_IMAGES) and removes
-everything at the end. Needs root. Traffic goes only to the namespaces it creates.
+everything at the end, with the warm sandbox pool off (SHOAL_POOL=0): a pooled sandbox serves only
+default-policy requests, so with the pool on, the "network" creates would be pre-started sandboxes
+and the others not. `--runtime gvisor` makes every sandbox a gVisor one. Needs root. Traffic goes
+only to the namespaces it creates.
 
-    .venv/bin/python bench/network_bench.py --runs 20 [--json]
+    .venv/bin/python bench/network_bench.py --runs 20 [--runtime runc|gvisor] [--json]
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--mib", type=int, default=512)
+    ap.add_argument("--runtime", choices=["runc", "gvisor"], default="runc")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -69,13 +75,15 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="shoal-netbench-"))
     os.environ["SHOAL_HOME"] = str(home)
     os.environ.setdefault("SHOAL_IMAGES", str(Path.home() / ".shoal" / "images"))
+    os.environ["SHOAL_POOL"] = "0"
+    os.environ["SHOAL_RUNTIME"] = args.runtime
     world = World().start()
     os.environ["SHOAL_NET_DNS"] = world.world_ip
     sink = subprocess.Popen(["ip", "netns", "exec", world.world_ns, sys.executable, "-c", SINK,
                              world.world_ip2])
     server = subprocess.Popen([sys.executable, "-m", "shoal", "serve"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    results: dict = {}
+    results: dict = {"runtime": args.runtime, "load_before": os.getloadavg()[0]}
     try:
         import shoal
 
@@ -95,12 +103,18 @@ def main() -> None:
                 sb.terminate()
                 if i >= 2:
                     times[m].append(el * 1000)
-                time.sleep(0.05)  # let the pool refill, as between real creates
+                # Let the namespace pool refill (it starts SHOAL_NET_REFILL_DELAY = 0.5 s after
+                # an attach), so no create is measured while competing with a refill for the CPU.
+                time.sleep(1.0)
         for m, xs in times.items():
             results[f"create_first_output_{m}_ms"] = {"p50": statistics.median(xs),
                                                       "p90": pct(xs, 0.9)}
         results["network_cost_p50_ms"] = (results["create_first_output_network_ms"]["p50"]
                                           - results["create_first_output_no_network_ms"]["p50"])
+        # The same, paired: the median of (network - no network) within each round, which cancels
+        # most of what other users of a shared machine add to both.
+        results["network_cost_paired_p50_ms"] = statistics.median(
+            a - b for a, b in zip(times["network"], times["no_network"]))
         total = str(args.mib << 20)
         host = [float(subprocess.run([sys.executable, "-c", SEND, world.world_ip2, total],
                                      capture_output=True, text=True, check=True).stdout)
@@ -113,6 +127,7 @@ def main() -> None:
         sb.terminate()
         results["throughput_gbit_s"] = {"host_to_world_plain_veth": statistics.median(host),
                                         "sandbox_to_world_via_shoal": statistics.median(box)}
+        results["load_after"] = os.getloadavg()[0]
     finally:
         subprocess.run([sys.executable, "-m", "shoal", "stop"], capture_output=True, timeout=120)
         server.wait(timeout=30)

@@ -356,20 +356,30 @@ def _bucket_mount_processes(home: Path) -> list[int]:
 def stray_temp_dirs(home: Path, since: float) -> list[str]:
     """Homes and test worlds that this session's tests made under /tmp and did not remove (a
     concurrent session's own are told apart by its live pid)."""
-    found = []
-    for d in [*Path("/tmp").glob("shoal-test-*"), *Path("/tmp").glob("shoal-nobody-*"),
-              *Path("/tmp").glob("shoal-stale-*"), *Path("/tmp").glob("shoal-world-*")]:
-        try:
-            if d == home or d.stat().st_ctime < since:
+
+    def suspects() -> list[Path]:
+        found = []
+        for d in [*Path("/tmp").glob("shoal-test-*"), *Path("/tmp").glob("shoal-nobody-*"),
+                  *Path("/tmp").glob("shoal-stale-*"), *Path("/tmp").glob("shoal-world-*")]:
+            try:
+                if d == home or d.stat().st_ctime < since:
+                    continue
+                owner = (d / "session.pid").read_text() if (d / "session.pid").exists() else \
+                    (d.name.split("-")[2] if d.name.startswith("shoal-world-") else "")
+            except OSError:
                 continue
-            owner = (d / "session.pid").read_text() if (d / "session.pid").exists() else \
-                (d.name.split("-")[2] if d.name.startswith("shoal-world-") else "")
-        except OSError:
-            continue
-        if owner.isdigit() and int(owner) != os.getpid() and Path(f"/proc/{owner}").exists():
-            continue  # another live session's
-        found.append(f"temporary dir {d}")
-    return found
+            if owner.isdigit() and int(owner) != os.getpid() and Path(f"/proc/{owner}").exists():
+                continue  # another live session's
+            found.append(d)
+        return found
+
+    first = suspects()
+    if first:
+        # A concurrent session's home is briefly without its session.pid while it is made or
+        # removed: a real leak is still there, unowned, a moment later.
+        time.sleep(2)
+        first = [d for d in suspects() if d in first]
+    return [f"temporary dir {d}" for d in first]
 
 
 def pytest_sessionfinish(session, exitstatus):

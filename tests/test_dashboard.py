@@ -5,6 +5,7 @@ errors; and the token check on HTTP and websocket routes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -72,7 +73,7 @@ def _sdk(env: dict, code: str) -> str:
 def test_websocket_and_http_need_the_token(tcp_server):
     import websockets
 
-    base, _ = tcp_server
+    base, env = tcp_server
     assert httpx.get(base + "/status").status_code == 401
     assert httpx.get(base + "/metrics").status_code == 401
     assert httpx.get(base + "/dashboard/").status_code == 200  # static, holds no data
@@ -91,6 +92,18 @@ def test_websocket_and_http_need_the_token(tcp_server):
     assert answer["type"] == "error" and "not found" in answer["message"]
     answer = asyncio.run(attempt(ws_url, {"authorization": f"Bearer {TOKEN}"}))
     assert answer["type"] == "error"
+
+    # On the Unix socket its permissions are the authentication: no token, on HTTP and websockets.
+    sock = str(Path(env["SHOAL_HOME"]) / "shoal.sock")
+    with httpx.Client(transport=httpx.HTTPTransport(uds=sock), base_url="http://shoal") as c:
+        assert c.get("/status").status_code == 200 and c.get("/dashboard/").status_code == 200
+
+    async def over_socket():
+        async with websockets.unix_connect(sock, "ws://shoal/sandboxes/"
+                                           "sb-0000000000000000000000/terminal") as ws:
+            return json.loads(await ws.recv())
+
+    assert asyncio.run(over_socket())["type"] == "error"
 
 
 def test_metrics_text_format(tcp_server):
@@ -117,6 +130,20 @@ def test_metrics_text_format(tcp_server):
     assert float(line.split()[-1]) >= 5
 
 
+def _bad_terminal_frame(base: str, sandbox_id: str) -> None:
+    """Open a terminal and send it a text frame that is not JSON (Playwright's sync API owns
+    this thread's event loop: the sync websocket client)."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    url = base.replace("http", "ws") + f"/sandboxes/{sandbox_id}/terminal?token={TOKEN}"
+    with connect(url) as ws:
+        ws.send("not json")
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                ws.recv(timeout=30)
+
+
 def test_click_through(tcp_server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -136,7 +163,8 @@ def test_click_through(tcp_server, tmp_path):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport={"width": 1200, "height": 800}, accept_downloads=True)
-        page.on("dialog", lambda d: d.accept())
+        confirm = {"accept": True}  # how the next confirm() is answered
+        page.on("dialog", lambda d: d.accept() if confirm["accept"] else d.dismiss())
         page.goto(base + "/")
         # The token, once per tab.
         page.fill("#token-input", TOKEN)
@@ -146,6 +174,8 @@ def test_click_through(tcp_server, tmp_path):
         expect(row).to_contain_text("running")
         expect(row).to_contain_text("team=web")
         expect(row).to_contain_text("runc")
+        expect(row.locator("td").nth(5)).to_contain_text("im-")  # image
+        expect(row.locator("td").nth(8)).to_contain_text("%", timeout=10000)  # cpu
         expect(row.locator("td").nth(9)).to_contain_text("iB", timeout=10000)  # memory
         expect(page.locator("#server-status")).to_contain_text("running")
 
@@ -187,6 +217,11 @@ def test_click_through(tcp_server, tmp_path):
         assert Path(dl.value.path()).read_text() == "volume-bytes"
         page.set_input_files("#upload", str(upload))
         expect(page.locator("#file-rows tr[data-name='upload-me.txt']")).to_be_visible()
+        confirm["accept"] = False
+        page.locator("#file-rows tr[data-name='readme.txt'] button").click()  # confirm: dismissed
+        page.wait_for_timeout(500)
+        expect(page.locator("#file-rows tr[data-name='readme.txt']")).to_have_count(1)
+        confirm["accept"] = True
         page.locator("#file-rows tr[data-name='readme.txt'] button").click()  # confirm: accepted
         expect(page.locator("#file-rows tr[data-name='readme.txt']")).to_have_count(0)
 
@@ -198,7 +233,22 @@ def test_click_through(tcp_server, tmp_path):
         page.locator("#volumes tr[data-name='dash-vol'] button").click()
         expect(page.locator("#volumes tr[data-name='dash-vol']")).to_have_count(0)
 
+        _bad_terminal_frame(base, sid)  # the server logs a warning about it, with a request id
+        warned = [e for e in httpx.get(base + "/errors", headers={"authorization": f"Bearer {TOKEN}"}
+                                       ).json() if f"terminal on {sid} ended" in e["message"]]
+        assert warned and warned[0]["request_id"] and warned[0]["level"] == "warning"
         page.click("nav a[data-view='errors']")
-        expect(page.locator("#errors")).to_be_visible()
+        expect(page.locator("#errors")).to_contain_text(f"terminal on {sid} ended",
+                                                        timeout=10000)
+
+        page.goto(base + f"/#/sandbox/{sid}")
+        expect(page.locator("#sandbox-state")).to_have_text("running")
+        confirm["accept"] = False
+        page.click("#stop-sandbox")
+        page.wait_for_timeout(500)
+        expect(page.locator("#sandbox-state")).to_have_text("running")
+        confirm["accept"] = True
+        page.click("#stop-sandbox")
+        expect(page.locator("#sandbox-state")).to_have_text("terminated (137)", timeout=15000)
         browser.close()
     _sdk(env, f"shoal.Sandbox.from_id('{sid}').terminate()")

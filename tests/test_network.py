@@ -8,6 +8,7 @@ every "must be blocked" target is one of those, and each test first shows the ho
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import ssl
@@ -227,6 +228,94 @@ def test_invalid_network_arguments(app, kw, words):
         shoal.Sandbox.create(app=app, timeout=60, **kw)
 
 
+@pytest.mark.parametrize("kw", [{}, {"block_network": True}])
+def test_tcp_probe_runs_in_the_sandboxs_namespace(app, host_listener, kw):
+    """Probe.with_tcp(port) connects to the port inside the sandbox: a host service listening on
+    the same port at the host's 127.0.0.1 does not make the sandbox ready."""
+    port = host_listener
+    assert host_can_connect("127.0.0.1", port)
+    sb = shoal.Sandbox.create(app=app, timeout=120, readiness_probe=shoal.Probe.with_tcp(port),
+                              **kw)
+    try:
+        with pytest.raises(shoal.exception.TimeoutError):
+            sb.wait_until_ready(timeout=2)
+        sb.exec("python3", "-c", "import socket,sys,time; s=socket.socket(); "
+                "s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); time.sleep(60)", str(port))
+        sb.wait_until_ready(timeout=20)
+    finally:
+        sb.terminate()
+
+
+def test_image_build_steps_get_a_natd_namespace_without_net_raw(app, world, host_listener):
+    """A build step reaches the world by address and by name, never the host, the private
+    networks or the metadata address, and has no CAP_NET_RAW (image builds: docs/network.md)."""
+    import base64
+    import uuid
+
+    targets = {"world": (world.world_ip, 80), "private": (world.private_ip, 80),
+               "metadata": (world.metadata_ip, 80)}
+    for i, addr in enumerate(host_addresses()):
+        targets[f"host-{i}"] = (addr, host_listener)
+    for key, (host, port) in targets.items():
+        assert host_can_connect(host, port), key
+    script = base64.b64encode(PROBE.encode()).decode()
+    image = shoal.Image.debian_slim().run_commands(
+        f"echo {uuid.uuid4().hex} > /marker",
+        f"echo {script} | base64 -d > /tmp/probe.py",
+        f"python3 /tmp/probe.py '{json.dumps(targets)}' > /netprobe.json",
+        "getent hosts world.test > /dns.txt || true",
+        "grep CapBnd /proc/self/status > /capbnd.txt")
+    sb = shoal.Sandbox.create(app=app, image=image, timeout=120, block_network=True)
+    try:
+        res = json.loads(sb.exec("cat", "/netprobe.json").stdout.read())
+        assert res.pop("world") == "open", res
+        assert all(v != "open" for v in res.values()), res
+        assert world.world_ip in sb.exec("cat", "/dns.txt").stdout.read()
+        capbnd = int(sb.exec("cat", "/capbnd.txt").stdout.read().split()[1], 16)
+        assert capbnd and not capbnd & (1 << 13), hex(capbnd)  # CAP_NET_RAW is bit 13
+    finally:
+        sb.terminate()
+
+
+def test_conntrack_entries_are_bounded_per_sandbox(app, server, world):
+    """SHOAL_NET_CT_LIMIT bounds the connections one sandbox has tracked (new ones beyond it are
+    dropped, UDP too), so it cannot fill the host's shared conntrack table."""
+    flows = r'''
+import select, socket, struct, sys
+q = struct.pack(">HHHHHH", 7, 0x100, 1, 0, 0, 0) + b"\x05world\x04test\x00\x00\x01\x00\x01"
+socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(int(sys.argv[2]))]
+for s in socks:
+    s.sendto(q, (sys.argv[1], 53))
+answered, left = set(), set(socks)
+while left:
+    ready = select.select(list(left), [], [], 2)[0]
+    if not ready:
+        break
+    for s in ready:
+        s.recv(512)
+        answered.add(s)
+        left.discard(s)
+print(len(answered))
+'''
+
+    def answered() -> int:
+        sb = shoal.Sandbox.create(app=app, timeout=120)
+        try:
+            return int(run_py(sb, flows, world.world_ip, "40"))
+        finally:
+            sb.terminate()
+
+    assert answered() == 40  # control: under the default limit (4096) every flow is answered
+    os.environ["SHOAL_NET_CT_LIMIT"] = "16"
+    try:
+        server.restart()
+        n = answered()
+        assert 0 < n <= 16, n
+    finally:
+        del os.environ["SHOAL_NET_CT_LIMIT"]
+        server.restart()
+
+
 def test_tunnels_plain_and_tls(app):
     ca = shoal_cli("ca").stdout.strip()
     assert Path(ca).is_file()
@@ -304,7 +393,8 @@ def test_pip_download_from_inside_a_sandbox(app):
         p = sb.exec("python3", "-m", "pip", "download", "--no-deps", "--no-cache-dir",
                     "--cert", "/tmp/ca.crt", "-d", "/tmp/dl", "six",
                     env={"PIP_INDEX_URL": "https://pypi.org/simple"})
-        out, err = p.stdout.read(), p.stderr.read()
+        p.stdout.read()
+        err = p.stderr.read()
         if p.wait() != 0 and "No module named pip" in err:
             code = ("import ssl,urllib.request; c=ssl.create_default_context(cafile='/tmp/ca.crt');"
                     "print(urllib.request.urlopen('https://pypi.org/simple/six/', context=c,"

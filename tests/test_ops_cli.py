@@ -61,13 +61,46 @@ def test_list_inspect_logs_exec(named):
                env={**os.environ, "COLUMNS": "97", "LINES": "20"}).stdout.strip() == "97"
 
 
-def test_logs_follow_ends_with_the_sandbox(app):
+def _popen_cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "shoal", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_logs_follow_is_live_and_ends_with_the_sandbox(app):
     import shoal
 
-    sb = shoal.Sandbox.create("sh", "-c", "for i in 1 2 3; do echo line$i; sleep 0.3; done",
-                              app=app, timeout=60)
-    r = cli("sandbox", "logs", "-f", sb.object_id)
-    assert r.stdout == "line1\nline2\nline3\n"
+    sb = shoal.Sandbox.create("sh", "-c", "echo line1; while [ ! -e /tmp/go ]; do sleep 0.1; done;"
+                              " echo line2", app=app, timeout=60)
+    follow = _popen_cli("sandbox", "logs", "-f", sb.object_id)
+    try:
+        assert follow.stdout.readline() == "line1\n"  # printed while the sandbox still runs
+        assert sb.poll() is None and follow.poll() is None
+        sb.exec("touch", "/tmp/go").wait()
+        out, err = follow.communicate(timeout=60)
+    finally:
+        follow.kill()
+    assert (follow.returncode, out, err) == (0, "line2\n", "")
+
+
+def test_ctrl_c_and_closed_pipe_exit_codes(named):
+    """Ctrl-C exits 130 and a reader that went away (`| head`) 141, each without a message."""
+    sb, name = named
+    follow = _popen_cli("sandbox", "logs", "-f", name)
+    assert follow.stdout.readline() == "hello\n"
+    follow.send_signal(signal.SIGINT)
+    _, err = follow.communicate(timeout=60)
+    # The entrypoint's stderr ("oops", if its stream was read before the signal), nothing else.
+    assert follow.returncode == 130 and err in ("", "oops\n"), err
+    stats = _popen_cli("sandbox", "stats", "--interval", "0.1")
+    tables = 0
+    while tables < 2:  # live: it prints a fresh table again and again
+        line = stats.stdout.readline()
+        assert line, stats.stderr.read()
+        tables += line.startswith("ID ")
+    stats.stdout.close()
+    assert stats.wait(timeout=60) == 141 and stats.stderr.read() == ""
+    r = cli("sandbox", "stats", "--interval", "0", ok=False)
+    assert r.returncode == 2 and "--interval" in r.stderr
 
 
 def test_stop_and_list_all(app):
@@ -181,10 +214,13 @@ def test_ctrl_c_on_foreground_serve_hands_sandboxes_over():
     env = {**os.environ, "SHOAL_HOME": str(home), "SHOAL_IMAGES": str(DEFAULT_IMAGES)}
     log = home / "fg.log"
 
-    def start():
+    def start(*flags: str):
         return subprocess.Popen([sys.executable, "-m", "shoal", "serve", "--log-format", "json",
-                                 "--access-log"], env=env, stdout=open(log, "ab"),
+                                 *flags], env=env, stdout=open(log, "ab"),
                                 stderr=subprocess.STDOUT)
+
+    def events(text: str) -> list[dict]:
+        return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
     def http():
         return httpx.Client(transport=httpx.HTTPTransport(uds=str(home / "shoal.sock")),
@@ -202,7 +238,7 @@ def test_ctrl_c_on_foreground_serve_hands_sandboxes_over():
             time.sleep(0.05)
         raise AssertionError("server did not start")
 
-    srv = start()
+    srv = start("--access-log")
     try:
         wait_up(srv)
         code = ("import shoal; a = shoal.App.lookup('fg', create_if_missing=True); "
@@ -213,24 +249,162 @@ def test_ctrl_c_on_foreground_serve_hands_sandboxes_over():
         with http() as c, c.stream("GET", f"/sandboxes/{sid}/logs/stdout",
                                    params={"follow": True}, timeout=1) as r:
             assert r.status_code == 200
+        with http() as c:  # an error answer: its access-log line carries the client's request id
+            assert c.get("/sandboxes/sb-0000000000000000000000",
+                         headers={"x-request-id": "req-from-test"}).status_code == 404
+        # A client that goes away in the middle of its request's body.
+        import socket
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(home / "shoal.sock"))
+            s.sendall(f"PUT /sandboxes/{sid}/fs/file?path=/tmp/x HTTP/1.1\r\nHost: shoal\r\n"
+                      "X-Request-Id: mid-body\r\nContent-Length: 100000\r\n\r\n".encode()
+                      + b"x" * 10)
+            time.sleep(0.3)  # the route is reading the body now
+        deadline = time.monotonic() + 10
+        while "mid-body" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
         srv.send_signal(signal.SIGINT)
         assert srv.wait(timeout=30) == 0
         assert not (home / "shoal.sock").exists()
-        lines = [json.loads(line) for line in log.read_text().splitlines()
-                 if line.startswith("{")]
-        events = {e.get("event") for e in lines}
-        assert {"sandbox.created", "http.request"} <= events, events
+        first = log.read_text()
+        lines = events(first)
+        assert {"sandbox.created", "http.request", "client.abort"} <= {e.get("event")
+                                                                       for e in lines}
         created = next(e for e in lines if e.get("event") == "sandbox.created")
         assert created["sandbox_id"] == sid and created["request_id"]
-        assert "Traceback" not in log.read_text()
-        assert "running sandboxes keep running" in log.read_text()
+        assert any(e.get("event") == "http.request" and e.get("request_id") == "req-from-test"
+                   and " 404 " in e["message"] for e in lines)
+        aborts = [e for e in lines if e.get("event") == "client.abort"]
+        assert len(aborts) == 1 and "/logs/stdout" in aborts[0]["message"]
+        mid_body = [e for e in lines if e.get("request_id") == "mid-body"
+                    and e.get("event") != "http.request"]
+        assert len(mid_body) == 1 and "disconnected" in mid_body[0]["message"], mid_body
+        assert "Traceback" not in first
+        assert "running sandboxes keep running" in first
 
-        srv = start()
+        srv = start()  # no --access-log this time
         wait_up(srv)
         with http() as c:
             assert c.get(f"/sandboxes/{sid}").json()["state"] == "running"  # adopted
+        code = ("import shoal; a = shoal.App.lookup('fg', create_if_missing=True); "
+                "sb = shoal.Sandbox.create(app=a, timeout=120); sb.exec('true').wait(); "
+                "print(sb.object_id)")
+        other = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                               text=True, timeout=120, check=True).stdout.strip()
+        r = subprocess.run([sys.executable, "-m", "shoal", "sandbox", "stop", "--all"], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and set(r.stdout.split()) == {sid, other}, r.stderr
+        with http() as c:
+            assert c.get("/ops/sandboxes").json() == []
+        deadline = time.monotonic() + 30
+        while len([e for e in events(log.read_text()[len(first):])
+                   if e.get("event") == "sandbox.ended"]) < 2:
+            assert time.monotonic() < deadline, log.read_text()[len(first):][-3000:]
+            time.sleep(0.1)
+        second = events(log.read_text()[len(first):])
+        assert "http.request" not in {e.get("event") for e in second}  # the access log is off
+        ended = {e["sandbox_id"]: e for e in second if e.get("event") == "sandbox.ended"}
+        assert {ended[i]["reason"] for i in (sid, other)} == {"terminated"}
+        assert {ended[i]["returncode"] for i in (sid, other)} == {137}
+        started = [e for e in second if e.get("event") == "exec.started"]
+        assert [e["sandbox_id"] for e in started] == [other]
+        assert any(e.get("event") == "exec.ended" and e.get("exec_id") == started[0]["exec_id"]
+                   for e in second)
     finally:
+        if srv.poll() is not None:  # failed between the servers: one to end the handed-over
+            srv = start()
+            wait_up(srv)
         subprocess.run([sys.executable, "-m", "shoal", "stop"], env=env, timeout=120)
         srv.wait(timeout=30)
     assert not leftovers(home)
     shutil.rmtree(home)
+
+
+def _scrape() -> dict[tuple, float]:
+    """The session server's /metrics as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from shoal import config
+
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(config.paths().socket)),
+                      base_url="http://shoal", timeout=30) as c:
+        text = c.get("/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def _sum(samples: dict, name: str, **labels) -> float:
+    return sum(v for (n, ls), v in samples.items()
+               if n == name and all(dict(ls).get(k) == w for k, w in labels.items()))
+
+
+def test_metrics_move_when_things_happen(app):
+    """Each family of /metrics moves when its thing happens (not only exists)."""
+    import io
+
+    import shoal
+    from conftest import TEST_RUNTIME
+    from shoal.exception import AlreadyExistsError, NotFoundError
+
+    deadline = time.monotonic() + 120  # a warm sandbox to hit (earlier tests may have used them)
+    while _sum(_scrape(), "shoal_pool_idle") < 1:
+        assert time.monotonic() < deadline, "the warm pool never refilled"
+        time.sleep(0.5)
+    before = _scrape()
+
+    def moved(name: str, **labels) -> float:
+        return _sum(_scrape(), name, **labels) - _sum(before, name, **labels)
+
+    pooled = shoal.Sandbox.create(app=app, timeout=60)  # default: served by the warm pool
+    name = f"metrics-{uuid.uuid4().hex[:6]}"
+    named = shoal.Sandbox.create("sleep", "60", app=app, name=name, timeout=60)  # a pool miss
+    with pytest.raises(AlreadyExistsError):
+        shoal.Sandbox.create("sleep", "60", app=app, name=name, timeout=60)
+    assert moved("shoal_pool_hits_total") >= 1 and moved("shoal_pool_misses_total") >= 1
+    assert moved("shoal_sandbox_creations_total", result="ok") == 2
+    assert moved("shoal_sandbox_creations_total", result="error") == 1
+    assert moved("shoal_sandbox_create_seconds_count") == 2
+    assert moved("shoal_errors_total", type="AlreadyExistsError") == 1
+    assert moved("shoal_sandboxes", state="running", runtime=TEST_RUNTIME) >= 2
+
+    with pytest.raises(NotFoundError):
+        shoal.Sandbox.from_id("sb-0000000000000000000000")
+    assert moved("shoal_errors_total", type="NotFoundError") >= 1
+
+    assert pooled.exec("true").wait() == 0
+    assert moved("shoal_exec_start_seconds_count") == 1
+    pooled.filesystem.write_text("metrics", "/tmp/m.txt")
+    assert pooled.filesystem.read_text("/tmp/m.txt") == "metrics"
+    assert moved("shoal_file_api_seconds_count", op="put file") == 1
+    assert moved("shoal_file_api_seconds_count", op="get file") == 1
+    assert list(pooled.watch("/tmp", timeout=1)) == []  # a watch lasts as long as it is asked to
+    assert moved("shoal_file_api_seconds_count") == 2  # so it is no latency
+
+    data = os.urandom(12345)
+    vol = shoal.Volume.from_name(f"metrics-{uuid.uuid4().hex[:6]}", create_if_missing=True)
+    try:
+        with vol.batch_upload() as b:
+            b.put_file(io.BytesIO(data), "/blob")
+        assert b"".join(vol.read_file("blob")) == data
+        assert moved("shoal_volume_bytes_total", direction="in") == len(data)
+        assert moved("shoal_volume_bytes_total", direction="out") == len(data)
+    finally:
+        shoal.Volume.objects.delete(vol.name)
+
+    # One build request per image of the chain the SDK has not resolved yet: the (cached) base
+    # unless this process built it already, then the new step.
+    img = shoal.Image.debian_slim().run_commands(f"echo {uuid.uuid4().hex} > /marker").build()
+    assert moved("shoal_image_build_seconds_count", result="ok") in (1, 2)
+    from shoal import config  # the build is in the server's (text) log as an event, too
+    assert f"[image.built image_id={img.object_id} seconds=" in config.paths().server_log.read_text()
+    assert moved("shoal_image_build_seconds_sum") > 0.1  # the step ran in a build container
+    # A failed build still answers 200 (the failure is the stream's last line): counted as one.
+    failing = shoal.Image.debian_slim().run_commands(f"echo {uuid.uuid4().hex}; exit 3")
+    with pytest.raises(shoal.exception.Error):
+        failing.build()
+    assert moved("shoal_image_build_seconds_count", result="error") == 1
+    assert moved("shoal_errors_total", type="ExecutionError") == 1
+
+    for sb in (pooled, named):
+        sb.terminate()
+    assert moved("shoal_sandboxes", state="terminated", runtime=TEST_RUNTIME) >= 2

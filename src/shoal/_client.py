@@ -61,15 +61,18 @@ class Replayable:
         self.make = make
 
 
-def _with_key(method: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """kwargs with an Idempotency-Key on a POST, and whether the request may be sent again."""
+def _with_key(method: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
+    """kwargs with an Idempotency-Key on a POST, whether the request may be sent again, and
+    whether the key is new (made here, so no earlier request carried it)."""
     headers = dict(kwargs.get("headers") or {})
+    fresh = False
     if method == "POST" and not any(k.lower() == "idempotency-key" for k in headers):
         headers["Idempotency-Key"] = uuid.uuid4().hex
+        fresh = True
     body = kwargs.get("content")
     replayable = body is None or isinstance(body, (bytes, str, Replayable))
     return {**kwargs, "headers": headers}, replayable and (
-        method in _IDEMPOTENT or method == "POST")
+        method in _IDEMPOTENT or method == "POST"), fresh
 
 
 class Client:
@@ -108,12 +111,19 @@ class Client:
     async def send(self, method: str, path: str, stream: bool = False, **kwargs: Any
                    ) -> httpx.Response:
         """One request, repeated across a server restart when that is safe (above)."""
-        kwargs, retry = _with_key(method, kwargs)
+        kwargs, retry, fresh = _with_key(method, kwargs)
         body = kwargs.get("content")
         deadline = None
+        tries = 0
         while True:
+            tries += 1
             attempt = {**kwargs, "content": body.make()} if isinstance(body, Replayable) \
                 else kwargs
+            if fresh:
+                # The attempt number of a key made here: on the first, the server knows no
+                # earlier request carried the key and skips looking it up (exec).
+                attempt = {**attempt, "headers": {**attempt["headers"],
+                                                  "X-Shoal-Attempt": str(tries)}}
             req = self.http.build_request(method, path, **attempt)
             try:
                 return await self._send_once(req, stream)

@@ -40,7 +40,7 @@ def _refuse_create(given: dict) -> None:
     defaults = {"gpu": None, "cloud": None, "region": None, "runtime": None,
                 "outbound_cidr_allowlist": None, "inbound_cidr_allowlist": None,
                 "custom_domain": None, "proxy": None,
-                "include_oidc_identity_token": False, "pty_info": None}
+                "include_oidc_identity_token": False}
     bad = sorted(k for k, d in defaults.items() if given[k] not in (d, None, (), [], {}, False))
     if bad:
         raise InvalidError(f"Sandbox.create: {', '.join(bad)} not supported by shoal "
@@ -174,7 +174,7 @@ def _resources(cpu, memory) -> dict:
 
 
 def _pty_size(pty: bool, info) -> tuple[int, int] | None:
-    """(rows, cols) for exec(pty=True, pty_info=...), or None without a pty."""
+    """(rows, cols) for `pty=True, pty_info=...` (exec and create), or None without a pty."""
     if not pty and info is None:
         return None
     if isinstance(info, (tuple, list)) and len(info) == 2:
@@ -274,6 +274,18 @@ class _Sandbox:
         `_experimental_enable_snapshot` (Modal's) is accepted and changes nothing: every gVisor
         sandbox with `block_network=True` can be memory-snapshotted (`_experimental_snapshot`).
 
+        `pty=True`: the entrypoint runs on a pseudo-terminal inside the sandbox (its stdin,
+        stdout and stderr; `isatty()` is true, `TERM` is `xterm` unless `env` sets it). Its size
+        comes from `pty_info` (Modal's object with `winsz_rows`/`winsz_cols`, or a (rows, cols)
+        tuple), else this terminal's, else 24x80; `sb.resize_pty(rows, cols)` changes it.
+        `sb.stdin` is typed on the terminal (echoed; "\\x03" is Ctrl-C and interrupts the
+        program; `write_eof()` types Ctrl-D), `sb.stdout` carries everything the program writes
+        (with the terminal's "\\r\\n" line ends), `sb.stderr` stays empty. InvalidError for a
+        size outside 1-1000.
+
+            sb = shoal.Sandbox.create("python3", "-i", pty=True, app=app)
+            sb.stdin.write(b"print(6 * 7)\\n"); sb.stdin.drain()
+
             sb = shoal.Sandbox.create(app=app, cpu=(0.5, 2), memory=(512, 1024))
         """
         check_client(client, environment_name)
@@ -288,10 +300,7 @@ class _Sandbox:
                                f"got {idle_timeout!r}")
         if readiness_probe is not None and not isinstance(readiness_probe, _Probe):
             raise InvalidError("readiness_probe must be a shoal.Probe")
-        if pty:
-            raise InvalidError("Sandbox.create(pty=True) is not supported: the entrypoint runs "
-                               "without a terminal; run interactive programs with "
-                               "sb.exec(..., pty=True)")
+        pty_size = _pty_size(pty, pty_info)
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             raise InvalidError(f"timeout must be a positive number of seconds, got {timeout!r}")
         if image is not None and not isinstance(image, _Image):
@@ -337,6 +346,8 @@ class _Sandbox:
             "bucket_mounts": [await b._mount_spec(p) for p, b in buckets],
             "runtime": experimental.get("runtime"),
         }
+        if pty_size is not None:
+            body["pty_rows"], body["pty_cols"] = pty_size
         output.emit("creating sandbox")
         client = await get_client()
         try:
@@ -458,6 +469,23 @@ class _Sandbox:
     @property
     def stdin(self) -> _StreamWriter:
         return self._stdin
+
+    async def resize_pty(self, rows: int, cols: int) -> None:
+        """Change the size of the entrypoint's terminal (a sandbox created with `pty=True`); the
+        program gets SIGWINCH.
+
+        Raises InvalidError for a sandbox without a terminal or a size outside 1-1000,
+        SandboxTerminatedError once it has finished.
+
+            sb = shoal.Sandbox.create("bash", pty=True, app=app); sb.resize_pty(40, 120)
+        """
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1000
+                   for v in (rows, cols)):
+            raise InvalidError(f"rows and cols must be between 1 and 1000, got {rows!r} x "
+                               f"{cols!r}")
+        client = await get_client()
+        await client.call("POST", f"/sandboxes/{self._sandbox_id}/resize",
+                          json={"rows": rows, "cols": cols})
 
     async def exec(
         self,

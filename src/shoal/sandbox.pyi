@@ -94,6 +94,7 @@ class _Sandbox:
     def stderr(self) -> _StreamReader: ...
     @property
     def stdin(self) -> _StreamWriter: ...
+    async def resize_pty(self, rows: int, cols: int) -> None: ...
     async def exec(self, *args: str, stdout: StreamType = ..., stderr: StreamType = ..., timeout: int | None = ..., workdir: str | None = ..., env: dict[str, str | None] | None = ..., secrets: Sequence = ..., text: bool = ..., bufsize: int = ..., pty: bool = ..., pty_info=..., _pty_info=...) -> _ContainerProcess: ...
     async def _wait_once(self, timeout: float) -> bool: ...
     async def wait(self, raise_on_termination: bool = ...) -> None: ...
@@ -246,6 +247,11 @@ class _spec_Sandbox_logs(typing_extensions.Protocol):
     def aio(self, /) -> SandboxLogsManager: ...
 
 
+class _spec_Sandbox_resize_pty(typing_extensions.Protocol):
+    def __call__(self, /, rows: int, cols: int) -> None: ...
+    async def aio(self, /, rows: int, cols: int) -> None: ...
+
+
 class _spec_Sandbox_exec(typing_extensions.Protocol):
     def __call__(self, /, *args: str, stdout: StreamType = ..., stderr: StreamType = ..., timeout: int | None = ..., workdir: str | None = ..., env: dict[str, str | None] | None = ..., secrets: Sequence = ..., text: bool = ..., bufsize: int = ..., pty: bool = ..., pty_info=..., _pty_info=...) -> ContainerProcess: ...
     async def aio(self, /, *args: str, stdout: StreamType = ..., stderr: StreamType = ..., timeout: int | None = ..., workdir: str | None = ..., env: dict[str, str | None] | None = ..., secrets: Sequence = ..., text: bool = ..., bufsize: int = ..., pty: bool = ..., pty_info=..., _pty_info=...) -> ContainerProcess: ...
@@ -392,6 +398,18 @@ class Sandbox:
     `_experimental_enable_snapshot` (Modal's) is accepted and changes nothing: every gVisor
     sandbox with `block_network=True` can be memory-snapshotted (`_experimental_snapshot`).
 
+    `pty=True`: the entrypoint runs on a pseudo-terminal inside the sandbox (its stdin,
+    stdout and stderr; `isatty()` is true, `TERM` is `xterm` unless `env` sets it). Its size
+    comes from `pty_info` (Modal's object with `winsz_rows`/`winsz_cols`, or a (rows, cols)
+    tuple), else this terminal's, else 24x80; `sb.resize_pty(rows, cols)` changes it.
+    `sb.stdin` is typed on the terminal (echoed; "\\x03" is Ctrl-C and interrupts the
+    program; `write_eof()` types Ctrl-D), `sb.stdout` carries everything the program writes
+    (with the terminal's "\\r\\n" line ends), `sb.stderr` stays empty. InvalidError for a
+    size outside 1-1000.
+
+        sb = shoal.Sandbox.create("python3", "-i", pty=True, app=app)
+        sb.stdin.write(b"print(6 * 7)\\n"); sb.stdin.drain()
+
         sb = shoal.Sandbox.create(app=app, cpu=(0.5, 2), memory=(512, 1024))
     """
 
@@ -447,6 +465,16 @@ class Sandbox:
 
     @property
     def stdin(self) -> StreamWriter: ...
+
+    resize_pty: _spec_Sandbox_resize_pty
+    """Change the size of the entrypoint's terminal (a sandbox created with `pty=True`); the
+    program gets SIGWINCH.
+
+    Raises InvalidError for a sandbox without a terminal or a size outside 1-1000,
+    SandboxTerminatedError once it has finished.
+
+        sb = shoal.Sandbox.create("bash", pty=True, app=app); sb.resize_pty(40, 120)
+    """
 
     exec: _spec_Sandbox_exec
     """Run a command in the sandbox; returns at once with a handle whose output streams while

@@ -76,3 +76,26 @@ def test_json_log_lines_and_size_cap(tmp_path):
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     assert lines[-1]["event"] == "test.line" and lines[-1]["n"] == 309
     assert lines[-1]["message"] == "line 309" and lines[-1]["level"] == "info"
+
+
+def test_every_listing_command_has_json_and_h():
+    """`--json` wherever a list is printed (every `list`, `ls` and `stats` command, and status),
+    `-h` everywhere."""
+    import click
+
+    from shoal.cli.main import main
+
+    def walk(cmd, path, parent):
+        ctx = click.Context(cmd, info_name=path[-1], parent=parent, **cmd.context_settings)
+        yield path, cmd, ctx
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, [*path, name], ctx)
+
+    listing = []
+    for path, cmd, ctx in walk(main, ["shoal"], None):
+        assert "-h" in cmd.get_help_option(ctx).opts, path
+        if path[-1] in ("list", "ls", "stats", "status"):
+            listing.append(" ".join(path[1:]))
+            assert any("--json" in p.opts for p in cmd.params), path
+    assert {"sandbox list", "sandbox stats", "app list", "volume list", "volume ls", "nfs list",
+            "nfs ls", "image list", "secret list", "status"} <= set(listing)

@@ -20,11 +20,17 @@ def _fail(message: str) -> None:
 
 class _Group(click.Group):
     """Turns shoal's typed errors into a one-line message and exit code 1: no tracebacks for user
-    mistakes."""
+    mistakes. Ctrl-C exits 130 (as a shell reports SIGINT), a closed pipe (`| head`) quietly."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        except BrokenPipeError:
+            # Nothing more can be written; keep Python's final flush from failing too.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         except (Error, OSError, ValueError, TypeError) as e:
             _fail(str(e) or type(e).__name__)
 
@@ -35,7 +41,8 @@ Exit codes:
   1    error: the server refused (not found, invalid, conflict) or a local failure
   2    usage error (unknown option, missing argument)
   3    no shoal server answers (status, sandbox, app commands)
-  130  interrupted (Ctrl-C)
+  130  interrupted (Ctrl-C; `serve` exits 0: that is its clean shutdown)
+  141  the output's reader went away (`| head`)
   `sandbox exec` and `shell` exit with the command's exit code."""
 
 

@@ -205,7 +205,8 @@ def _stats_rows(rows: list[dict], names: dict[str, str]) -> list[list[str]]:
 @sandbox.command("stats")
 @click.option("--no-stream", is_flag=True, help="Print once and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON once (implies --no-stream).")
-@click.option("--interval", default=2.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds between refreshes.")
 def sandbox_stats(no_stream, as_json, interval) -> None:
     """CPU, memory, disk and processes of each running sandbox, read on the host (like
     `docker stats`); refreshes until Ctrl-C unless --no-stream."""

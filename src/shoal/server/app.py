@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 
 from shoal import exception as exc
 from shoal.config import Paths
+from shoal.server import names
 from shoal.server.host import tools
 from shoal.server.host.base import HostError
 from shoal.server.host.runc_host import RuncHost
@@ -128,7 +129,8 @@ class ShoalApp(FastAPI):
     """FastAPI with shoal's one request layer (http_layer.py) outside Starlette's middleware."""
 
     def build_middleware_stack(self):
-        return RequestLayer(super().build_middleware_stack(), getattr(self.state, "metrics", None))
+        return RequestLayer(super().build_middleware_stack(), getattr(self.state, "metrics", None),
+                            sandboxes.FAST_ROUTES + files.FAST_ROUTES)
 
 
 def create_app(paths: Paths, upkeep_interval: float = 1.0,
@@ -227,7 +229,10 @@ def create_app(paths: Paths, upkeep_interval: float = 1.0,
         parts = []
         for e in err.errors():
             where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-            parts.append(f"{where}: {e.get('msg')}")
+            if (e.get("ctx") or {}).get("pattern") == names.NAME_PATTERN:  # the rule, in words
+                parts.append(f"{where}: invalid name {e.get('input')!r}: {names.RULE}")
+            else:
+                parts.append(f"{where}: {e.get('msg')}")
         return _error(400, "InvalidError", "; ".join(parts) or "invalid request")
 
     return app

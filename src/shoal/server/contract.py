@@ -8,7 +8,8 @@
   repeat of it (the client retrying after a lost connection or a server crash) gets the stored
   response instead of a second effect. Keys are kept `IDEMPOTENCY_TTL` (pruned by upkeep).
   Routes whose effect must be atomic with the key store it themselves, in the same transaction
-  (`POST /sandboxes` in the sandbox's row, exec before the command starts); `answer_once`
+  (`POST /sandboxes` in the sandbox's row; exec with the exec id, which is derived from the
+  key, so a repeat that finds no key names the session its first attempt started); `answer_once`
   covers the rest, storing JSON answers under 1 MiB after the route has run. Streaming answers
   (exec streams, file reads) are not stored.
 - Errors: every error body is `{"error": {"type", "message", "errno"?}}` (`ErrorResponse`), the

@@ -27,18 +27,38 @@ _log = logging.getLogger("shoal.server")
 class _Seen:
     """What the layer saw of one answer."""
 
-    __slots__ = ("status", "first", "error_body")
+    __slots__ = ("status", "first", "error_body", "done", "left", "tail")
 
     def __init__(self) -> None:
         self.status: int | None = None
         self.first: float | None = None
         self.error_body: bytes | None = None
+        self.done = False  # the answer's last byte was handed to the server
+        self.left = False  # the client disconnected before that
+        self.tail: bytes | None = None  # the end of a streamed build's answer (its result line)
+
+
+async def answer_error(scope, receive, send, err: Exception) -> None:
+    """Answer `err` as the app's own exception handlers would (for the fast routes, which run
+    outside the framework); re-raises an error no handler takes."""
+    app = scope["app"]
+    handler = next((app.exception_handlers[c] for c in type(err).__mro__
+                    if c in app.exception_handlers), None)
+    if handler is None:
+        raise err
+    from starlette.requests import Request
+
+    response = await handler(Request(scope, receive), err)
+    await response(scope, receive, send)
 
 
 class RequestLayer:
-    def __init__(self, app, metrics: _metrics.Metrics | None = None):
+    def __init__(self, app, metrics: _metrics.Metrics | None = None, fast_routes=()):
         self.app = app
         self.metrics = metrics
+        # (method, compiled path pattern, handler(app, scope, receive, send, *groups)): hot
+        # routes served without the framework's routing (routes/sandboxes.py FAST_ROUTES).
+        self.fast_routes = tuple(fast_routes)
 
     async def __call__(self, scope, receive, send):
         kind = scope["type"]
@@ -61,6 +81,8 @@ class RequestLayer:
                  (b"x-request-id", rid.encode())) if http else ((b"x-request-id", rid.encode()),)
         m = self.metrics if http else None
         volume = m is not None and scope["path"].startswith(_metrics.VOLUME_PATHS)
+        if m is not None and scope["path"] == "/images" and scope["method"] == "POST":
+            seen.tail = b""
 
         async def send_(message):
             if message["type"] == "http.response.start":
@@ -70,18 +92,24 @@ class RequestLayer:
                     seen.error_body = b""
                 message = {**message, "headers": [*message.get("headers", ()), *extra]}
             elif message["type"] == "http.response.body":
+                seen.done = not message.get("more_body", False)
                 if seen.error_body is not None and len(seen.error_body) < 4096:
                     seen.error_body += message.get("body", b"")
-                elif volume and 200 <= seen.status < 300 and _metrics.file_route(scope):
+                elif seen.tail is not None:
+                    seen.tail = (seen.tail + message.get("body", b""))[-4096:]
+                elif volume and 200 <= seen.status < 300 and _metrics.volume_flow(scope) == "out":
                     m.volume_bytes.labels("out").inc(len(message.get("body", b"")))
             await send(message)
 
-        if volume:
+        if http:
             inner_receive = receive
 
             async def receive():
                 message = await inner_receive()
-                if message["type"] == "http.request" and _metrics.file_route(scope):
+                if message["type"] == "http.disconnect":
+                    seen.left = not seen.done  # e.g. Ctrl-C on `logs -f`: the stream just ends
+                elif volume and message["type"] == "http.request" \
+                        and _metrics.volume_flow(scope) == "in":
                     m.volume_bytes.labels("in").inc(len(message.get("body", b"")))
                 return message
 
@@ -93,20 +121,29 @@ class RequestLayer:
             elif contract.keyed(scope, key):
                 await contract.answer_once(self.app, scope, receive, send_, key)
             else:
-                await self.app(scope, receive, send_)
+                for method, pattern, handler in self.fast_routes:
+                    if scope["method"] == method and (match := pattern.fullmatch(scope["path"])):
+                        await handler(self.app, scope, receive, send_, *match.groups())
+                        break
+                else:
+                    await self.app(scope, receive, send_)
         except BaseException as e:
             if type(e).__name__ in logs.DISCONNECTS or isinstance(e, (ConnectionError, OSError)) \
                     and seen.status is not None:
-                _log.info("client went away during %s %s", scope.get("method", "WS"),
-                          scope["path"], extra={"event": "client.abort"})
+                seen.left = True
                 if type(e).__name__ == "CancelledError":
                     raise
                 return
             raise
         finally:
+            # (An app that still answered in full after the disconnect logged it itself.)
+            if seen.left and not seen.done:
+                _log.info("client went away during %s %s", scope.get("method", "WS"),
+                          scope["path"], extra={"event": "client.abort"})
             total = time.monotonic() - started
             if m is not None:
-                _metrics.record(m, scope, seen.status or 0, seen.first, total, seen.error_body)
+                _metrics.record(m, scope, seen.status or 0, seen.first, total, seen.error_body,
+                                seen.tail)
             if not logs.access.disabled:
                 logs.access.info("%s %s %s %.1f ms", scope.get("method", "WS"), scope["path"],
                                  seen.status, total * 1000, extra={"event": "http.request"})

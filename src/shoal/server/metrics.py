@@ -34,7 +34,8 @@ class Metrics:
                                     "Bytes moved through the volume API", ["direction"],
                                     registry=r)
         self.build_seconds = Histogram("shoal_image_build_seconds",
-                                       "Duration of image builds", buckets=BUILD, registry=r)
+                                       "Duration of image build requests by result", ["result"],
+                                       buckets=BUILD, registry=r)
         self.errors = Counter("shoal_errors_total", "Error responses by error type", ["type"],
                               registry=r)
         self.app_state = None  # the app's state; its `svc` is read at scrape time
@@ -73,16 +74,31 @@ class _StateCollector:
 VOLUME_PATHS = ("/volumes/", "/nfs/", "/network_file_systems/")
 
 
-def file_route(scope) -> bool:
-    """Whether the request matched a volume's file route (its bytes are counted)."""
-    return getattr(scope.get("route"), "path", "").endswith("/file")
+def volume_flow(scope) -> str | None:
+    """"in" for an upload to a volume's file route (its request body is counted), "out" for a
+    download from one (its response body), None for anything else: the JSON answer to an upload
+    is not volume data."""
+    if not getattr(scope.get("route"), "path", "").endswith("/file"):
+        return None
+    return {"PUT": "in", "GET": "out"}.get(scope.get("method"))
+
+
+_WATCH = "/sandboxes/{sandbox_id}/fs/watch"  # a stream as long as the watch: not a latency
+
+
+def _error_type(body: bytes) -> str:
+    try:
+        return json.loads(body)["error"]["type"]
+    except (ValueError, KeyError, TypeError):
+        return "HTTPError"
 
 
 def record(m: Metrics, scope, status: int, first: float | None, total: float,
-           error_body: bytes | None) -> None:
+           error_body: bytes | None, build_tail: bytes | None = None) -> None:
     """Account one finished request by the route it matched (FastAPI puts it in
     scope["route"]): `first` is the time to the response's start, `error_body` the first bytes
-    of an error answer (None for a success)."""
+    of an error answer (None for a success), `build_tail` the last bytes of a build's streamed
+    answer, whose last line says how the build ended (a failed build still answers 200)."""
     route = getattr(scope.get("route"), "path", "")
     method = scope.get("method")
     ok = 200 <= status < 400
@@ -92,15 +108,16 @@ def record(m: Metrics, scope, status: int, first: float | None, total: float,
             m.create_seconds.observe(total)
     elif route == "/sandboxes/{sandbox_id}/exec" and ok:
         m.exec_seconds.observe(first or total)
-    elif route.startswith("/sandboxes/{sandbox_id}/fs/"):
+    elif route.startswith("/sandboxes/{sandbox_id}/fs/") and route != _WATCH:
         op = route.split("/fs/", 1)[1].replace("/{handle}", "")
         m.file_seconds.labels(f"{method.lower()} {op}").observe(total)
     elif route == "/images" and method == "POST" and ok:
-        m.build_seconds.observe(total)
+        last = (build_tail or b"").rstrip(b"\n").rpartition(b"\n")[2]
+        if last.startswith(b'{"error"'):
+            m.build_seconds.labels("error").observe(total)
+            m.errors.labels(_error_type(last)).inc()
+        elif last.startswith(b'{"image_id"'):
+            m.build_seconds.labels("ok").observe(total)
+        # else: the client left before the end (the build goes on without it)
     if error_body is not None:
-        kind = "HTTPError"
-        try:
-            kind = json.loads(error_body)["error"]["type"]
-        except (ValueError, KeyError, TypeError):
-            pass
-        m.errors.labels(kind).inc()
+        m.errors.labels(_error_type(error_body)).inc()

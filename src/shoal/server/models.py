@@ -180,6 +180,9 @@ class CreateSandbox(BaseModel):
     # --- runtimes (issue 10): experimental_options={"runtime": ...} in the SDK
     runtime: str | None = Field(None, description="runc | gvisor; None: the server's default "
                                 "(docs/gvisor.md)")
+    pty_rows: int | None = Field(None, ge=1, le=1000, description="with pty_cols: run the "
+                                 "entrypoint on a pseudo-terminal (stderr merged into stdout)")
+    pty_cols: int | None = Field(None, ge=1, le=1000)
 
 
 class SandboxInfo(BaseModel):

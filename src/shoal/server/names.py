@@ -22,8 +22,10 @@ def valid_name(name: object) -> bool:
     return isinstance(name, str) and _NAME.fullmatch(name) is not None
 
 
+RULE = "use 1-64 characters from letters, digits, '.', '_' and '-' (not '.' or '..')"
+
+
 def check_name(name: object, what: str = "volume") -> str:
     if not valid_name(name):
-        raise InvalidError(f"invalid {what} name {name!r}: use 1-64 characters from letters, "
-                           "digits, '.', '_' and '-' (not '.' or '..')")
+        raise InvalidError(f"invalid {what} name {name!r}: {RULE}")
     return name  # type: ignore[return-value]

@@ -75,5 +75,17 @@ class AsyncStore:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
+    def submit(self, fn, *args, **kwargs) -> None:
+        """Queue `fn` (as for `run`) now, without waiting for it: calls made later run after it.
+        A failure is logged."""
+        fut = self._pool.submit(functools.partial(fn, *args, **kwargs))
+        fut.add_done_callback(_log_failure)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+def _log_failure(fut) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("a store call queued without waiting failed: %s", fut.exception(),
+                    exc_info=fut.exception())

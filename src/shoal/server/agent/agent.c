@@ -17,12 +17,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -374,6 +376,7 @@ static void h_hello(struct conn *c, const struct msg *m)
 }
 
 static void h_quiesce(struct conn *c, const struct msg *m);
+static void h_resize_entry(struct conn *c, const struct msg *m);
 
 typedef void (*handler_fn)(struct conn *, const struct msg *);
 
@@ -408,6 +411,7 @@ static handler_fn handler_for(uint8_t type)
     case SA_T_UNWATCH: return h_unwatch;
     case SA_T_PROBE_TCP: return h_probe_tcp;
     case SA_T_QUIESCE: return h_quiesce;
+    case SA_T_RESIZE_ENTRY: return h_resize_entry;
     default: return NULL;
     }
 }
@@ -517,6 +521,11 @@ static void conn_finish_dead(void)
 
 /* ---------------------------------------------------------------- the entry-point */
 
+/* With --pty the entry-point runs on a pseudo-terminal: fds[0] reads its master (everything the
+ * program writes), fds[1] stays -1, and our own stdin (the host's pipe) is copied to the master
+ * through `in`, a bounded buffer: the host's pipe blocks while the program does not read. */
+#define ENTRY_IN_MAX 65536
+
 static struct {
     pid_t pid;
     int fds[2];        /* read ends of its stdout and stderr pipes, -1 once ended */
@@ -524,7 +533,13 @@ static struct {
     uint64_t written[2];
     bool capped[2];
     uint64_t limit;
-} g_entry = {.pid = -1, .fds = {-1, -1}, .limit = 64ull << 20};
+    unsigned short pty_rows, pty_cols; /* --pty; 0: pipes */
+    int pty_fd;        /* the master, for stdin and RESIZE_ENTRY; -1 without a pty */
+    struct ev in_ev, pty_ev;
+    buf_t in;          /* read from fd 0, not yet written to the master: in.p[in_off..in.len) */
+    size_t in_off;
+    bool in_polling, pty_polling, in_eof;
+} g_entry = {.pid = -1, .fds = {-1, -1}, .limit = 64ull << 20, .pty_fd = -1};
 
 static void write_all(int fd, const uint8_t *p, size_t n)
 {
@@ -594,10 +609,134 @@ static void die_msg(const char *a, const char *b, const char *c, int code)
     _exit(code);
 }
 
+/* Stdin to the terminal: poll fd 0 while `in` has room, the master while `in` has bytes. Each
+ * is registered only while wanted: a closed pipe or a terminal whose slave closed reports
+ * EPOLLHUP whatever the mask, which would spin the loop. */
+static void entry_in_polling(void)
+{
+    bool want_in = !g_entry.in_eof && g_entry.in.len - g_entry.in_off < ENTRY_IN_MAX;
+    if (want_in != g_entry.in_polling) {
+        if (!want_in) {
+            ep_del(0);
+        } else if (ep_add(0, EPOLLIN, &g_entry.in_ev) < 0) {
+            /* Not pollable (/dev/null, a file): nothing to copy, and no EOF to type either. */
+            g_entry.in_eof = true;
+            want_in = false;
+        }
+        g_entry.in_polling = want_in;
+    }
+    bool want_out = g_entry.in.len > g_entry.in_off;
+    if (want_out != g_entry.pty_polling) {
+        if (want_out)
+            ep_add(g_entry.pty_fd, EPOLLOUT, &g_entry.pty_ev);
+        else
+            ep_del(g_entry.pty_fd);
+        g_entry.pty_polling = want_out;
+    }
+}
+
+static void entry_in_flush(void)
+{
+    while (g_entry.in.len > g_entry.in_off) {
+        ssize_t n = write(g_entry.pty_fd, g_entry.in.p + g_entry.in_off,
+                          g_entry.in.len - g_entry.in_off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN)
+            break;
+        if (n <= 0) { /* EIO: no slave open any more; what the host sends is dropped */
+            g_entry.in_off = g_entry.in.len;
+            break;
+        }
+        g_entry.in_off += (size_t)n;
+    }
+    if (g_entry.in_off == g_entry.in.len)
+        g_entry.in.len = g_entry.in_off = 0;
+    entry_in_polling();
+}
+
+static void entry_in_read(void)
+{
+    if (g_entry.in_off) { /* the buffer never grows past ENTRY_IN_MAX (and the EOF byte) */
+        memmove(g_entry.in.p, g_entry.in.p + g_entry.in_off, g_entry.in.len - g_entry.in_off);
+        g_entry.in.len -= g_entry.in_off;
+        g_entry.in_off = 0;
+    }
+    size_t room = ENTRY_IN_MAX - g_entry.in.len;
+    if (room && !g_entry.in_eof) {
+        buf_reserve(&g_entry.in, room);
+        ssize_t n = read(0, g_entry.in.p + g_entry.in.len, room);
+        if (n > 0) {
+            g_entry.in.len += (size_t)n;
+        } else if (n == 0 || (errno != EAGAIN && errno != EINTR)) {
+            /* The host closed it (write_eof, or its server went away). A terminal has no
+             * half-close: the EOF is the VEOF character, typed after what came before. */
+            static const uint8_t eot = 4;
+            buf_append(&g_entry.in, &eot, 1);
+            g_entry.in_eof = true;
+        }
+    }
+    entry_in_flush();
+}
+
+static void entry_event(struct ev *ev)
+{
+    if (ev == &g_entry.in_ev)
+        entry_in_read();
+    else if (ev == &g_entry.pty_ev)
+        entry_in_flush();
+    else
+        entry_copy(ev->obj == &g_entry.fds[0] ? 0 : 1, false);
+}
+
+/* RESIZE_ENTRY {PTY_ROWS, PTY_COLS}: the entry-point's terminal (it gets SIGWINCH). */
+static void h_resize_entry(struct conn *c, const struct msg *m)
+{
+    int64_t rows, cols;
+    if (msg_int(m, SA_TAG_PTY_ROWS, &rows) != 1 || msg_int(m, SA_TAG_PTY_COLS, &cols) != 1 ||
+        rows < 1 || rows > 65535 || cols < 1 || cols > 65535) {
+        reply_err(c, m->id, EINVAL, "RESIZE_ENTRY needs PTY_ROWS and PTY_COLS, each 1..65535");
+        return;
+    }
+    if (g_entry.pty_fd < 0) {
+        reply_err(c, m->id, EINVAL, "the entry-point has no pty");
+        return;
+    }
+    struct winsize ws = {.ws_row = (unsigned short)rows, .ws_col = (unsigned short)cols};
+    if (ioctl(g_entry.pty_fd, TIOCSWINSZ, &ws) < 0) {
+        reply_err(c, m->id, errno, "resize: %s", strerror(errno));
+        return;
+    }
+    reply_ok(c, m->id);
+}
+
+/* A new terminal of the --pty size: the master (non-blocking) in *master, the slave returned. */
+static int entry_open_pty(int *master)
+{
+    int mfd = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+    char name[64];
+    int sfd = -1;
+    if (mfd < 0 || grantpt(mfd) < 0 || unlockpt(mfd) < 0 || ptsname_r(mfd, name, sizeof name) ||
+        (sfd = open(name, O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0) {
+        perror("shoal-agent: pty");
+        exit(125);
+    }
+    struct winsize ws = {.ws_row = g_entry.pty_rows, .ws_col = g_entry.pty_cols};
+    ioctl(mfd, TIOCSWINSZ, &ws);
+    fcntl(mfd, F_SETFL, O_NONBLOCK);
+    *master = mfd;
+    return sfd;
+}
+
 static void start_entry(char **argv, long uid, long gid)
 {
-    int out[2], err[2];
-    if (pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0) {
+    int out[2], err[2], slave = -1, master = -1;
+    if (g_entry.pty_rows) {
+        slave = entry_open_pty(&master);
+        /* Reading and writing the master are polled apart: a second descriptor to read it. */
+        out[0] = fcntl(master, F_DUPFD_CLOEXEC, 3);
+        out[1] = err[0] = err[1] = -1;
+    } else if (pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0) {
         perror("shoal-agent: pipe");
         exit(125);
     }
@@ -609,9 +748,19 @@ static void start_entry(char **argv, long uid, long gid)
     if (pid == 0) {
         child_reset_signals();
         setrlimit(RLIMIT_NOFILE, &g_child_nofile);
-        setpgid(0, 0);
-        dup2(out[1], 1);
-        dup2(err[1], 2);
+        if (slave >= 0) {
+            /* A session of its own with the terminal as controlling tty, as a login shell has:
+             * ^C typed on it signals the foreground group through the line discipline. */
+            setsid();
+            ioctl(slave, TIOCSCTTY, 0);
+            dup2(slave, 0);
+            dup2(slave, 1);
+            dup2(slave, 2);
+        } else {
+            setpgid(0, 0);
+            dup2(out[1], 1);
+            dup2(err[1], 2);
+        }
         if (setgroups(0, NULL) < 0 && errno != EPERM) /* EPERM: not root, nothing to drop */
             die_msg("shoal: cannot clear supplementary groups: ", strerror(errno), "", 126);
         if (gid >= 0 && setgid((gid_t)gid) < 0)
@@ -624,15 +773,27 @@ static void start_entry(char **argv, long uid, long gid)
             die_msg(argv[0], ": command not found", "", 127);
         die_msg(argv[0], ": ", strerror(e), e == ENOENT ? 127 : 126);
     }
-    /* Also here, not only in the child: a signal forwarded to the group before the child got
-     * to its own setpgid would find no group (ESRCH) and be lost. */
-    setpgid(pid, pid);
-    close(out[1]);
-    close(err[1]);
     g_entry.pid = pid;
     g_entry.fds[0] = out[0];
     g_entry.fds[1] = err[0];
+    if (slave >= 0) {
+        /* No setpgid here: it would make the child a group leader before its setsid, which then
+         * fails. A signal forwarded before the setsid goes to the pid (on_signal). */
+        close(slave); /* the master reads EIO once the program's side is closed */
+        g_entry.pty_fd = master;
+        g_entry.in_ev.kind = g_entry.pty_ev.kind = EV_ENTRY_OUT;
+        fcntl(0, F_SETFL, fcntl(0, F_GETFL) | O_NONBLOCK);
+        entry_in_polling();
+    } else {
+        /* Also here, not only in the child: a signal forwarded to the group before the child
+         * got to its own setpgid would find no group (ESRCH) and be lost. */
+        setpgid(pid, pid);
+        close(out[1]);
+        close(err[1]);
+    }
     for (int i = 0; i < 2; i++) {
+        if (g_entry.fds[i] < 0)
+            continue;
         fcntl(g_entry.fds[i], F_SETFL, O_NONBLOCK);
         g_entry.evs[i].kind = EV_ENTRY_OUT;
         g_entry.evs[i].obj = &g_entry.fds[i];
@@ -665,7 +826,8 @@ static void on_signal(void)
             continue;
         }
         if (g_entry.pid > 0) {
-            kill(-g_entry.pid, sig);
+            if (kill(-g_entry.pid, sig) < 0 && errno == ESRCH)
+                kill(g_entry.pid, sig); /* --pty: before the child's setsid made the group */
         } else if (sig == SIGTERM || sig == SIGINT) {
             /* No entry-point: "idles until killed"; a polite kill ends it too. */
             exit(128 + sig);
@@ -794,7 +956,7 @@ static void relisten(void)
 static void usage(void)
 {
     fputs("usage: shoal-agent --socket PATH [--uid N --gid N] [--log-limit BYTES] [--home DIR] [--compat]"
-          " -- [ENTRYPOINT ARGS...]\n",
+          " [--pty ROWS:COLS] -- [ENTRYPOINT ARGS...]\n",
           stderr);
     exit(2);
 }
@@ -807,6 +969,21 @@ static long parse_num(const char *s)
     if (errno || *end || v < 0)
         usage();
     return (long)v;
+}
+
+/* --pty ROWS:COLS, each 1..65535. */
+static void parse_size(const char *s)
+{
+    char *end;
+    errno = 0;
+    long rows = strtol(s, &end, 10);
+    if (errno || *end != ':' || rows < 1 || rows > 65535)
+        usage();
+    long cols = strtol(end + 1, &end, 10);
+    if (errno || *end || cols < 1 || cols > 65535)
+        usage();
+    g_entry.pty_rows = (unsigned short)rows;
+    g_entry.pty_cols = (unsigned short)cols;
 }
 
 int main(int argc, char **argv)
@@ -835,6 +1012,8 @@ int main(int argc, char **argv)
             gid = parse_num(argv[++i]);
         else if (!strcmp(a, "--log-limit"))
             g_entry.limit = (uint64_t)parse_num(argv[++i]);
+        else if (!strcmp(a, "--pty"))
+            parse_size(argv[++i]);
         else if (!strcmp(a, "--home"))
             ++i; /* accepted for the entry-point's HOME; the environment is the agent's own */
         else
@@ -861,6 +1040,7 @@ int main(int argc, char **argv)
         return 125;
     }
     setup_signals();
+    child_reset_list_init();
     exec_init();
     g_sock_path = sock;
     if (!listen_on(sock))
@@ -915,7 +1095,7 @@ int main(int argc, char **argv)
             case EV_INOTIFY: watch_on_inotify(ev->obj); break;
             case EV_STREAM: exec_on_stream(ev, e); break;
             case EV_STDIN: exec_on_stdin(ev, e); break;
-            case EV_ENTRY_OUT: entry_copy(ev->obj == &g_entry.fds[0] ? 0 : 1, false); break;
+            case EV_ENTRY_OUT: entry_event(ev); break;
             case EV_PROBE: probe_on_event(ev); break;
             }
             /* Objects an event of this batch may still name are never freed inside the

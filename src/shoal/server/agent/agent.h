@@ -143,6 +143,11 @@ void h_unwatch(struct conn *c, const struct msg *m);
 void h_probe_tcp(struct conn *c, const struct msg *m);
 extern bool g_no_openat2, g_no_tmpfile;
 extern struct rlimit g_child_nofile;
+/* Signals whose disposition is not SIG_DFL in the agent (its handlers and ignores, and ignores
+ * inherited from the runtime): the ones a child must reset before it unblocks signals. */
+extern int g_child_reset[64];
+extern int g_nchild_reset;
+void child_reset_list_init(void);
 void watch_on_inotify(struct conn *c);
 void watch_update_polling(struct conn *c);
 void probe_on_event(struct ev *ev);

@@ -16,6 +16,7 @@
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <termios.h>
 #include <unistd.h>
@@ -441,6 +442,8 @@ static void session_check_done(struct session *s)
         fr_int(p->c, SA_TAG_CODE, s->code);
         if (s->timed_out)
             fr_int(p->c, SA_TAG_TIMED_OUT, 1);
+        fr_int(p->c, SA_TAG_STDOUT_END, (int64_t)s->out.end);
+        fr_int(p->c, SA_TAG_STDERR_END, (int64_t)s->err.end);
         fr_end(p->c, r);
         pending_free(p);
     }
@@ -595,7 +598,11 @@ static void child_exec(char **argv, char **envp)
             } else {
                 memcpy(full, name, nlen + 1); /* an empty PATH entry is the cwd */
             }
-            execve(full, argv, envp);
+            /* A candidate that does not exist is skipped without an execve: under gVisor a
+             * failed execve costs ~0.3 ms, a failed stat a tenth of that. Same answer. */
+            struct stat st;
+            if (stat(full, &st) == 0 || (errno != ENOENT && errno != ENOTDIR))
+                execve(full, argv, envp);
             if (errno == EACCES || errno == EISDIR || errno == EPERM)
                 denied = true;
             else if (errno != ENOENT && errno != ENOTDIR && errno != ENAMETOOLONG)
@@ -620,13 +627,30 @@ struct exec_spec {
     int pty_slave;             /* -1 without pty */
 };
 
+int g_child_reset[64];
+int g_nchild_reset;
+
+/* Called once the agent's own dispositions are set (they never change afterwards). */
+void child_reset_list_init(void)
+{
+    g_nchild_reset = 0;
+    for (int s = 1; s < 65; s++) {
+        struct sigaction sa;
+        if (s == SIGKILL || s == SIGSTOP || sigaction(s, NULL, &sa) < 0)
+            continue;
+        if (sa.sa_handler != SIG_DFL)
+            g_child_reset[g_nchild_reset++] = s;
+    }
+}
+
 static void child_main(const struct exec_spec *x)
 {
     sigset_t all;
     sigfillset(&all);
-    for (int s = 1; s < 65; s++)
-        if (s != SIGKILL && s != SIGSTOP)
-            signal(s, SIG_DFL);
+    /* Only what is not SIG_DFL already: under gVisor each sigaction costs ~18 us, and the 62
+     * of a reset of every signal were ~1.1 ms of every exec. */
+    for (int i = 0; i < g_nchild_reset; i++)
+        signal(g_child_reset[i], SIG_DFL);
     sigprocmask(SIG_UNBLOCK, &all, NULL);
     setrlimit(RLIMIT_NOFILE, &g_child_nofile);
     setsid();

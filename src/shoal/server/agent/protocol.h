@@ -52,6 +52,7 @@
 #define SA_T_UNWATCH 52
 #define SA_T_PROBE_TCP 60
 #define SA_T_QUIESCE 70
+#define SA_T_RESIZE_ENTRY 80
 
 #define SA_TAG_VERSION 1
 #define SA_TAG_AGENT 2
@@ -79,6 +80,8 @@
 #define SA_TAG_TIMED_OUT 28
 #define SA_TAG_SIGNO 29
 #define SA_TAG_STATE 30
+#define SA_TAG_STDOUT_END 31
+#define SA_TAG_STDERR_END 32
 #define SA_TAG_PATH 40
 #define SA_TAG_PATH2 41
 #define SA_TAG_TYPE 42

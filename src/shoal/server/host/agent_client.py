@@ -50,6 +50,12 @@ _HEADER = struct.Struct("<IBI")
 _FIELD = struct.Struct("<HI")
 _INT = struct.Struct("<q")
 _WATCH_QUEUE_MAX = 10000
+# EXEC sends the first READ of each piped stream and the WAIT in the same write (see `exec`).
+# Their replies wait here until claimed: at most EARLY_MAX entries a connection, each at most
+# EARLY_READ bytes, so output nobody claims holds bounded memory until FORGET or the close.
+EARLY_MAX = 256
+EARLY_READ = 64 << 10
+ENDS_MAX = 4096  # exec sessions whose final stream lengths a connection remembers
 
 
 class AgentConnectionError(ConnectionError):
@@ -136,6 +142,11 @@ async def _gather_first_error(futs: list[asyncio.Future]) -> list:
         if isinstance(r, BaseException):
             raise r
     return results
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _check(reply: dict, **kinds: type) -> dict:
@@ -307,6 +318,12 @@ class AgentClient:
         self._closed_flag = False
         self._pending: dict[int, asyncio.Future] = {}
         self._watches: dict[int, AgentWatch] = {}
+        # (exec id, "stdout"|"stderr"|"wait") -> (request id, offset, reply future): requests
+        # sent with an EXEC whose replies `read`/`wait` claim (see `exec`).
+        self._early: dict[tuple[str, str], tuple[int, int, asyncio.Future]] = {}
+        # exec id -> {"stdout": end, "stderr": end}: the streams' final lengths from EXITED, so a
+        # READ at a stream's end is answered EOF here (dict order: oldest first, ENDS_MAX kept).
+        self._ends: dict[str, dict[str, int]] = {}
         self._next_id = 1
         self._write_lock = asyncio.Lock()  # guards self._writer: frames never interleave
         self._reader: asyncio.StreamReader | None = None
@@ -369,6 +386,8 @@ class AgentClient:
             if not fut.done():
                 fut.set_exception(error)
         self._pending.clear()
+        self._early.clear()
+        self._ends.clear()
         for w in self._watches.values():
             w._lost()
         self._watches.clear()
@@ -435,6 +454,51 @@ class AgentClient:
             raise
         return req_id, fut
 
+    async def _send_batch(self, requests: list[tuple[str, list[tuple[str, object]]]]
+                          ) -> list[tuple[int, asyncio.Future]]:
+        """Queues several requests in one write (one wake-up of the agent, which handles them
+        in order); returns the id and reply future of each."""
+        if self._closed_flag:
+            raise AgentConnectionError("agent connection closed")
+        sent: list[tuple[int, asyncio.Future]] = []
+        frames = []
+        for type_name, fields in requests:
+            req_id = self._new_id()
+            frames.append(encode_frame(type_name, req_id, fields))
+            fut = self._loop.create_future()
+            self._pending[req_id] = fut
+            sent.append((req_id, fut))
+        try:
+            await self._write(b"".join(frames))
+        except BaseException:
+            for req_id, fut in sent:
+                self._pending.pop(req_id, None)
+                if fut.done():
+                    fut.exception()
+                else:
+                    fut.cancel()
+            raise
+        return sent
+
+    async def _claimed(self, req_id: int, fut: asyncio.Future) -> tuple[str, dict]:
+        try:
+            return await fut
+        finally:
+            if not fut.done():
+                self._pending.pop(req_id, None)
+                fut.cancel()
+
+    def _drop_early_one(self, entry: tuple[int, int, asyncio.Future]) -> None:
+        if not entry[2].done():
+            self._pending.pop(entry[0], None)
+            entry[2].cancel()
+
+    def _drop_early(self, exec_id: str, *which: str) -> None:
+        for what in which or ("stdout", "stderr", "wait"):
+            entry = self._early.pop((exec_id, what), None)
+            if entry is not None:
+                self._drop_early_one(entry)
+
     async def request(self, type_name: str, fields: list[tuple[str, object]],
                       timeout: float | None = None) -> tuple[str, dict]:
         """Send one request and return (reply type name, {tag name: value}).
@@ -487,7 +551,29 @@ class AgentClient:
             fields.append(("TIMEOUT_MS", int(timeout_ms)))
         if pty is not None:
             fields += [("PTY_ROWS", int(pty[0])), ("PTY_COLS", int(pty[1]))]
-        return _check(await self._ok("EXEC", fields), PID=int)["PID"]
+        # Everyone who starts a command waits for it and reads its piped streams from offset 0:
+        # those requests go in the EXEC's write. The agent handles a connection's requests in
+        # order, so they find the session, and their answers come as soon as the process has
+        # output (a round trip to the agent sooner; under gVisor each wake-up of the sandbox
+        # costs ~1-4 ms). `read` and `wait` claim them.
+        early: list[tuple[str, str, list[tuple[str, object]]]] = []
+        if len(self._early) + 3 <= EARLY_MAX and exec_id not in {k[0] for k in self._early}:
+            for name, mode in (("stdout", stdout), ("stderr", stderr)):
+                if mode.upper() == "PIPE" and not (pty is not None and name == "stderr"):
+                    early.append((name, "READ", [("EXEC_ID", exec_id),
+                                                 ("STREAM", _STREAMS[name.upper()]),
+                                                 ("OFFSET", 0), ("MAX", EARLY_READ)]))
+            early.append(("wait", "WAIT", [("EXEC_ID", exec_id)]))
+        sent = await self._send_batch([("EXEC", fields)] + [(t, f) for _, t, f in early])
+        for (req_id, fut), (what, _, _) in zip(sent[1:], early):
+            fut.add_done_callback(_retrieve)  # an unclaimed failure is not logged as unretrieved
+            self._early[(exec_id, what)] = (req_id, 0, fut)
+        try:
+            _, reply = await self._claimed(*sent[0])
+        except BaseException:
+            self._drop_early(exec_id)  # (an EEXIST's would read the other session)
+            raise
+        return _check(reply, PID=int)["PID"]
 
     async def read(self, exec_id: str, stream: str, offset: int, max: int | None = None) -> tuple[bytes, bool]:
         """Bytes of `stream` ("stdout"/"stderr") from `offset`, waiting until some exist.
@@ -501,15 +587,41 @@ class AgentClient:
                                             ("OFFSET", offset)]
         if max is not None:
             fields.append(("MAX", max))
-        reply = _check(await self._ok("READ", fields), DATA=bytes)
+        end = self._ends.get(exec_id, {}).get(stream.lower())
+        if end == offset:  # the process has exited and every byte of this stream was read
+            self._drop_early(exec_id, stream.lower())
+            return b"", True
+        early = self._early.pop((exec_id, stream.lower()), None)
+        if early is not None and early[1] == offset and (max is None or max >= EARLY_READ):
+            _, reply = await self._claimed(early[0], early[2])
+        else:
+            if early is not None:
+                self._drop_early_one(early)
+            _, reply = await self.request("READ", fields)
+        reply = _check(reply, DATA=bytes)
         eof = reply.get("EOF", 0)
         if not isinstance(eof, int):
             raise AgentConnectionError("agent reply lacks a valid EOF field")
         return reply["DATA"], bool(eof)
 
     async def wait(self, exec_id: str) -> tuple[int, bool]:
-        """Wait until the process exited and its output is fully readable: (code, timed_out)."""
-        reply = _check(await self._ok("WAIT", [("EXEC_ID", exec_id)]), CODE=int)
+        """Wait until the process exited and its output is fully readable: (code, timed_out).
+
+        The agent's answer says how long each stream ended up; after it, a `read` at a stream's
+        end returns (b"", True) without asking the agent."""
+        early = self._early.pop((exec_id, "wait"), None)
+        if early is not None:
+            _, reply = await self._claimed(early[0], early[2])
+        else:
+            reply = await self._ok("WAIT", [("EXEC_ID", exec_id)])
+        reply = _check(reply, CODE=int)
+        out_end, err_end = reply.get("STDOUT_END"), reply.get("STDERR_END")
+        if isinstance(out_end, int) and isinstance(err_end, int) and out_end >= 0 \
+                and err_end >= 0:  # (an older agent does not send them)
+            self._ends.pop(exec_id, None)
+            self._ends[exec_id] = {"stdout": out_end, "stderr": err_end}
+            while len(self._ends) > ENDS_MAX:
+                del self._ends[next(iter(self._ends))]
         return reply["CODE"], bool(reply.get("TIMED_OUT", 0))
 
     async def stdin(self, exec_id: str, offset: int, data: bytes = b"", eof: bool = False) -> int:
@@ -537,8 +649,14 @@ class AgentClient:
         """Resize the session's pty (the process gets SIGWINCH)."""
         await self._ok("RESIZE", [("EXEC_ID", exec_id), ("PTY_ROWS", rows), ("PTY_COLS", cols)])
 
+    async def resize_entry(self, rows: int, cols: int) -> None:
+        """Resize the entry-point's pty (started with `--pty`; it gets SIGWINCH)."""
+        await self._ok("RESIZE_ENTRY", [("PTY_ROWS", rows), ("PTY_COLS", cols)])
+
     async def forget(self, exec_id: str) -> None:
         """Kill the session's process group if it still runs and free the session."""
+        self._drop_early(exec_id)
+        self._ends.pop(exec_id, None)
         await self._ok("FORGET", [("EXEC_ID", exec_id)])
 
     async def list_execs(self) -> list[dict]:

@@ -108,13 +108,21 @@ class AgentFiles:
                         limit: int | None) -> tuple[int, AsyncIterator[bytes]]:
         rel = sandbox_rel(path)
         with said_as_agent(path):
-            st = await self._call(sandbox_id, "stat", "/" + rel)
+            # Both at once (one wait for the agent, not two: under gVisor each is ~1-4 ms); the
+            # STAT decides the answer for a directory, before the read's own error is looked at.
+            st, read = await asyncio.gather(
+                self._call(sandbox_id, "stat", "/" + rel),
+                self._call(sandbox_id, "read_file", "/" + rel, 0, CHUNK), return_exceptions=True)
+            if isinstance(st, BaseException):
+                raise st
             if st["type"] == "DIRECTORY":
                 raise IsADirectoryError(errno.EISDIR, rel)
             if limit is not None and st["size"] > limit:
                 raise SandboxFilesystemFileTooLargeError(
                     f"{path} is larger than {limit >> 20} MiB; use copy_to_local to stream it")
-            data, eof, size = await self._call(sandbox_id, "read_file", "/" + rel, 0, CHUNK)
+            if isinstance(read, BaseException):
+                raise read
+            data, eof, size = read
         if limit is not None and size > limit:
             raise SandboxFilesystemFileTooLargeError(
                 f"{path} is larger than {limit >> 20} MiB; use copy_to_local to stream it")

@@ -57,6 +57,9 @@ class SandboxSpec:
     log_limit: int = 64 << 20  # bytes of entrypoint output kept per stream
     network: object | None = None  # a shoal.server.network.Policy; None: loopback only
     runtime: str | None = None  # "runc" | "gvisor"; None: the server's default (host/multi.py)
+    # (rows, cols): the entrypoint runs on a pseudo-terminal of that size (its stdin, stdout and
+    # stderr; everything it writes goes to the stdout log); None: pipes
+    pty: tuple[int, int] | None = None
 
 
 @dataclass
@@ -138,6 +141,10 @@ class SandboxHost(Protocol):
 
     # --- the entrypoint's stdio
     async def write_stdin(self, sandbox_id: str, data: bytes, eof: bool) -> None: ...
+
+    async def resize_pty(self, sandbox_id: str, rows: int, cols: int) -> None:
+        """Resize the entrypoint's terminal (`SandboxSpec.pty`; it gets SIGWINCH). OSError
+        (EINVAL) when it was started without one."""
 
     def read_log(self, sandbox_id: str, stream: str, offset: int,
                  finished) -> AsyncIterator[bytes]:

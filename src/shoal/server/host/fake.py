@@ -135,6 +135,13 @@ class FakeHost:
     async def write_stdin(self, sandbox_id: str, data: bytes, eof: bool) -> None:
         self._box(sandbox_id).stdin += data
 
+    async def resize_pty(self, sandbox_id: str, rows: int, cols: int) -> None:
+        box = self._box(sandbox_id)
+        if box.spec.pty is None:
+            raise OSError(errno.EINVAL, "the entry-point has no pty")
+        box.spec.pty = (rows, cols)
+        self.calls.append(("resize_pty", sandbox_id, rows, cols))
+
     async def read_log(self, sandbox_id, stream, offset, finished) -> AsyncIterator[bytes]:
         await finished.wait()
         yield b""
@@ -143,6 +150,8 @@ class FakeHost:
     async def exec(self, sandbox_id: str, spec: ExecSpec) -> None:
         box = self._box(sandbox_id)
         self.calls.append(("exec", sandbox_id, spec.argv))
+        if spec.exec_id in box.execs:  # as the agent: one session per id
+            raise FileExistsError(f"exec id {spec.exec_id} is in use")
         ex = box.execs[spec.exec_id] = _Exec(spec)
         fn = self.commands.get(spec.argv[0])
         if fn is not None:

@@ -133,7 +133,8 @@ class RuncHost:
             sb.user = uid, gid = resolve_user(merged, spec.user)  # ValueError: a bad USER
             (sdir / "user").write_text(f"{uid}:{gid}")
             args = [tools.AGENT, "--socket", AGENT_SOCKET, "--uid", str(uid), "--gid", str(gid),
-                    "--log-limit", str(spec.log_limit), *self.agent_flags, "--", *spec.args]
+                    "--log-limit", str(spec.log_limit), *self.agent_flags,
+                    *(("--pty", "%d:%d" % spec.pty) if spec.pty else ()), "--", *spec.args]
             mounts, ns = list(spec.mounts), sb.rootfs.userns
             if ns is not None:
                 # the agent (root inside) makes its socket there
@@ -404,6 +405,9 @@ class RuncHost:
             os.close(sb.stdin_fd)
             sb.stdin_fd = None
 
+    async def resize_pty(self, sandbox_id: str, rows: int, cols: int) -> None:
+        await self._call(sandbox_id, "resize_entry", rows, cols)
+
     def read_log(self, sandbox_id: str, stream: str, offset: int, finished) -> AsyncIterator[bytes]:
         return _tail_file(self.root / sandbox_id / stream, offset, finished)
 
@@ -466,9 +470,18 @@ class RuncHost:
 
     async def read_file(self, sandbox_id: str, path: str,
                         limit: int | None) -> tuple[int, AsyncIterator[bytes]]:
-        fd = await self._files(sandbox_id, self.files.open_read, path, limit)
-        size = os.fstat(fd).st_size
-        return size, _iter_fd(fd)
+        def open_read() -> tuple[int, int, bytes]:
+            # One worker-thread trip for a small file: open, size, and its bytes.
+            fd = self.files.call(sandbox_id, self.files.open_read, path, limit)
+            try:
+                size = os.fstat(fd).st_size
+                return fd, size, os.read(fd, size) if 0 < size <= (64 << 10) else b""
+            except BaseException:
+                os.close(fd)
+                raise
+        self._running(sandbox_id)
+        fd, size, head = await asyncio.to_thread(open_read)
+        return size, _iter_fd(fd, head)
 
     async def write_file(self, sandbox_id: str, path: str, chunks: AsyncIterator[bytes],
                          parents: bool) -> int:
@@ -701,8 +714,10 @@ async def _write_all_nonblocking(fd: int, data: bytes) -> None:
             return
 
 
-async def _iter_fd(fd: int) -> AsyncIterator[bytes]:
+async def _iter_fd(fd: int, head: bytes = b"") -> AsyncIterator[bytes]:
     try:
+        if head:
+            yield head
         while data := await asyncio.to_thread(os.read, fd, 1 << 20):
             yield data
     finally:

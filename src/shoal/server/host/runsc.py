@@ -64,24 +64,25 @@ class RunscRuntime:
         self.binary = binary
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def _cmd(self, *args: str, network: str = "none") -> list[str]:
+    def _cmd(self, *args: str, network: str = "none", flags: tuple[str, ...] = ()) -> list[str]:
         return [self.binary, "--root", str(self.root), "--platform=systrap",
                 f"--network={network}", "--overlay2=none", "--file-access=shared",
-                "--host-uds=all", "--net-raw", *args]
+                "--host-uds=all", "--net-raw", *flags, *args]
 
     async def _run(self, *args: str, check: bool = True, timeout: float = CALL_TIMEOUT) -> str:
         return await run_cli(self._cmd(*args), f"runsc {args[0]}", check, timeout, owned=OWNED)
 
     async def start(self, config: dict, container_id: str, bundle: Path, network: bool,
-                    stdin: int, stdout: int, stderr: int) -> int:
-        """`runsc run --detach`; returns the pid of the sandbox process (gVisor's kernel), whose
-        exit status is the container's. On failure, whatever it left is killed."""
+                    stdin: int, stdout: int, stderr: int, flags: tuple[str, ...] = ()) -> int:
+        """`runsc run --detach` (with extra global `flags`); returns the pid of the sandbox
+        process (gVisor's kernel), whose exit status is the container's. On failure, whatever it
+        left is killed."""
         bundle.mkdir(parents=True, exist_ok=True)
         (bundle / "config.json").write_text(json.dumps(config))
         pid_file = bundle / "init.pid"
         proc = await _exec(
             *self._cmd("run", "--detach", "--bundle", str(bundle), "--pid-file", str(pid_file),
-                       container_id, network="host" if network else "none"),
+                       container_id, network="host" if network else "none", flags=flags),
             stdin=stdin, stdout=stdout, stderr=stderr)
         try:
             rc = await _waited(proc, proc.wait(), START_TIMEOUT, "runsc run")

@@ -84,6 +84,7 @@ class NetworkConfig:
     blocked_private: list[str]  # operator-private networks, minus what the operator allows
     ct_limit: int = 4096  # tracked connections per sandbox
     pool_size: int = 4  # namespaces prepared ahead
+    refill_delay: float = 0.5  # seconds between an attach and the pool refill it triggers
     tunnel_bind: str = "127.0.0.1"
     tunnel_host: str = ""  # the host name clients use in tunnel URLs (default: tunnel_bind)
 
@@ -91,7 +92,7 @@ class NetworkConfig:
     def from_env(cls, home: Path) -> NetworkConfig:
         """SHOAL_NET_POOL (a /20 or larger IPv4 block), SHOAL_NET_DNS, SHOAL_NET_PRIVATE,
         SHOAL_NET_ALLOW_PRIVATE (comma-separated), SHOAL_NET_CT_LIMIT, SHOAL_NET_POOL_SIZE,
-        SHOAL_TUNNEL_BIND, SHOAL_TUNNEL_HOST. See docs/network.md."""
+        SHOAL_NET_REFILL_DELAY, SHOAL_TUNNEL_BIND, SHOAL_TUNNEL_HOST. See docs/network.md."""
         tag = instance_tag(home)
         if os.environ.get("SHOAL_NET_POOL"):
             pool = ipaddress.IPv4Network(os.environ["SHOAL_NET_POOL"])
@@ -108,6 +109,7 @@ class NetworkConfig:
                    blocked_private=subtract(private, allow),
                    ct_limit=int(os.environ.get("SHOAL_NET_CT_LIMIT", "4096")),
                    pool_size=int(os.environ.get("SHOAL_NET_POOL_SIZE", "4")),
+                   refill_delay=float(os.environ.get("SHOAL_NET_REFILL_DELAY", "0.5")),
                    tunnel_bind=bind, tunnel_host=os.environ.get("SHOAL_TUNNEL_HOST", bind))
 
     # --- names
@@ -267,7 +269,10 @@ class NetworkManager:
             raise
         self.owned[sandbox_id] = own
         self._save()
-        self._kick()
+        # Not at once: the refill's `ip` processes would compete for the CPU with the sandbox
+        # this attach is for, still starting (measured: +25-32 ms create -> first output at p50
+        # on a loaded 2-core host, +4 ms with the refill after it; docs/network.md "Numbers").
+        self._kick(self.cfg.refill_delay)
         host_if = self.cfg.host_if(slot)
         return Attachment(str(NETNS_DIR / self.cfg.netns(slot)), self.cfg.addrs(slot)[1],
                           self.resolv_conf if policy.outbound != "none" else None, host_if)
@@ -362,11 +367,13 @@ class NetworkManager:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
-    def _kick(self) -> None:
+    def _kick(self, delay: float = 0.0) -> None:
         if self._refill is None or self._refill.done():
-            self._refill = asyncio.ensure_future(self._fill_pool())
+            self._refill = asyncio.ensure_future(self._fill_pool(delay))
 
-    async def _fill_pool(self) -> None:
+    async def _fill_pool(self, delay: float = 0.0) -> None:
+        if delay > 0:
+            await asyncio.sleep(delay)
         failures = 0
         while len(self.pool) < self.cfg.pool_size and failures < 3:
             slot = self._alloc()

@@ -180,6 +180,13 @@ async def sandbox_logs(sandbox_id: str, stream: str, request: Request,
                              media_type="application/octet-stream")
 
 
+@router.post("/sandboxes/{sandbox_id}/resize")
+async def sandbox_resize(sandbox_id: str, body: ResizeBody, request: Request) -> dict:
+    """Change the size of the entrypoint's pty (a sandbox created with one; it gets SIGWINCH)."""
+    await _svc(request).sandboxes.resize_pty(sandbox_id, body.rows, body.cols)
+    return {}
+
+
 @router.post("/execs/{exec_id}/resize")
 async def exec_resize(exec_id: str, body: ResizeBody, request: Request) -> dict:
     """Change the size of a command's pty (it gets SIGWINCH)."""

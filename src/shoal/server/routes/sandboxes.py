@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import functools
 import json
+import re
 import struct
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
 
 from shoal.exception import Error, InvalidError
+from shoal.server import http_layer
 from shoal.server.control.sandboxes import KEEP_NAME
 from shoal.server.models import (CreateSandbox, ExecRequest, SandboxInfo, TagsBody,
                                  WaitResult)
@@ -127,10 +131,70 @@ async def sandbox_exec(sandbox_id: str, body: ExecRequest, request: Request):
     """Start a command and stream its output and exit code in the same response: one round trip
     for a command that needs no stdin."""
     svc = _svc(request)
-    rec = await svc.exec(sandbox_id, body, _idempotency_key(request))
+    rec = await svc.exec(sandbox_id, body, _idempotency_key(request),
+                         request.headers.get("x-shoal-attempt") == "1")
     return StreamingResponse(_exec_frames(svc, rec.id, {}, {"exec_id": rec.id,
                                                              "sandbox_id": sandbox_id}),
                              media_type="application/x-shoal-exec")
+
+
+async def sandbox_exec_asgi(app, scope, receive, send, sandbox_id: str) -> None:
+    """`sandbox_exec` as a plain ASGI handler, called by the request layer (http_layer.py) for
+    `POST /sandboxes/{sandbox_id}/exec` before Starlette's middleware, router and FastAPI's
+    request handling, which cost ~0.6 ms of every exec here. Same contract (the route above
+    stays registered and documents it): a request that is not plain valid JSON of an
+    ExecRequest is handed to `app` (the framework) with its body, so that it gets the same
+    error; errors of the exec itself go through the app's own exception handlers."""
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return  # gone before its body was whole: nothing was done, nobody reads an answer
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    headers = dict(scope["headers"])
+    req = None
+    if headers.get(b"content-type", b"").split(b";")[0].strip() == b"application/json":
+        try:  # as FastAPI does: json.loads, then validation in Python mode
+            req = ExecRequest.model_validate(json.loads(body))
+        except (ValueError, ValidationError):
+            pass
+    if req is None:
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+        return await app(scope, replay, send)
+    starlette_app = scope["app"]
+    scope["route"] = _exec_route()  # what metrics label the request by
+    svc = starlette_app.state.svc.sandboxes
+    try:
+        key = headers.get(b"idempotency-key")
+        key = key.decode("latin-1") if key is not None else None
+        if key is not None and not 0 < len(key) <= 200:
+            raise InvalidError("Idempotency-Key must be 1-200 characters")
+        rec = await svc.exec(sandbox_id, req, key, headers.get(b"x-shoal-attempt") == b"1")
+    except Exception as e:
+        return await http_layer.answer_error(scope, receive, send, e)
+    response = StreamingResponse(_exec_frames(svc, rec.id, {}, {"exec_id": rec.id,
+                                                                 "sandbox_id": sandbox_id}),
+                                 media_type="application/x-shoal-exec")
+    await response(scope, receive, send)
+
+
+@functools.cache
+def _exec_route():
+    return next(r for r in router.routes
+                if getattr(r, "path", None) == "/sandboxes/{sandbox_id}/exec")
+
+
+# (method, path pattern, handler): served by the request layer ahead of the framework.
+FAST_ROUTES = (("POST", re.compile(r"/sandboxes/([^/]+)/exec"), sandbox_exec_asgi),)
 
 
 @router.get("/execs/{exec_id}/stream", response_class=StreamingResponse)

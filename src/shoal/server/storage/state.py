@@ -220,7 +220,10 @@ def migrate(conn: sqlite3.Connection) -> int:
 _JSON_FIELDS = {"spec", "tags"}
 
 
-class SqliteStore:
+class _Connection:
+    """One SQLite connection (autocommit, WAL, foreign keys) shared by the event loop and worker
+    threads; the stores below each hold one."""
+
     def __init__(self, path: Path):
         # mu guards conn: sqlite3 connections must not be used from two threads at once, and the
         # server calls in from the event loop and from worker threads.
@@ -229,10 +232,7 @@ class SqliteStore:
         self.conn.row_factory = sqlite3.Row
         with self.mu:
             self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.execute("PRAGMA foreign_keys=ON")
-            self.conn.execute("PRAGMA busy_timeout=10000")
-            self.schema_version = migrate(self.conn)
 
     def close(self) -> None:
         with self.mu:
@@ -242,9 +242,19 @@ class SqliteStore:
         with self.mu:
             return self.conn.execute(sql, args).fetchall()
 
-    def _exec(self, sql: str, args: tuple = ()) -> None:
+    def _exec(self, sql: str, args: tuple = ()) -> int:
+        """Run one statement; the number of rows it changed."""
         with self.mu:
-            self.conn.execute(sql, args)
+            return self.conn.execute(sql, args).rowcount
+
+
+class SqliteStore(_Connection):
+    def __init__(self, path: Path):
+        super().__init__(path)
+        with self.mu:
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute("PRAGMA busy_timeout=10000")
+            self.schema_version = migrate(self.conn)
 
     # --- apps
     def app_lookup(self, name: str) -> AppRecord | None:
@@ -500,30 +510,14 @@ CREATE INDEX IF NOT EXISTS queue_items_part ON queue_items(queue_id, partition, 
 """
 
 
-class KvStore:
+class KvStore(_Connection):
     """Dict entries and queue items in the server's SQLite database (a second connection to the
     same file; WAL lets it and SqliteStore work side by side). Each method is one transaction."""
 
     def __init__(self, path: Path):
-        self.mu = threading.Lock()  # guards conn
-        self.conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self.conn.row_factory = sqlite3.Row
+        super().__init__(path)
         with self.mu:
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA foreign_keys=ON")
             self.conn.executescript(_KV_SCHEMA)
-
-    def close(self) -> None:
-        with self.mu:
-            self.conn.close()
-
-    def _all(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self.mu:
-            return self.conn.execute(sql, args).fetchall()
-
-    def _exec(self, sql: str, args: tuple = ()) -> int:
-        with self.mu:
-            return self.conn.execute(sql, args).rowcount
 
     # objects
     def insert(self, rec: KvRecord) -> KvRecord:
