@@ -116,8 +116,13 @@ def _enter_for_userns(netns: str | None, rootfs: str, nofile: int) -> None:
     _linux.unshare(_linux.CLONE_NEWNS)
     _linux.mount("none", "/", "", _linux.MS_REC | _linux.MS_PRIVATE)
     _linux.mount(rootfs, USERNS_ROOTFS, "", _linux.MS_BIND)
-    if netns and stat.S_ISDIR(os.lstat(f"{USERNS_ROOTFS}/sys").st_mode):
-        _linux.mount("sysfs", f"{USERNS_ROOTFS}/sys", "sysfs", SYSFS_FLAGS)
+    if netns:
+        try:  # an image may have no /sys (registry images made from a bare tarball)
+            os.mkdir(f"{USERNS_ROOTFS}/sys", 0o555)
+        except FileExistsError:
+            pass
+        if stat.S_ISDIR(os.lstat(f"{USERNS_ROOTFS}/sys").st_mode):
+            _linux.mount("sysfs", f"{USERNS_ROOTFS}/sys", "sysfs", SYSFS_FLAGS)
 
 
 async def run_cli(argv: list[str], what: str, check: bool = True,
