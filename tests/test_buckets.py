@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import shoal
-from conftest import TEST_RUNTIME, _bucket_mount_processes, leftovers
+from conftest import (TEST_RUNTIME, TEST_USERNS, _bucket_mount_processes, leftovers,
+                      sandbox_host_pid)
 from s3_util import start_s3
 from shoal.exception import ExecutionError, InvalidError
 
@@ -166,6 +167,28 @@ def test_each_runtime_reads_writes_and_honours_read_only(app, s3, bucket, runtim
     finally:
         sb.terminate()
     assert not _bucket_mount_processes(home())
+
+
+@pytest.mark.skipif(not TEST_USERNS, reason="runc with user namespaces (SHOAL_USERNS=1)")
+def test_a_bucket_mount_keeps_the_user_namespace(app, s3, bucket):
+    """A bucket mount is no way out of the user namespace: root of a sandbox with one is still a
+    host uid of its range (fails if bucket sandboxes run as host root), and root and another user
+    of the sandbox both read and write the bucket (s3fs judges access by the caller's host uid:
+    fails with the mount's old umask=0022, which left root inside read-only)."""
+    m = shoal.CloudBucketMount(bucket, bucket_endpoint_url=s3.endpoint, secret=creds(s3))
+    sb = shoal.Sandbox.create(app=app, volumes={"/data": m}, timeout=120)
+    try:
+        uid = [line for line in Path(f"/proc/{sandbox_host_pid(sb)}/status").read_text()
+               .splitlines() if line.startswith("Uid:")][0].split()[1:]
+        assert all(int(u) >= 65536 for u in uid), uid
+        assert sh(sb, "echo root > /data/by-root.txt && cat /data/top.txt")[0:2] == (0, "top\n")
+        rc, out, err = sh(sb, "setpriv --reuid=1000 --regid=1000 --clear-groups sh -c "
+                              "'echo user > /data/by-user.txt && cat /data/by-root.txt'")
+        assert (rc, out) == (0, "root\n"), err
+        c = s3.client()
+        assert c.get_object(Bucket=bucket, Key="by-user.txt")["Body"].read() == b"user\n"
+    finally:
+        sb.terminate()
 
 
 def test_key_prefix_and_read_only_with_named_secret(app, s3, bucket):

@@ -140,21 +140,6 @@ def idmapped_bind(source: str, target: Path, userns_fd: int, read_only: bool = F
         os.close(fd)
 
 
-def fuse_mounts(paths: list[str]) -> list[str]:
-    """Which of `paths` are FUSE mount points (bucket mounts: s3fs cannot be idmapped), read from
-    mountinfo so that no request reaches the FUSE server."""
-    wanted = {os.path.normpath(p) for p in paths}
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            point = fields[4].encode().decode("unicode_escape")
-            fstype = fields[fields.index("-") + 1]
-            if point in wanted and fstype.startswith("fuse"):
-                found.append(point)
-    return found
-
-
 def unmount_under(top: Path) -> list[str]:
     """Detach every mount at or below `top`; the mount points still mounted afterwards (none,
     unless the kernel refused)."""

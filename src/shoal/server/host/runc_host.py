@@ -120,10 +120,7 @@ class RuncHost:
         try:
             mib = spec.limits.disk_mib or disk.default_mib()
             self.disks.check_room(mib)
-            # A bucket (s3fs FUSE) cannot be idmapped, and s3fs would need the range's uid=
-            # before it is known: such a sandbox runs without a user namespace (security.md).
-            userns = self.userns and not (spec.mounts and await asyncio.to_thread(
-                idmap.fuse_mounts, [m.source for m in spec.mounts]))
+            userns = self.userns
             merged = await asyncio.to_thread(sb.rootfs.mount, spec.layers, (self.disks, mib),
                                              snapshot / "upper" if snapshot else None, userns)
             self._refill_disks()

@@ -163,7 +163,11 @@ class BucketMounts:
         target = spec.bucket_name
         if spec.key_prefix:
             target += ":/" + spec.key_prefix.rstrip("/")
-        opts = ["allow_other", "umask=0022", "mp_umask=0022", "complement_stat", f"tmpdir={tmp}",
+        # Every user of every sandbox may read and write (ro aside): s3fs judges access itself,
+        # by the caller's host uid, and root of a runc sandbox is a host uid of its range (its
+        # user namespace), not the mount's owner. uid/gid 0: objects show no host uid.
+        opts = ["allow_other", "uid=0", "gid=0", "umask=0000", "mp_umask=0000",
+                "complement_stat", f"tmpdir={tmp}",
                 S3FS_TIMEOUTS, f"logfile={d / 'log'}", "dbglevel=err"]
         if spec.bucket_endpoint_url:
             opts.append(f"url={spec.bucket_endpoint_url.rstrip('/')}")
