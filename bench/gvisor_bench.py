@@ -24,16 +24,14 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sandbox_bench import (log, start_server, stop_server, unmount_all, wait_exit,  # noqa: E402
+from sandbox_bench import (bench_workdir, log, start_server, stop_server, unmount_all, wait_exit,  # noqa: E402
                            wait_ready)
 
 
@@ -144,12 +142,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="shoal-gvbench-", dir="/tmp"))
-    home = workdir / "home"
-    os.environ.update(SHOAL_HOME=str(home), SHOAL_POOL="0",
-                      SHOAL_IMAGES=os.environ.get("SHOAL_IMAGES")
-                      or str(Path.home() / ".shoal" / "images"))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    workdir, home = bench_workdir("shoal-gvbench-", SHOAL_POOL="0")
     from shoal.server import linux as _linux
     from shoal.server.images.base import ensure_base_image
 

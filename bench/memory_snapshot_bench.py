@@ -24,16 +24,14 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sandbox_bench import start_server, stop_server, unmount_all, wait_ready  # noqa: E402
+from sandbox_bench import bench_workdir, start_server, stop_server, unmount_all, wait_ready  # noqa: E402
 
 WORKING_MIB = 64
 PROGRAM = f"""
@@ -75,12 +73,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="shoal-snapbench-", dir="/tmp"))
-    home = workdir / "home"
-    os.environ.update(SHOAL_HOME=str(home), SHOAL_POOL="0",
-                      SHOAL_IMAGES=os.environ.get("SHOAL_IMAGES")
-                      or str(Path.home() / ".shoal" / "images"))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    workdir, home = bench_workdir("shoal-snapbench-", SHOAL_POOL="0")
     server = None
     live = []
     result: dict = {"runs": args.runs, "working_set_mib": WORKING_MIB,

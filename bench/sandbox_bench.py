@@ -459,6 +459,20 @@ def stop_server(home: Path, server: subprocess.Popen) -> None:
             server.wait()
 
 
+def bench_workdir(prefix: str, images: str | None = None, **env: str) -> tuple[Path, Path]:
+    """A fresh working directory under /tmp and the shoal home inside it, set in this process's
+    environment (with the image store, `images` or $SHOAL_IMAGES or ~/.shoal/images, and `env`),
+    no remote server or token, and SIGTERM turned into a normal exit so clean-up runs."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    home = workdir / "home"
+    images = images or os.environ.get("SHOAL_IMAGES") or str(Path.home() / ".shoal" / "images")
+    os.environ.update(SHOAL_HOME=str(home), SHOAL_IMAGES=str(Path(images).absolute()), **env)
+    for var in ("SHOAL_SERVER", "SHOAL_TOKEN"):
+        os.environ.pop(var, None)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    return workdir, home
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=20, help="measured runs per step (default 20)")
@@ -474,12 +488,7 @@ def main() -> int:
     if args.runs < 1:
         ap.error("--runs must be at least 1")
 
-    workdir = Path(tempfile.mkdtemp(prefix="shoal-bench-", dir="/tmp"))
-    home = workdir / "home"
-    os.environ.update(SHOAL_HOME=str(home), SHOAL_IMAGES=str(Path(args.images).absolute()))
-    for var in ("SHOAL_SERVER", "SHOAL_TOKEN"):
-        os.environ.pop(var, None)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    workdir, home = bench_workdir("shoal-bench-", args.images)
 
     from shoal.server import linux as _linux
     from shoal.server.images.base import ensure_base_image
