@@ -1002,3 +1002,30 @@ async def test_quiesce_times_out_into_listening_again(fresh_agent):
     c = await fresh_agent.connect()
     assert (await c.stat("/"))["type"] == "DIRECTORY"
     await c.close()
+
+
+# ---------------------------------------------------------------- host mode (--host-launch)
+
+
+def test_host_launch_sets_the_limit_binds_the_rootfs_and_fails_cleanly(tmp_path):
+    """`shoal-agent --host-launch` (agent/launch.c) is how the runc host starts runc for a sandbox
+    with a user namespace: RLIMIT_NOFILE set, a private mount namespace with the rootfs bound at
+    the mount point (and nothing of it visible outside), then the program; a failure is one line
+    and exit 125, never the program run half set up."""
+    binary = str(ensure_built())
+    rootfs, point = tmp_path / "rootfs", tmp_path / "point"
+    rootfs.mkdir()
+    point.mkdir()
+    (rootfs / "marker").write_text("inside\n")
+    r = subprocess.run([binary, "--host-launch", "-", str(rootfs), str(point), "1234", "--", "sh",
+                        "-c", f"ulimit -n; cat {point}/marker"],
+                       capture_output=True, text=True, timeout=30)
+    assert (r.returncode, r.stdout) == (0, "1234\ninside\n"), r.stderr
+    assert not (point / "marker").exists()  # the bind lived in the launcher's own namespace
+    r = subprocess.run([binary, "--host-launch", str(tmp_path / "no-netns"), str(rootfs),
+                        str(point), "1234", "--", "true"], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 125 and "joining the network namespace" in r.stderr, r.stderr
+    r = subprocess.run([binary, "--host-launch", "-", str(rootfs), str(point), "0", "--", "true"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 125 and "NOFILE" in r.stderr, r.stderr

@@ -18,7 +18,7 @@ from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent
 BINARY = SOURCE_DIR / "shoal-agent"
-_C_FILES = ("agent.c", "exec.c", "files.c")
+_C_FILES = ("agent.c", "exec.c", "files.c", "launch.c")
 _SOURCES = (*_C_FILES, "agent.h", "protocol.h")
 
 

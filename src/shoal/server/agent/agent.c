@@ -988,6 +988,8 @@ static void parse_size(const char *s)
 
 int main(int argc, char **argv)
 {
+    if (argc > 1 && !strcmp(argv[1], "--host-launch"))
+        return host_launch(argc, argv); /* launch.c: the host's runc starter, not the agent */
     const char *sock = NULL;
     long uid = -1, gid = -1;
     int i = 1;

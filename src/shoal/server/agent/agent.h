@@ -154,4 +154,7 @@ void probe_on_event(struct ev *ev);
 void probe_check_timeouts(struct conn *c, uint64_t now, int *next_ms);
 void files_conn_closed(struct conn *c);
 
+/* launch.c: `--host-launch`, run on the host by the runc host to start runc (not in a sandbox). */
+int host_launch(int argc, char **argv);
+
 #endif

@@ -221,7 +221,8 @@ def build_config(spec: ContainerSpec, cgroups_path: str) -> dict:
     ]
     if runc_netns(spec):
         # sysfs can only be mounted by a process with CAP_SYS_ADMIN over the network
-        # namespace's owner (host root): runc.py mounts it before runc starts (_enter_for_userns).
+        # namespace's owner (host root): the agent's host mode (agent/launch.c) mounts it
+        # before runc starts.
         mounts = [m for m in mounts if m["type"] != "sysfs"]
     for m in spec.mounts:
         opts = ["rbind", "rprivate", "nosuid", "nodev"]
