@@ -397,7 +397,8 @@ def test_metrics_move_when_things_happen(app):
     assert moved("shoal_image_build_seconds_count", result="ok") in (1, 2)
     from shoal import config  # the build is in the server's (text) log as an event, too
     assert f"[image.built image_id={img.object_id} seconds=" in config.paths().server_log.read_text()
-    assert moved("shoal_image_build_seconds_sum") > 0.1  # the step ran in a build container
+    assert moved("shoal_image_build_seconds_sum") > 0  # the step's time was added (no timing bound:
+    # a build container's step took 0.09 s on a quiet machine)
     # A failed build still answers 200 (the failure is the stream's last line): counted as one.
     failing = shoal.Image.debian_slim().run_commands(f"echo {uuid.uuid4().hex}; exit 3")
     with pytest.raises(shoal.exception.Error):
