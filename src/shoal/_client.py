@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json as _json
 import os
 import subprocess
 import sys
@@ -50,6 +51,7 @@ API_VERSION = "1"  # the HTTP API this SDK speaks (X-Shoal-Api-Version)
 RECONNECT_FOR = float(os.environ.get("SHOAL_RECONNECT_TIMEOUT", "30"))
 AUTOSTART_AFTER = float(os.environ.get("SHOAL_AUTOSTART_AFTER", "5"))
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+_CHEAP_ARGS = frozenset({"headers", "params", "content", "json"})  # Client._request builds these
 
 
 class Replayable:
@@ -75,6 +77,25 @@ def _with_key(method: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool
         method in _IDEMPOTENT or method == "POST"), fresh
 
 
+class _RawHeaders:
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]):
+        self.raw = raw
+
+
+class _LeanRequest:
+    """What shoal's transport (_transport.py) reads of an httpx.Request, made without httpx's
+    parsing: the method, the URL, the headers as bytes, a body in memory, the timeouts."""
+
+    __slots__ = ("method", "url", "headers", "stream", "extensions")
+
+    def __init__(self, method: str, url: httpx.URL, raw: list[tuple[bytes, bytes]],
+                 stream: httpx.ByteStream, extensions: dict):
+        self.method, self.url, self.headers = method, url, _RawHeaders(raw)
+        self.stream, self.extensions = stream, extensions
+
+
 class Client:
     def __init__(self, base_url: str, transport: httpx.AsyncBaseTransport, token: str | None = None,
                  autostart: config.Paths | None = None):
@@ -86,6 +107,46 @@ class Client:
             base_url=base_url, transport=transport, headers=headers,
             timeout=httpx.Timeout(connect=10, read=None, write=None, pool=None))
         self.transport = transport
+        self._headers = headers
+        self._raw_headers = [(k.encode(), v.encode()) for k, v in headers.items()]
+        self._timeout = {"timeout": self.http.timeout.as_dict()}
+        self._urls: dict[tuple, httpx.URL] = {}  # (path, params) -> the request's URL
+
+    def _request(self, method: str, path: str, kwargs: dict[str, Any]) -> Any:
+        """`self.http.build_request(method, path, **kwargs)` for the arguments the SDK passes
+        (headers, params, content, json), cheaper: httpx parses and quotes every URL character
+        by character in Python and builds its header objects twice (~0.5 ms of each call's CPU
+        here, a third of an exec's client time). The URL is parsed once per path and query;
+        for shoal's own transport, with a body in memory, the request is a `_LeanRequest`."""
+        params = kwargs.get("params")
+        try:
+            key = (path, tuple((k, type(v), v) for k, v in params.items()) if params else ())
+            url = self._urls.get(key)
+        except (TypeError, AttributeError):  # unhashable values, a list of pairs: no cache
+            key = url = None
+        if url is None:
+            url = self.http.build_request("GET", path, params=params).url
+            if key is not None:
+                if len(self._urls) >= 512:
+                    self._urls.clear()
+                self._urls[key] = url
+        headers = kwargs.get("headers")
+        content, body = kwargs.get("content"), kwargs.get("json")
+        if not isinstance(self.transport, AsyncSocketTransport) or \
+                not (content is None or isinstance(content, bytes)):
+            return httpx.Request(method, url, headers={**self._headers, **headers} if headers
+                                 else self._headers, content=content, json=body,
+                                 extensions=self._timeout)
+        raw = [(b"Host", url.netloc), *self._raw_headers]
+        if headers:
+            raw += ((k.encode(), v.encode()) for k, v in headers.items())
+        if content is None and body is not None:  # (as httpx: content wins over json)
+            content = _json.dumps(body, ensure_ascii=False, separators=(",", ":"),
+                                  allow_nan=False).encode()
+            raw.append((b"Content-Type", b"application/json"))
+        if content or method in ("POST", "PUT", "PATCH"):
+            raw.append((b"Content-Length", str(len(content or b"")).encode()))
+        return _LeanRequest(method, url, raw, httpx.ByteStream(content or b""), self._timeout)
 
     async def reconnect(self, deadline: float, why: BaseException) -> None:
         """Wait until the server answers again (starting the local one if need be), or raise
@@ -124,7 +185,9 @@ class Client:
                 # earlier request carried the key and skips looking it up (exec).
                 attempt = {**attempt, "headers": {**attempt["headers"],
                                                   "X-Shoal-Attempt": str(tries)}}
-            req = self.http.build_request(method, path, **attempt)
+            req = (self._request(method, path, attempt)
+                   if attempt.keys() <= _CHEAP_ARGS else
+                   self.http.build_request(method, path, **attempt))
             try:
                 return await self._send_once(req, stream)
             except _NO_SERVER as e:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import os
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -37,8 +38,6 @@ class _Loop:
         self.pid = 0
 
     def get(self) -> asyncio.AbstractEventLoop:
-        import os
-
         with self.mu:
             if self.loop is None or self.pid != os.getpid() or not self.thread.is_alive():
                 self.loop = asyncio.new_event_loop()
@@ -223,15 +222,30 @@ def _async_result(value: Any) -> Any:
     return _translate_result(value, _async_iter, _AsyncCM)
 
 
-def known_without_io(check: Callable[[Any], Any]) -> Callable:
+def known_without_io(check: Callable[[Any], Any],
+                     ready: Callable[[Any], threading.Event | None] | None = None) -> Callable:
     """Mark an async method whose answer may already be known in the caller's thread:
     `check(impl)` returns it, or None when it is not. The blocking face then returns it without
     the hop to the SDK loop's thread and back (~0.2 ms); the async face is unchanged. `check`
-    may only read plain attributes that the loop sets once (it runs in the caller's thread)."""
+    may only read plain attributes that the loop sets once (it runs in the caller's thread).
+
+    `ready(impl)`, if given, returns a threading.Event that the loop sets once `check` can
+    answer (or None): the blocking face waits for it in the caller's thread, woken once by the
+    loop, instead of sending the call there and waiting for its answer."""
     def mark(fn: Callable) -> Callable:
         fn._shoal_known = check
+        fn._shoal_ready = ready
         return fn
     return mark
+
+
+def _wait_set(event: threading.Event) -> bool:
+    """Wait for `event` (Ctrl-C interrupts); False if the SDK loop's thread is gone (a fork)."""
+    while not event.wait(0.5):
+        thread = _loop.thread
+        if thread is None or not thread.is_alive() or _loop.pid != os.getpid():
+            return False
+    return True
 
 
 class FunctionWithAio:
@@ -246,7 +260,12 @@ class FunctionWithAio:
     def __call__(self, *args, **kwargs):
         check = getattr(self._fn, "_shoal_known", None)
         if check is not None and not args and not kwargs:
-            known = check(self._fn.__self__)
+            impl = self._fn.__self__
+            known = check(impl)
+            if known is None and self._fn._shoal_ready is not None:
+                event = self._fn._shoal_ready(impl)
+                if event is not None and _wait_set(event):
+                    known = check(impl)
             if known is not None:
                 return to_public(known)
         result = self._fn(*to_impl(args), **to_impl(kwargs))

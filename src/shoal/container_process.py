@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+import threading
 from collections import deque
 
 import httpx
@@ -37,9 +38,15 @@ class _Channel:
         self.closed = False
         self.error: BaseException | None = None
         self.changed = asyncio.Condition()
+        # Set once nothing more will come (after `error`, then `closed`), or when the buffer is
+        # full and needs a reader on the loop: a blocking `read()` waits for it in its own
+        # thread and, if the stream ended, takes the chunks there (io_streams.py).
+        self.wake = threading.Event()
 
     async def put(self, data: bytes) -> None:
         async with self.changed:
+            if self.size >= BUFFER_LIMIT:
+                self.wake.set()
             await self.changed.wait_for(lambda: self.size < BUFFER_LIMIT)
             self.chunks.append(data)
             self.size += len(data)
@@ -51,8 +58,9 @@ class _Channel:
 
     async def close(self, error: BaseException | None = None) -> None:
         async with self.changed:
-            self.closed = True
             self.error = self.error or error
+            self.closed = True
+            self.wake.set()
             self.changed.notify_all()
 
     async def get(self) -> bytes:
@@ -105,6 +113,7 @@ class _ContainerProcess:
         for s in ("stdout", "stderr"):
             if s not in captured:
                 self._channels[s].closed = True
+                self._channels[s].wake.set()
         self._stdout = _StreamReader(channel=self._channels["stdout"], text=text, fd=1)
         self._stderr = _StreamReader(channel=self._channels["stderr"], text=text, fd=2)
         self._stdin = _StreamWriter(f"/execs/{exec_id}/stdin", offsets=True)
@@ -177,8 +186,9 @@ class _ContainerProcess:
         finally:
             # Readers see the end of the streams (or the error) however this task ends.
             for ch in self._channels.values():
-                ch.closed = True
                 ch.error = ch.error or error
+                ch.closed = True
+                ch.wake.set()
                 if not ch.changed.locked():
                     async with ch.changed:
                         ch.changed.notify_all()

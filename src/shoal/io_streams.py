@@ -11,7 +11,7 @@ import codecs
 from collections.abc import AsyncIterator
 
 from shoal._client import get_client
-from shoal._sync import synchronize_api
+from shoal._sync import known_without_io, synchronize_api
 from shoal.exception import InvalidError
 
 
@@ -58,6 +58,24 @@ class _StreamReader:
             return None
         return self._decoder.decode(data) if self._text else data
 
+    def _read_known(self) -> str | bytes | None:
+        """What `read()` returns, when the stream has ended and its chunks are all here (else
+        None): taken in the caller's thread, without a trip to the SDK loop."""
+        ch = self._channel
+        if ch is None or not ch.closed or ch.error is not None:
+            return None
+        data = b"".join(ch.chunks.popleft() for _ in range(len(ch.chunks)))
+        ch.size = 0
+        rest, self._pending = self._pending, "" if self._text else b""
+        if self._eof:
+            return rest
+        self._eof = True
+        return rest + self._decoder.decode(data, final=True) if self._text else rest + data
+
+    def _read_ready(self):
+        return self._channel.wake if self._channel is not None else None
+
+    @known_without_io(_read_known, _read_ready)
     async def read(self) -> str | bytes:
         """Everything the stream still holds, waiting until the process closes it.
 

@@ -132,6 +132,16 @@ class ShoalApp(FastAPI):
         return RequestLayer(super().build_middleware_stack(), getattr(self.state, "metrics", None),
                             sandboxes.FAST_ROUTES + files.FAST_ROUTES)
 
+    async def __call__(self, scope, receive, send):
+        # HTTP and websockets straight to the stack, as Starlette does. FastAPI's own __call__
+        # first asks whether OpenTelemetry is configured, on every request (~40 µs here); shoal
+        # does not use that bridge (it has its own metrics and request ids, http_layer.py).
+        if scope["type"] in ("http", "websocket") and self.middleware_stack is not None \
+                and not self.root_path:
+            scope["app"] = self
+            return await self.middleware_stack(scope, receive, send)
+        return await super().__call__(scope, receive, send)
+
 
 def create_app(paths: Paths, upkeep_interval: float = 1.0,
                on_shutdown: Callable[[], None] | None = None) -> FastAPI:

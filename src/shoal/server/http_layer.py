@@ -15,6 +15,7 @@ sees the 500s that Starlette's ServerErrorMiddleware writes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -50,6 +51,41 @@ async def answer_error(scope, receive, send, err: Exception) -> None:
 
     response = await handler(Request(scope, receive), err)
     await response(scope, receive, send)
+
+
+async def stream_answer(receive, send, headers: list[tuple[bytes, bytes]], pieces) -> None:
+    """Answer 200 with `headers` and a chunked body of the byte strings the async iterator
+    `pieces` yields, as Starlette's StreamingResponse does, for the fast routes: without its
+    anyio task group and second task (~0.3 ms of an exec's server CPU here). One waiter on
+    `receive` notices a client that leaves and ends the stream (the iterator is closed), like
+    StreamingResponse; the request's body must have been read whole before."""
+    task = asyncio.current_task()
+    state = {"finished": False, "gone": False}
+
+    def left(waiter: asyncio.Future) -> None:
+        if waiter.cancelled() or waiter.exception() is not None or state["finished"]:
+            return
+        if waiter.result().get("type") == "http.disconnect":
+            state["gone"] = True
+            task.cancel()
+
+    waiter = asyncio.ensure_future(receive())
+    waiter.add_done_callback(left)
+    try:
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        async for piece in pieces:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        state["finished"] = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except asyncio.CancelledError:
+        if not state["gone"] or task.uncancel() > 0:
+            raise  # (not the client leaving: shutdown, or a cancel from above as well)
+    finally:
+        state["finished"] = True
+        waiter.cancel()
+        aclose = getattr(pieces, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 class RequestLayer:

@@ -133,7 +133,9 @@ def serve(paths: Paths, tcp: str | None = None, token: str | None = None,
     # The standard asyncio loop: uvloop's child handling races the server's own reaping (it is a
     # child subreaper), which left `runsc delete` waiting forever. httptools parses HTTP when
     # installed (the server extra has it). SHOAL_LOOP=uvloop to experiment.
+    # No proxy headers: shoal is not served behind a proxy, and they cost every request a layer.
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                            proxy_headers=False,
                             loop=os.environ.get("SHOAL_LOOP", "asyncio"),
                             timeout_graceful_shutdown=5, log_config=None)
     try:

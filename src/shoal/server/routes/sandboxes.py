@@ -181,10 +181,11 @@ async def sandbox_exec_asgi(app, scope, receive, send, sandbox_id: str) -> None:
         rec = await svc.exec(sandbox_id, req, key, headers.get(b"x-shoal-attempt") == b"1")
     except Exception as e:
         return await http_layer.answer_error(scope, receive, send, e)
-    response = StreamingResponse(_exec_frames(svc, rec.id, {}, {"exec_id": rec.id,
-                                                                 "sandbox_id": sandbox_id}),
-                                 media_type="application/x-shoal-exec")
-    await response(scope, receive, send)
+    await http_layer.stream_answer(receive, send, _EXEC_HEADERS, _exec_frames(
+        svc, rec.id, {}, {"exec_id": rec.id, "sandbox_id": sandbox_id}))
+
+
+_EXEC_HEADERS = [(b"content-type", b"application/x-shoal-exec")]
 
 
 @functools.cache
