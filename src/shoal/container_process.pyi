@@ -6,6 +6,7 @@ import typing_extensions
 import asyncio
 import json
 import struct
+import threading
 from collections import deque
 import httpx
 from shoal import exception as exc
