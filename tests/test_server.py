@@ -212,7 +212,39 @@ def _exec(http: httpx.Client, sid: str, body: dict, key: str) -> tuple[int, str]
         return r.status_code, json.loads(data)["error"]["type"]
     assert data[0] == 0  # the start frame
     (size,) = struct.unpack(">I", data[1:5])
-    return 200, json.loads(data[5:5 + size])["exec_id"]
+    exec_id = json.loads(data[5:5 + size])["exec_id"]
+    assert r.headers["x-shoal-exec-id"] == exec_id  # the head names it too
+    return 200, exec_id
+
+
+def test_an_exec_stream_the_client_leaves_ends_on_the_server(sandbox):
+    """A client that stops reading an exec's stream and closes its connection: the server ends
+    that answer at once (one client.abort line, no traceback), not when the command next writes
+    or ends; the command carries on, and its output can be read again by its id."""
+    log = config.paths().server_log
+    seen = log.stat().st_size
+    script = "echo started; sleep 6; echo done"
+    with _http() as http:
+        with http.stream("POST", f"/sandboxes/{sandbox.object_id}/exec",
+                         json={"args": ["sh", "-c", script]}) as r:
+            exec_id = r.headers["x-shoal-exec-id"]
+            got = b""
+            for chunk in r.iter_raw():
+                got += chunk
+                if b"started" in got:
+                    break
+        deadline = time.monotonic() + 4  # well before the command writes again
+        while True:
+            with open(log, "rb") as f:
+                f.seek(seen)
+                tail = f.read().decode(errors="replace")
+            if f"client went away during POST /sandboxes/{sandbox.object_id}/exec" in tail:
+                break
+            assert time.monotonic() < deadline, tail[-2000:]
+            time.sleep(0.1)
+        assert "Traceback" not in tail and "Exception in ASGI" not in tail
+        done = http.get(f"/execs/{exec_id}/wait", params={"timeout": 15}).json()
+        assert done["done"] and done["returncode"] == 0
 
 
 def test_a_repeated_exec_request_runs_its_command_once(app, sandbox):

@@ -133,15 +133,18 @@ class _ContainerProcess:
 
                 raise _error_from(resp.status_code, await resp.aread())
             frames = _frames(resp)
-            kind, payload = await frames.__anext__()
-            if kind != FRAME_START:
-                raise exc.RemoteError("the server's exec stream did not start with the exec id")
-            start = json.loads(payload)
+            exec_id = resp.headers.get("x-shoal-exec-id")
+            if exec_id is None:  # a server that names it only in the start frame
+                kind, payload = await frames.__anext__()
+                if kind != FRAME_START:
+                    raise exc.RemoteError("the server's exec stream did not start with the exec "
+                                          "id")
+                exec_id = json.loads(payload)["exec_id"]
         except BaseException:
             await resp.aclose()
             raise
         captured = tuple(s for s in ("stdout", "stderr") if body.get(s) == "pipe")
-        proc = cls(start["exec_id"], text, None, captured)
+        proc = cls(exec_id, text, None, captured)
         proc._reader = asyncio.get_running_loop().create_task(
             proc._read_output(resp, frames), name=f"shoal-exec-{proc._exec_id}")
         return proc

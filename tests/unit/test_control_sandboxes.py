@@ -174,6 +174,22 @@ def test_names_are_unique_among_running_sandboxes(env):
     run(go())
 
 
+def test_a_short_commands_output_and_exit_come_in_one_batch(env):
+    """What is ready together goes to the client together (one write): the output of a command
+    that has already ended, the other stream's end and the exit code; not one batch each."""
+    svc, _ = env
+
+    async def go():
+        await started(svc)
+        sb = await svc.create(create())
+        rec = await svc.exec(sb.id, ExecRequest(args=["echo", "hi"]))
+        await asyncio.sleep(0.05)  # it has ended, and the service has seen its exit
+        batches = [b async for b in svc.exec_output_batches(rec.id, {})]
+        assert batches == [[("stdout", b"hi\n"), ("exit", 0)]]
+        await svc.close()
+    run(go())
+
+
 def test_exec_streams_output_then_exit_code(env):
     svc, host = env
 

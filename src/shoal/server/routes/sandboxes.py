@@ -106,16 +106,19 @@ def _frame(kind: int, payload: bytes) -> bytes:
 async def _exec_frames(svc, exec_id: str, offsets: dict[str, int], start: dict | None):
     """The exec stream's body: frames of (u8 kind, u32 big-endian length, payload) — kind 0 the
     start ({"exec_id"}), 1 stdout bytes, 2 stderr bytes, 3 the exit ({"returncode"}), 4 an error
-    ({"error": {"type", "message"}}) that ends the stream."""
+    ({"error": {"type", "message"}}) that ends the stream. Frames that are ready together share
+    a piece of the body (a reader parses the bytes, not the pieces)."""
     if start is not None:
         yield _frame(FRAME_START, json.dumps(start).encode())
     try:
-        async for stream, data in svc.exec_output(exec_id, offsets):
-            if stream == "exit":
-                yield _frame(FRAME_EXIT, json.dumps({"returncode": data, "timed_out":
-                                                     _timed_out(svc, exec_id)}).encode())
-            else:
-                yield _frame(FRAME_STDOUT if stream == "stdout" else FRAME_STDERR, data)
+        async for batch in svc.exec_output_batches(exec_id, offsets):
+            # The events that were ready together, in one piece of the body (one write).
+            yield b"".join(
+                _frame(FRAME_EXIT, json.dumps({"returncode": data, "timed_out":
+                                               _timed_out(svc, exec_id)}).encode())
+                if stream == "exit" else
+                _frame(FRAME_STDOUT if stream == "stdout" else FRAME_STDERR, data)
+                for stream, data in batch)
     except Error as e:
         yield _frame(FRAME_ERROR, json.dumps({"error": {"type": type(e).__name__,
                                                         "message": str(e)}}).encode())
@@ -126,7 +129,10 @@ FRAME_START, FRAME_STDOUT, FRAME_STDERR, FRAME_EXIT, FRAME_ERROR = range(5)
 
 @router.post("/sandboxes/{sandbox_id}/exec", response_class=StreamingResponse,
              responses={200: {"content": {"application/x-shoal-exec": {}},
-                              "description": "the exec stream (see _exec_frames)"}})
+                              "description": "the exec stream (see _exec_frames)",
+                              "headers": {"X-Shoal-Exec-Id": {
+                                  "description": "the started command's id (as in the start "
+                                                 "frame)", "schema": {"type": "string"}}}}})
 async def sandbox_exec(sandbox_id: str, body: ExecRequest, request: Request):
     """Start a command and stream its output and exit code in the same response: one round trip
     for a command that needs no stdin."""
@@ -135,7 +141,8 @@ async def sandbox_exec(sandbox_id: str, body: ExecRequest, request: Request):
                          request.headers.get("x-shoal-attempt") == "1")
     return StreamingResponse(_exec_frames(svc, rec.id, {}, {"exec_id": rec.id,
                                                              "sandbox_id": sandbox_id}),
-                             media_type="application/x-shoal-exec")
+                             media_type="application/x-shoal-exec",
+                             headers={EXEC_ID_HEADER: rec.id})
 
 
 async def sandbox_exec_asgi(app, scope, receive, send, sandbox_id: str) -> None:
@@ -181,11 +188,15 @@ async def sandbox_exec_asgi(app, scope, receive, send, sandbox_id: str) -> None:
         rec = await svc.exec(sandbox_id, req, key, headers.get(b"x-shoal-attempt") == b"1")
     except Exception as e:
         return await http_layer.answer_error(scope, receive, send, e)
-    await http_layer.stream_answer(receive, send, _EXEC_HEADERS, _exec_frames(
-        svc, rec.id, {}, {"exec_id": rec.id, "sandbox_id": sandbox_id}))
+    await http_layer.stream_answer(
+        receive, send, [(b"content-type", b"application/x-shoal-exec"),
+                        (EXEC_ID_HEADER.encode(), rec.id.encode())],
+        _exec_frames(svc, rec.id, {}, {"exec_id": rec.id, "sandbox_id": sandbox_id}))
 
 
-_EXEC_HEADERS = [(b"content-type", b"application/x-shoal-exec")]
+# The started command's id, also in the answer's head: a client has all it needs to return the
+# process once the head is in, without waiting for the start frame's own write.
+EXEC_ID_HEADER = "x-shoal-exec-id"
 
 
 @functools.cache
