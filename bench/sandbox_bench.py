@@ -12,6 +12,9 @@ Three steps are measured on both sides, N times each (medians and p90 are report
 2. exec round trip, in one sandbox started beforehand
    shoal: `p = sb.exec("echo", "hi"); p.stdout.read(); p.wait()`.
    raw:   `runc exec <id> echo hi`, capturing stdout.
+2b. exec round trip, 5 in a row: step 2 five times back to back in each round, each a sample: a
+   loop of commands as an agent runs them (step 2's single exec comes right after the round's
+   container starts and teardowns, with caches and cores cold from them).
 3. end to end: step 1, then tear down inside the timed region
    shoal: `sb.terminate()`.
    raw:   `runc kill <id> KILL`, wait for the init to exit, `runc delete`, umount, remove the dir.
@@ -50,12 +53,14 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+IN_A_ROW = 5  # execs back to back in one round (an agent's loop of commands), each a sample
 CGROUP_PARENT = "shoal-bench"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 STEPS = {
     "create_first_output": "create -> first output (cold)",
     "warm_first_output": "create -> first output (warm pool)",
     "exec_round_trip": "exec round trip",
+    "exec_in_a_row": f"exec round trip, {IN_A_ROW} in a row",
     "end_to_end": "end to end (create, exec, terminate)",
 }
 EXPECTED = "hi\n"
@@ -316,6 +321,12 @@ def measure_round(shoal: ShoalSide, raw: RawRunc, shoal_sb, raw_cid: str,
         raw.exec_echo(raw_cid, laps)
         return laps
 
+    def shoal_in_a_row() -> list[Laps]:
+        return [shoal_exec() for _ in range(IN_A_ROW)]
+
+    def raw_in_a_row() -> list[Laps]:
+        return [raw_exec() for _ in range(IN_A_ROW)]
+
     def shoal_end_to_end() -> Laps:
         laps = Laps()
         sb = shoal.create(laps)
@@ -334,6 +345,7 @@ def measure_round(shoal: ShoalSide, raw: RawRunc, shoal_sb, raw_cid: str,
         "create_first_output": (shoal_first_output, raw_first_output),
         "warm_first_output": (shoal_warm_output, raw_first_output),
         "exec_round_trip": (shoal_exec, raw_exec),
+        "exec_in_a_row": (shoal_in_a_row, raw_in_a_row),
         "end_to_end": (shoal_end_to_end, raw_end_to_end),
     }
     results = {}
@@ -516,7 +528,7 @@ def main() -> int:
             http, true = shoal_side.http_floor(), floor_true()
             if counted:
                 for key, laps in round_.items():
-                    samples[key].append(laps)
+                    samples[key].extend(laps if isinstance(laps, list) else [laps])
                 floors["SDK HTTP call (GET /health)"].append(http)
                 floors["fork+exec /bin/true (subprocess.run)"].append(true)
 
