@@ -167,6 +167,10 @@ class _ContainerProcess:
                         elif kind == FRAME_EXIT:
                             self._returncode = _modal_rc(json.loads(payload))
                             self._exited.set()
+                            # Nothing follows the exit: readers have it all now, not when the
+                            # body's end has been read too.
+                            for ch in self._channels.values():
+                                await ch.close()
                         elif kind == FRAME_ERROR:
                             err = json.loads(payload)["error"]
                             raise exc.from_wire(err["type"], err["message"], err.get("errno"))

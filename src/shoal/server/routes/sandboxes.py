@@ -112,13 +112,15 @@ async def _exec_frames(svc, exec_id: str, offsets: dict[str, int], start: dict |
         yield _frame(FRAME_START, json.dumps(start).encode())
     try:
         async for batch in svc.exec_output_batches(exec_id, offsets):
-            # The events that were ready together, in one piece of the body (one write).
-            yield b"".join(
+            # The events that were ready together, in one piece of the body (one write); the
+            # exit's is the last, sent with the end of the body.
+            piece = http_layer.FinalPiece if batch[-1][0] == "exit" else bytes
+            yield piece(b"".join(
                 _frame(FRAME_EXIT, json.dumps({"returncode": data, "timed_out":
                                                _timed_out(svc, exec_id)}).encode())
                 if stream == "exit" else
                 _frame(FRAME_STDOUT if stream == "stdout" else FRAME_STDERR, data)
-                for stream, data in batch)
+                for stream, data in batch))
     except Error as e:
         yield _frame(FRAME_ERROR, json.dumps({"error": {"type": type(e).__name__,
                                                         "message": str(e)}}).encode())
