@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 
-from shoal._sync import synchronize_api
+from shoal._sync import known_without_io, synchronize_api
 
 
 class _Counter:
@@ -95,3 +95,53 @@ def test_blocking_call_from_inside_a_running_loop_works():
         return Counter(3).add(1)  # a blocking call from async code still completes
 
     assert asyncio.run(inner()) == 4
+
+
+class _Box:
+    """A value the SDK loop fills in later; `get` says whether it had to run on the loop."""
+
+    _constructible = True
+
+    def __init__(self):
+        import threading
+
+        self.value = None
+        self.ready = threading.Event()
+        self.hops = 0
+
+    def _known(self):
+        return self.value
+
+    def _ready(self):
+        return self.ready
+
+    @known_without_io(_known, _ready)
+    async def get(self):
+        self.hops += 1
+        while self.value is None:
+            await asyncio.sleep(0.01)
+        return self.value
+
+
+Box = synchronize_api(_Box)
+
+
+def test_a_known_answer_is_taken_in_the_callers_thread_once_the_loop_says_so():
+    from shoal._sync import get_loop
+
+    box = Box()
+    impl = box._impl
+
+    def fill(value):
+        impl.value = value
+        impl.ready.set()
+
+    get_loop().call_soon_threadsafe(lambda: get_loop().call_later(0.2, fill, "done"))
+    assert box.get() == "done" and impl.hops == 0  # waited for the event, no trip to the loop
+    assert box.get() == "done" and impl.hops == 0  # known at once
+    # Woken but still unknown (a full buffer, say): the call goes to the loop after all.
+    other = Box()
+    other._impl.ready.set()
+    get_loop().call_soon_threadsafe(lambda: get_loop().call_later(0.1, setattr, other._impl,
+                                                                  "value", "late"))
+    assert other.get() == "late" and other._impl.hops == 1

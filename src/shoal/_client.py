@@ -107,8 +107,9 @@ class Client:
             base_url=base_url, transport=transport, headers=headers,
             timeout=httpx.Timeout(connect=10, read=None, write=None, pool=None))
         self.transport = transport
-        self._headers = headers
-        self._raw_headers = [(k.encode(), v.encode()) for k, v in headers.items()]
+        # Every request's own headers: httpx's defaults (user agent, ...) and the client's.
+        self._headers = dict(self.http.headers.items())
+        self._raw_headers = list(self.http.headers.raw)
         self._timeout = {"timeout": self.http.timeout.as_dict()}
         self._urls: dict[tuple, httpx.URL] = {}  # (path, params) -> the request's URL
 

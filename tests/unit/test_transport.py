@@ -155,3 +155,53 @@ def test_failures_are_httpx_errors():
                 await c.get("/")
 
     _run(main())
+
+
+def test_the_sdks_requests_are_what_httpx_would_send():
+    """`Client` builds its requests without httpx's URL parser and, for this transport, without
+    httpx's Request (`_client._LeanRequest`): the server must receive the very request line,
+    headers and body that httpx's own client sends, the second time (URL cache) too."""
+    from shoal._client import Client
+
+    seen: list[tuple[bytes, dict, bytes]] = []
+
+    async def handler(reader, writer):
+        while True:
+            try:
+                line, headers, body = await _request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            seen.append((line, headers, body))
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+            await writer.drain()
+
+    calls = [
+        ("GET", "/sandboxes/sb-1/fs/file", {"params": {"path": "/tmp/a b&c=d/é", "whole": True,
+                                                       "n": 3, "none": None}}),
+        ("GET", "/sandboxes/sb-1/fs/file", {"params": {"path": "/tmp/a b&c=d/é", "whole": 1}}),
+        ("POST", "/sandboxes/sb-1/exec", {"json": {"args": ["echo", "héllo", "a\nb"], "t": 1.5,
+                                                   "none": None},
+                                          "headers": {"Idempotency-Key": "key-1"}}),
+        ("PUT", "/volumes/v/file", {"params": {"path": "/x"}, "content": b"\x00\xffdata"}),
+        ("POST", "/sandboxes/sb-1/terminate", {"headers": {"Idempotency-Key": "key-2"}}),
+        ("DELETE", "/volumes/v/file", {"params": {"path": "/x", "recursive": False}}),
+    ]
+
+    async def go():
+        async with _serve(handler) as path:
+            transport = AsyncSocketTransport(uds=path)
+            client = Client("http://shoal", transport, token="tok")
+            plain = httpx.AsyncClient(base_url="http://shoal", transport=AsyncSocketTransport(
+                uds=path), headers={"x-shoal-api-version": "1", "authorization": "Bearer tok"})
+            for method, url, kwargs in calls:
+                for _ in range(2):
+                    await client.send(method, url, **kwargs)
+                    await plain.request(method, url, **kwargs)
+            await client.aclose()
+            await plain.aclose()
+    _run(go())
+    assert len(seen) == 4 * len(calls)
+    for i in range(0, len(seen), 2):
+        ours, theirs = seen[i], seen[i + 1]
+        assert ours[0] == theirs[0] and ours[2] == theirs[2], (ours, theirs)
+        assert ours[1] == theirs[1], (ours[1], theirs[1])
