@@ -78,6 +78,16 @@ def _unix_socket(path: Path) -> socket.socket:
     return sock
 
 
+def _http_protocol():
+    """uvicorn's httptools protocol with an answer's head and body in one write
+    (http_protocol.py), or uvicorn's choice when httptools is not installed."""
+    try:
+        from shoal.server.http_protocol import HttpProtocol
+    except ImportError:
+        return "auto"
+    return HttpProtocol
+
+
 def _tcp_socket(addr: str) -> socket.socket:
     host, _, port = addr.rpartition(":")
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -135,7 +145,7 @@ def serve(paths: Paths, tcp: str | None = None, token: str | None = None,
     # installed (the server extra has it). SHOAL_LOOP=uvloop to experiment.
     # No proxy headers: shoal is not served behind a proxy, and they cost every request a layer.
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            proxy_headers=False,
+                            proxy_headers=False, http=_http_protocol(),
                             loop=os.environ.get("SHOAL_LOOP", "asyncio"),
                             timeout_graceful_shutdown=5, log_config=None)
     try:

@@ -1,0 +1,101 @@
+"""The server's HTTP protocol (shoal/server/http_protocol.py) in a real uvicorn on a Unix socket:
+an answer's head and the body sent with it reach the socket in one write; later pieces of a
+streamed answer in their own; a connection the answer closes gets everything first."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import tempfile
+from asyncio import selector_events
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from shoal.server.http_protocol import HttpProtocol
+
+
+async def _app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    if scope["path"] == "/small":
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"5")]})
+        await send({"type": "http.response.body", "body": b"hello"})
+    elif scope["path"] == "/stream":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first", "more_body": True})
+        await asyncio.sleep(0.05)
+        await send({"type": "http.response.body", "body": b"second", "more_body": False})
+
+
+@contextlib.asynccontextmanager
+async def _server():
+    with tempfile.TemporaryDirectory(prefix="http-protocol-test-") as tmp:
+        path = str(Path(tmp) / "s.sock")
+        server = uvicorn.Server(uvicorn.Config(_app, uds=path, http=HttpProtocol, lifespan="off",
+                                               log_config=None, access_log=False))
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.01)
+        try:
+            yield path
+        finally:
+            server.should_exit = True
+            await task
+
+
+@pytest.fixture
+def writes(monkeypatch):
+    """What the server's socket transports were asked to write, one entry a write (the client
+    below uses plain socket calls, no transport)."""
+    seen: list[bytes] = []
+    real = selector_events._SelectorSocketTransport.write
+
+    def write(self, data):
+        seen.append(bytes(data))
+        return real(self, data)
+    monkeypatch.setattr(selector_events._SelectorSocketTransport, "write", write)
+    return seen
+
+
+async def _exchange(path: str, request: bytes, until: bytes) -> bytes:
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, path)
+        await loop.sock_sendall(sock, request)
+        got = b""
+        async with asyncio.timeout(5):
+            while not got.endswith(until):
+                data = await loop.sock_recv(sock, 65536)
+                if not data:
+                    break
+                got += data
+        return got
+
+
+def test_a_small_answer_is_one_write_and_a_streamed_one_a_write_a_turn(writes):
+    async def main():
+        async with _server() as path:
+            small = await _exchange(path, b"GET /small HTTP/1.1\r\nhost: x\r\n\r\n", b"hello")
+            assert small.startswith(b"HTTP/1.1 200 OK\r\n") and small.endswith(b"\r\n\r\nhello")
+            assert writes == [small]  # status line, headers and body: one write
+
+            writes.clear()
+            streamed = await _exchange(path, b"GET /stream HTTP/1.1\r\nhost: x\r\n\r\n",
+                                       b"0\r\n\r\n")
+            assert streamed.endswith(b"5\r\nfirst\r\n6\r\nsecond\r\n0\r\n\r\n")
+            # The head with the piece sent in the same turn; the later piece with the end.
+            assert len(writes) == 2
+            assert writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
+            assert writes[0].endswith(b"5\r\nfirst\r\n")
+            assert writes[1] == b"6\r\nsecond\r\n0\r\n\r\n"
+
+            writes.clear()  # an answer that closes the connection is all there before the end
+            closing = await _exchange(
+                path, b"GET /small HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n", b"hello")
+            assert closing.endswith(b"hello") and len(writes) == 1
+    asyncio.run(main())
