@@ -123,7 +123,7 @@ def serve(paths: Paths, tcp: str | None = None, token: str | None = None,
         paths.server_pid.unlink(missing_ok=True)
 
     sockets = [_unix_socket(paths.socket)]
-    fastapi_app = create_app(paths, on_shutdown=remove_traces)
+    fastapi_app = create_app(paths, on_shutdown=remove_traces, freeze_startup=True)
     fastapi_app.state.log_path = log_path
     app = fastapi_app
     if tcp:
