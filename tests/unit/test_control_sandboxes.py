@@ -334,12 +334,12 @@ def test_background_tasks_are_drained_on_close(env):
 
 # --- the warm pool ---------------------------------------------------------------------------------
 
-def pooled_env(tmp_path, sizes):
+def pooled_env(tmp_path, sizes, refill_delay=0.0):
     store = SqliteStore(tmp_path / "state.db")
     store.app_create(AppRecord("ap-1", "tests", time.time()))
     vols = VolumeService(store, LocalVolumeStorage(tmp_path / "volumes"))
     host = FakeHost()
-    return SandboxService(store, host, vols, FakeImages(), sizes), host
+    return SandboxService(store, host, vols, FakeImages(), sizes, refill_delay), host
 
 
 async def until(cond, timeout=5.0):
@@ -368,6 +368,41 @@ def test_pool_serves_plain_requests_and_refills_to_its_size(tmp_path):
         await svc.close()
         assert len(host.boxes) == 1  # the idle ones are removed at shutdown; the claimed stays
     run(go())
+
+
+def test_the_pool_refills_a_while_after_a_sandbox_left_it(tmp_path):
+    """The refill (a runtime start) waits `refill_delay` after a claim, so that it does not
+    compete with the first commands of the sandbox just handed out; the first fill does not."""
+    svc, host = pooled_env(tmp_path, {"default": 1}, refill_delay=0.4)
+
+    async def go():
+        began = time.monotonic()
+        await svc.start()
+        await until(lambda: svc.pool.total() == 1)
+        assert time.monotonic() - began < 0.4  # the first fill starts at once
+        rec = await svc.create(create())
+        claimed = time.monotonic()
+        assert svc.pool.hits == 1 and svc.pool.total() == 0
+        await asyncio.sleep(0.2)
+        assert svc.pool.total() == 0 and len(host.boxes) == 1  # nothing started yet
+        await until(lambda: svc.pool.total() == 1)
+        assert time.monotonic() - claimed >= 0.4 and len(host.boxes) == 2
+        await svc.terminate(rec.id)
+        await svc.close()
+    run(go())
+
+
+def test_pool_refill_delay_parses(monkeypatch):
+    from shoal.server.control.pool import refill_delay
+
+    monkeypatch.delenv("SHOAL_POOL_REFILL_DELAY", raising=False)
+    assert refill_delay() == 0.5
+    monkeypatch.setenv("SHOAL_POOL_REFILL_DELAY", "0")
+    assert refill_delay() == 0.0
+    for bad in ("soon", "-1", "61"):
+        monkeypatch.setenv("SHOAL_POOL_REFILL_DELAY", bad)
+        with pytest.raises(ValueError):
+            refill_delay()
 
 
 def test_pool_is_not_used_for_requests_it_cannot_serve_exactly(tmp_path):

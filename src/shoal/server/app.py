@@ -91,7 +91,7 @@ def build_services(paths: Paths) -> Services:
                else NetworkManager(NetworkConfig.from_env(paths.home)))
     images = ImageService(paths.images, RuncRuntime(paths.runc_root), tools_dir, network)
     host = _sandbox_host(paths, tools_dir, network)
-    sbx = SandboxService(store, host, vols, images, pool.parse_sizes(None))
+    sbx = SandboxService(store, host, vols, images, pool.parse_sizes(None), pool.refill_delay())
     # Named secrets and bucket mounts: attached, so the constructors stay as they are.
     secrets_svc = SecretService(store, paths.db)
     buckets = BucketMounts(paths.home / "buckets")

@@ -170,7 +170,8 @@ def _claim_key(store: StateStore, key: str, path: str, exec_id: str):
 
 class SandboxService:
     def __init__(self, store: StateStore, host: SandboxHost, volumes: VolumeService,
-                 images: ImageService, pool_sizes: dict[str, int] | None = None):
+                 images: ImageService, pool_sizes: dict[str, int] | None = None,
+                 pool_refill_delay: float = 0.0):
         self.store = store
         self.host = host
         self.volumes = volumes
@@ -182,7 +183,7 @@ class SandboxService:
         self.tasks = TaskSet()
         self.astore = AsyncStore(store)  # the store from async code: its one worker thread
         self.pool = (WarmPool(host, images, pool_sizes,
-                              DEFAULT_POLICY if host.has_network else None)
+                              DEFAULT_POLICY if host.has_network else None, pool_refill_delay)
                      if pool_sizes else None)
 
     # --- owned background work
