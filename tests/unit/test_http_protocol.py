@@ -1,6 +1,7 @@
 """The server's HTTP protocol (shoal/server/http_protocol.py) in a real uvicorn on a Unix socket:
 an answer's head and the body sent with it reach the socket in one write; later pieces of a
-streamed answer in their own; a connection the answer closes gets everything first."""
+streamed answer in their own; a head whose body comes later is not held for it; a connection
+the answer closes gets everything first."""
 
 from __future__ import annotations
 
@@ -24,6 +25,14 @@ async def _app(scope, receive, send):
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-length", b"5")]})
         await send({"type": "http.response.body", "body": b"hello"})
+    elif scope["path"] == "/later":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await asyncio.sleep(0.5)
+        await send({"type": "http.response.body", "body": b"late", "more_body": False})
+    elif scope["path"] == "/big":
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"200000")]})
+        await send({"type": "http.response.body", "body": b"x" * 200000})
     elif scope["path"] == "/stream":
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"first", "more_body": True})
@@ -61,7 +70,7 @@ def writes(monkeypatch):
     return seen
 
 
-async def _exchange(path: str, request: bytes, until: bytes) -> bytes:
+async def _exchange(path: str, request: bytes, until: bytes, at_least: int = 0) -> bytes:
     loop = asyncio.get_running_loop()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.setblocking(False)
@@ -69,7 +78,7 @@ async def _exchange(path: str, request: bytes, until: bytes) -> bytes:
         await loop.sock_sendall(sock, request)
         got = b""
         async with asyncio.timeout(5):
-            while not got.endswith(until):
+            while not got.endswith(until) or len(got) < at_least:
                 data = await loop.sock_recv(sock, 65536)
                 if not data:
                     break
@@ -93,6 +102,21 @@ def test_a_small_answer_is_one_write_and_a_streamed_one_a_write_a_turn(writes):
             assert writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
             assert writes[0].endswith(b"5\r\nfirst\r\n")
             assert writes[1] == b"6\r\nsecond\r\n0\r\n\r\n"
+
+            writes.clear()  # a head whose body is not ready goes out on its own, at once
+            loop = asyncio.get_running_loop()
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.setblocking(False)
+                await loop.sock_connect(sock, path)
+                await loop.sock_sendall(sock, b"GET /later HTTP/1.1\r\nhost: x\r\n\r\n")
+                async with asyncio.timeout(0.3):
+                    head = await loop.sock_recv(sock, 65536)
+                assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n")
+            await asyncio.sleep(0.5)
+
+            writes.clear()  # a big body is not copied to join its head
+            big = await _exchange(path, b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n", b"x", 200000)
+            assert len(big) > 200000 and len(writes) == 2 and len(writes[1]) == 200000
 
             writes.clear()  # an answer that closes the connection is all there before the end
             closing = await _exchange(

@@ -2,10 +2,10 @@
 
 uvicorn writes a response's status line and headers as soon as the app sends
 `http.response.start`, and the body with each `http.response.body`: two `send` calls on the
-socket for a small answer, and the client may be woken for each. Here the connection's writes
-made in one turn of the event loop are joined and sent at the start of the next turn (a `call_soon`,
-before the loop polls for I/O again): a head and the body sent right after it go out together,
-and a streamed answer's later pieces each go out in their turn, as before.
+socket for a small answer, and the client may be woken for each. Here the head waits for the
+next write and goes out with it (at once: no added latency when the body follows right away); a
+head whose body is not ready in the same turn of the event loop goes out alone at the start of
+the next turn. Later writes go straight to the socket, as before.
 """
 
 from __future__ import annotations
@@ -14,26 +14,37 @@ import asyncio
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+JOIN_LIMIT = 64 << 10  # bytes: a head and a body up to this size go out joined
+
 
 class _JoinedWrites:
-    """A transport whose writes made in one turn of the loop reach the socket in one write;
-    everything else is the wrapped transport's."""
+    """A transport that holds a response's head until the next write, and sends both in one;
+    everything else is the wrapped transport's. A head not followed by a write in the same turn
+    of the loop goes out at the start of the next (a `call_soon`). What counts as a head (a
+    write that starts with a status line and ends with the blank line) only decides timing:
+    held bytes always go out first, in order."""
 
     __slots__ = ("transport", "loop", "held")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
         self.transport = transport
         self.loop = loop
-        self.held: list[bytes] | None = None
+        self.held: bytes | None = None
 
     def write(self, data) -> None:
-        if not data:
-            return
-        if self.held is None:
-            self.held = [data]
+        held = self.held
+        if held is not None:
+            self.held = None
+            if len(data) <= JOIN_LIMIT:
+                self.transport.write(held + data)
+                return
+            self.transport.write(held)  # (a big body is not copied to join a head)
+        elif data[:9] == b"HTTP/1.1 " and data[-4:] == b"\r\n\r\n" and len(data) <= JOIN_LIMIT:
+            self.held = bytes(data)
             self.loop.call_soon(self.flush)
-        else:
-            self.held.append(data)
+            return
+        if data:
+            self.transport.write(data)
 
     def writelines(self, lines) -> None:
         for data in lines:
@@ -41,11 +52,11 @@ class _JoinedWrites:
 
     def flush(self) -> None:
         held, self.held = self.held, None
-        if held and not self.transport.is_closing():
-            self.transport.write(held[0] if len(held) == 1 else b"".join(held))
+        if held is not None and not self.transport.is_closing():
+            self.transport.write(held)
 
     def get_write_buffer_size(self) -> int:
-        return self.transport.get_write_buffer_size() + sum(map(len, self.held or ()))
+        return self.transport.get_write_buffer_size() + len(self.held or b"")
 
     def write_eof(self) -> None:
         self.flush()
@@ -64,7 +75,7 @@ class _JoinedWrites:
 
 
 class HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol on a transport that joins each turn's writes."""
+    """uvicorn's httptools protocol on a transport that sends an answer's head with its body."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
