@@ -249,7 +249,7 @@ def test_an_exec_stream_the_client_leaves_ends_on_the_server(sandbox):
 
 
 def test_the_server_keeps_its_startup_heap_out_of_full_collections(server):
-    """What the server holds once started (modules, routes, services: ~100,000 objects) is
+    """What the server holds once started (modules, routes, services: ~86,000 objects) is
     frozen out of the cyclic collector: a full collection of it held the event loop ~120 ms."""
     ready = re.findall(r"\[server\.ready gc_frozen=(\d+)\]",
                        config.paths().server_log.read_text(errors="replace"))
