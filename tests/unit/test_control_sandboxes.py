@@ -373,20 +373,20 @@ def test_pool_serves_plain_requests_and_refills_to_its_size(tmp_path):
 def test_the_pool_refills_a_while_after_a_sandbox_left_it(tmp_path):
     """The refill (a runtime start) waits `refill_delay` after a claim, so that it does not
     compete with the first commands of the sandbox just handed out; the first fill does not."""
-    svc, host = pooled_env(tmp_path, {"default": 1}, refill_delay=0.4)
+    svc, host = pooled_env(tmp_path, {"default": 1}, refill_delay=1.0)
 
     async def go():
         began = time.monotonic()
         await svc.start()
         await until(lambda: svc.pool.total() == 1)
-        assert time.monotonic() - began < 0.4  # the first fill starts at once
+        assert time.monotonic() - began < 1.0  # the first fill starts at once
+        claimed = time.monotonic()  # (the claim, and so the delay, starts after this)
         rec = await svc.create(create())
-        claimed = time.monotonic()
         assert svc.pool.hits == 1 and svc.pool.total() == 0
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)
         assert svc.pool.total() == 0 and len(host.boxes) == 1  # nothing started yet
         await until(lambda: svc.pool.total() == 1)
-        assert time.monotonic() - claimed >= 0.4 and len(host.boxes) == 2
+        assert time.monotonic() - claimed >= 1.0 and len(host.boxes) == 2
         await svc.terminate(rec.id)
         await svc.close()
     run(go())
