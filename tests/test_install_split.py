@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK_SERVER_STACK = """
@@ -25,6 +28,14 @@ def test_dependencies_are_split():
     server = " ".join(project["optional-dependencies"]["server"])
     assert "fastapi" in server and "uvicorn" in server
     assert "'.[server,test]'" in (ROOT / "scripts" / "install.sh").read_text()
+
+
+def test_the_venv_is_made_from_debians_python():
+    """scripts/install.sh makes .venv from /usr/bin/python3 (Debian's optimised build), not from
+    whichever python3 is first on PATH."""
+    if Path(sys.prefix).resolve() != (ROOT / ".venv").resolve() or os.environ.get("SHOAL_PYTHON"):
+        pytest.skip("runs in the .venv that scripts/install.sh made, with its default interpreter")
+    assert os.path.dirname(sys._base_executable) == "/usr/bin", sys._base_executable
 
 
 def test_sdk_and_cli_import_without_the_server_stack():
