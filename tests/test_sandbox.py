@@ -281,3 +281,62 @@ def test_entrypoint_output_is_capped_and_the_program_is_not_blocked(app):
     assert len(out) < 64 * 2**20 + 200, len(out)
     assert out.startswith("aaaa") and "[shoal: output limit of 67108864 bytes reached" in out[-200:]
     assert sb.stderr.read() == "done\n"
+
+
+def test_blocking_exec_and_file_calls_run_in_the_callers_thread(sandbox):
+    """From the blocking face, the file API's calls and the start of an exec run in the
+    caller's own thread: no trip to the SDK loop (run_blocking's task) for them; an exec's
+    output is still read by a task there."""
+    from shoal._sync import get_loop
+
+    loop = get_loop()
+    made: list[str] = []
+
+    def factory(loop, coro, **kwargs):
+        made.append(getattr(coro, "__qualname__", ""))
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    sandbox.filesystem.write_text("x", "/tmp/direct.txt")  # (the SDK's client is ready)
+    loop.set_task_factory(factory)
+    try:
+        sandbox.filesystem.write_text("direct", "/tmp/direct.txt")
+        assert sandbox.filesystem.read_text("/tmp/direct.txt") == "direct"
+        assert sandbox.filesystem.stat("/tmp/direct.txt").size == 6
+        with pytest.raises(shoal.exception.SandboxFilesystemNotFoundError):
+            sandbox.filesystem.read_bytes("/tmp/no-such-file")
+        assert not any("runner" in m for m in made), made
+        p = sandbox.exec("sh", "-c", "echo hi; exit 4")
+        assert p.stdout.read() == "hi\n" and p.wait() == 4
+        assert "_ContainerProcess._read_output" in made
+        assert not any("runner" in m for m in made), made
+    finally:
+        loop.set_task_factory(None)
+
+
+def test_blocking_calls_from_many_threads_at_once(sandbox):
+    import threading
+
+    from shoal._client import _clients
+    from shoal._sync import get_loop
+    from shoal._transport import MAX_IDLE
+
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            for j in range(8):
+                path = f"/tmp/thread-{i}"
+                sandbox.filesystem.write_text(f"{i}-{j}", path)
+                assert sandbox.filesystem.read_text(path) == f"{i}-{j}"
+                p = sandbox.exec("echo", f"{i}-{j}")
+                assert p.stdout.read() == f"{i}-{j}\n" and p.wait() == 0
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == [] and not any(t.is_alive() for t in threads)
+    assert len(_clients[id(get_loop())].transport._idle) <= MAX_IDLE

@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 
-from shoal._sync import known_without_io, synchronize_api
+from shoal._sync import in_callers_thread, known_without_io, synchronize_api
 
 
 class _Counter:
@@ -145,3 +145,75 @@ def test_a_known_answer_is_taken_in_the_callers_thread_once_the_loop_says_so():
     get_loop().call_soon_threadsafe(lambda: get_loop().call_later(0.1, setattr, other._impl,
                                                                   "value", "late"))
     assert other.get() == "late" and other._impl.hops == 1
+
+
+class _Teller:
+    """Says which thread ran its calls, and whether socket I/O there would block."""
+
+    _constructible = True
+
+    @in_callers_thread(lambda n, **k: n > 0)
+    async def where(self, n: int) -> tuple[int, bool]:
+        import threading
+
+        from shoal._transport import BLOCKING
+
+        return threading.get_ident(), BLOCKING.get()
+
+    async def where_unmarked(self) -> int:
+        import threading
+
+        return threading.get_ident()
+
+
+Teller = synchronize_api(_Teller)
+
+
+def test_a_marked_call_runs_in_the_callers_thread_when_the_client_is_ready(monkeypatch):
+    import threading
+
+    from shoal import _sync
+    from shoal._transport import BLOCKING
+
+    t = Teller()
+    me = threading.get_ident()
+    monkeypatch.setattr(_sync, "_direct_ready", lambda: True)
+    assert t.where(1) == (me, True)
+    assert not BLOCKING.get()  # set only in the call's own context
+    assert t.where(0)[0] != me  # its `when` said no: on the SDK loop, as every other call
+    assert t.where_unmarked() != me
+    assert asyncio.run(t.where.aio(1)) == (_sync._loop.thread.ident, False)  # the async face
+    monkeypatch.setattr(_sync, "_direct_ready", lambda: False)  # no client yet, or a fork
+    assert t.where(1) == (_sync._loop.thread.ident, False)
+
+
+def test_run_direct_refuses_a_coroutine_that_waits_on_a_loop_and_keeps_typed_errors():
+    from shoal import exception
+    from shoal._sync import run_direct
+
+    closed = []
+
+    async def waits():
+        try:
+            await asyncio.sleep(0)
+        finally:
+            closed.append(True)
+
+    with pytest.raises(RuntimeError, match="waited on an event loop"):
+        run_direct(waits())
+    assert closed == [True]  # the coroutine was closed, its finally blocks ran
+
+    async def fails():
+        raise exception.NotFoundError("nope")
+
+    with pytest.raises(exception.NotFoundError) as info:
+        run_direct(fails())
+    import traceback
+
+    frames = [f.f_code.co_name for f, _ in traceback.walk_tb(info.value.__traceback__)]
+    assert "fails" not in frames  # the SDK's own frames are not shown
+
+    async def ok():
+        return 42
+
+    assert run_direct(ok()) == 42

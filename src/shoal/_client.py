@@ -28,7 +28,7 @@ import httpx
 
 from shoal import config
 from shoal import exception as exc
-from shoal._transport import AsyncSocketTransport
+from shoal._transport import BLOCKING, AsyncSocketTransport
 
 START_TIMEOUT = float(os.environ.get("SHOAL_START_TIMEOUT", "60"))
 
@@ -196,7 +196,12 @@ class Client:
                     raise exc.ConnectionError(f"lost the shoal server ({e}); see "
                                               f"{config.paths().server_log}") from None
                 deadline = deadline or time.monotonic() + RECONNECT_FOR
-                await self.reconnect(deadline, e)
+                if BLOCKING.get():  # in a caller's thread (_sync.run_direct): wait there
+                    from shoal._sync import run_blocking
+
+                    run_blocking(self.reconnect(deadline, e))
+                else:
+                    await self.reconnect(deadline, e)
 
     async def _send_once(self, req: httpx.Request, stream: bool) -> httpx.Response:
         """`self.http.send(req)` without what shoal's API never uses (auth flows, redirects,
@@ -313,7 +318,19 @@ def _log_tail(paths: config.Paths, lines: int = 15) -> str:
 _clients: dict[int, Client] = {}  # one per SDK loop (there is one loop per process)
 
 
+def ready_client(loop: asyncio.AbstractEventLoop) -> Client | None:
+    """The SDK loop's client if it is made and speaks through shoal's own transport (what a
+    call in a caller's thread needs: _sync.in_callers_thread)."""
+    client = _clients.get(id(loop))
+    return client if client is not None and isinstance(client.transport,
+                                                       AsyncSocketTransport) else None
+
+
 async def get_client() -> Client:
+    if BLOCKING.get():  # a call in a caller's thread, made only once the client is ready
+        from shoal._sync import get_loop
+
+        return _clients[id(get_loop())]
     key = id(asyncio.get_running_loop())
     client = _clients.get(key)
     if client is not None:

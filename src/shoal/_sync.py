@@ -8,7 +8,12 @@ carries the async original as `.aio`, as in Modal:
     sb = await Sandbox.create.aio()        # async
 
 All coroutines run on one event loop in a daemon thread owned by the SDK, whichever face called
-them, so the SDK's connections never cross event loops. The wrappers translate at the boundary:
+them, so the SDK's connections never cross event loops, with one exception: a method marked
+`in_callers_thread` (a call that is only requests and answers, such as a file read or starting an
+exec) runs, from the blocking face, in the caller's own thread with blocking socket I/O
+(`run_direct`): no hop to the loop's thread and back (two thread wake-ups, ~0.4 ms after a pause
+on a 2-core machine). Its coroutine never waits on the loop there; what needs the loop is sent
+to it (`run_blocking`, `on_loop`). The wrappers translate at the boundary:
 implementation objects going out become public objects, public objects coming in become
 implementation objects; async iterators and async context managers become their blocking kin.
 """
@@ -16,6 +21,7 @@ implementation objects; async iterators and async context managers become their 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import os
@@ -23,6 +29,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from shoal._transport import BLOCKING
 from shoal.exception import is_typed
 
 _IMPL_TO_PUBLIC: dict[type, type] = {}
@@ -65,6 +72,7 @@ def run_blocking(coro) -> Any:
 
     async def runner():
         task.append(asyncio.current_task())
+        BLOCKING.set(False)  # (its context is copied from a caller that may run_direct)
         return await coro
 
     fut = asyncio.run_coroutine_threadsafe(runner(), loop)
@@ -78,6 +86,32 @@ def run_blocking(coro) -> Any:
             # A typed error says what was wrong with the call; the SDK's frames would only hide it.
             raise err.with_traceback(None) from None
         raise
+
+
+def run_direct(coro) -> Any:
+    """Run `coro` to its end in the calling thread, its socket I/O blocking (BLOCKING set in a
+    copy of the caller's context, as a task would have). For `in_callers_thread` methods only:
+    one that tried to wait on an event loop is a bug, reported as such."""
+    ctx = contextvars.copy_context()
+    ctx.run(BLOCKING.set, True)
+    try:
+        ctx.run(coro.send, None)
+    except StopIteration as done:
+        return done.value
+    except BaseException as err:
+        if is_typed(err):
+            raise err.with_traceback(None) from None
+        raise
+    ctx.run(coro.close)
+    raise RuntimeError("shoal: a call run in the caller's thread waited on an event loop")
+
+
+def on_loop(fn: Callable[[], Any]) -> asyncio.AbstractEventLoop:
+    """Call `fn()` soon on the SDK loop's thread (from any thread; in a fresh context, so it
+    never sees BLOCKING set); returns the loop."""
+    loop = get_loop()
+    loop.call_soon_threadsafe(fn, context=contextvars.Context())
+    return loop
 
 
 async def run_async(coro) -> Any:
@@ -239,6 +273,30 @@ def known_without_io(check: Callable[[Any], Any],
     return mark
 
 
+def in_callers_thread(when: Callable[..., bool] | None = None) -> Callable:
+    """Mark an async method that the blocking face may run in the caller's thread (`run_direct`)
+    when the SDK's client to the server is ready and `when(*args, **kwargs)` (if given) holds.
+    Its coroutine may await only the client's requests and answers (client.call, client.send,
+    client.stream and their bodies) and coroutines that never suspend; whatever must run on the
+    loop goes there with `on_loop` (or `run_blocking`, which waits for it). The async face is
+    unchanged."""
+    def mark(fn: Callable) -> Callable:
+        fn._shoal_direct = when or (lambda *a, **k: True)
+        return fn
+    return mark
+
+
+def _direct_ready() -> bool:
+    """Whether a blocking call may run in this thread: the SDK loop runs in this process, this
+    is not its thread, and its client reaches the server through shoal's own transport."""
+    from shoal._client import ready_client  # (that module's users import this one)
+
+    loop, thread = _loop.loop, _loop.thread
+    return (loop is not None and thread is not None and _loop.pid == os.getpid()
+            and thread.is_alive() and threading.current_thread() is not thread
+            and ready_client(loop) is not None)
+
+
 def _wait_set(event: threading.Event) -> bool:
     """Wait for `event` (Ctrl-C interrupts); False if the SDK loop's thread is gone (a fork)."""
     while not event.wait(0.5):
@@ -268,6 +326,9 @@ class FunctionWithAio:
                     known = check(impl)
             if known is not None:
                 return to_public(known)
+        direct = getattr(self._fn, "_shoal_direct", None)
+        if direct is not None and direct(*args, **kwargs) and _direct_ready():
+            return _blocking_result(run_direct(self._fn(*to_impl(args), **to_impl(kwargs))))
         result = self._fn(*to_impl(args), **to_impl(kwargs))
         if inspect.iscoroutine(result):
             result = run_blocking(result)

@@ -15,12 +15,19 @@ server went away or spoke nonsense), ConnectTimeout/ReadTimeout/WriteTimeout (th
 connection whose request was interrupted (cancelled, timed out, failed, body not read to the end)
 is closed, never reused. An idle connection that the server has closed (uvicorn's keep-alive
 timeout, a restart) is noticed before reuse (a zero-timeout poll) and replaced.
+
+Blocking calls in the caller's thread: while `BLOCKING` is set (`_sync.run_direct` sets it for
+a blocking call that runs its coroutine in the caller's own thread), the same code blocks on its
+socket instead of awaiting the SDK loop: a connection is either the loop's (non-blocking, `loop`
+set) or a calling thread's (blocking, `loop` None) while a request uses it. Idle connections
+are shared by both; `list.pop`/`append` on the idle list are atomic.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import select
 import socket
 from collections.abc import AsyncIterator
@@ -30,21 +37,38 @@ import httpx
 READ = 1 << 20  # bytes per recv: file transfers are the SDK's bulk traffic
 MAX_HEAD = 64 << 10  # a response's status line and headers
 MAX_IDLE = 16  # idle keep-alive connections kept per transport
+# True while a blocking call runs in its caller's thread (above); never set on the SDK loop.
+BLOCKING: contextvars.ContextVar[bool] = contextvars.ContextVar("shoal_blocking_io",
+                                                               default=False)
 
 
 class _Conn:
-    """One socket to the server with its read buffer."""
+    """One socket to the server with its read buffer. `loop`: the SDK loop that uses it
+    (non-blocking socket), or None while a calling thread uses it (blocking socket)."""
 
     __slots__ = ("sock", "buf", "loop")
 
-    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop):
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop | None):
         self.sock = sock
         self.buf = bytearray()
         self.loop = loop
 
+    def use_from(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Hand the connection to `loop`, or (None) to the calling thread."""
+        if loop is not self.loop:
+            self.sock.setblocking(loop is None)
+            self.loop = loop
+
+    def _timeout(self, timeout: float | None) -> None:
+        if self.sock.gettimeout() != timeout:  # (each settimeout is a system call)
+            self.sock.settimeout(timeout)
+
     async def recv(self, n: int, timeout: float | None) -> bytes:
         """At least one and at most `n` bytes from the socket (_Eof at its end)."""
-        if timeout is None:
+        if self.loop is None:
+            self._timeout(timeout)
+            data = self.sock.recv(n)  # TimeoutError past `timeout`, as asyncio.timeout's
+        elif timeout is None:
             data = await self.loop.sock_recv(self.sock, n)
         else:
             async with asyncio.timeout(timeout):
@@ -92,25 +116,29 @@ class AsyncSocketTransport(httpx.AsyncBaseTransport):
 
     def __init__(self, uds: str | None = None):
         self.uds = uds
-        self._idle: list[_Conn] = []  # touched only on the SDK loop's thread
+        self._idle: list[_Conn] = []  # the loop's and calling threads' (above)
         self._closed = False
 
-    async def _connect(self, request: httpx.Request, timeout: float | None) -> _Conn:
-        loop = asyncio.get_running_loop()
+    async def _connect(self, request: httpx.Request, timeout: float | None,
+                       loop: asyncio.AbstractEventLoop | None) -> _Conn:
         if self.uds is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             addr: object = self.uds
         else:
             host, port = request.url.host, request.url.port or 80
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = (socket.getaddrinfo(host, port, type=socket.SOCK_STREAM) if loop is None
+                     else await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))
             if not infos:
                 raise httpx.ConnectError(f"cannot resolve {host}", request=request)
             family, kind, proto, _, addr = infos[0]
             sock = socket.socket(family, kind, proto)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setblocking(False)
+        sock.setblocking(loop is None)
         try:
-            if timeout is None:
+            if loop is None:
+                sock.settimeout(timeout)
+                sock.connect(addr)
+            elif timeout is None:
                 await loop.sock_connect(sock, addr)
             else:
                 async with asyncio.timeout(timeout):
@@ -128,12 +156,17 @@ class AsyncSocketTransport(httpx.AsyncBaseTransport):
         return _Conn(sock, loop)
 
     async def _take(self, request: httpx.Request, timeout: float | None) -> tuple[_Conn, bool]:
-        while self._idle:
-            conn = self._idle.pop()
+        loop = None if BLOCKING.get() else asyncio.get_running_loop()
+        while True:
+            try:
+                conn = self._idle.pop()  # (another thread may have taken the last one)
+            except IndexError:
+                break
             if not conn.stale():
+                conn.use_from(loop)
                 return conn, True
             conn.close()
-        return await self._connect(request, timeout), False
+        return await self._connect(request, timeout, loop), False
 
     def _give_back(self, conn: _Conn) -> None:
         if self._closed or len(self._idle) >= MAX_IDLE:
@@ -242,7 +275,10 @@ class _WriteFailed(Exception):
 
 
 async def _sendall(conn: _Conn, data: bytes, timeout: float | None) -> None:
-    if timeout is None:
+    if conn.loop is None:
+        conn._timeout(timeout)
+        conn.sock.sendall(data)
+    elif timeout is None:
         await conn.loop.sock_sendall(conn.sock, data)
     else:
         async with asyncio.timeout(timeout):
@@ -375,3 +411,11 @@ class _Body(httpx.AsyncByteStream):
 
     async def aclose(self) -> None:
         self._release()
+
+
+def to_loop(response: httpx.Response, loop: asyncio.AbstractEventLoop) -> None:
+    """Let `loop` read the rest of a response whose head a calling thread read (an exec's
+    output, read by a task on the SDK loop)."""
+    stream = response.stream
+    if isinstance(stream, _Body) and stream.conn is not None:
+        stream.conn.use_from(loop)

@@ -20,7 +20,8 @@ import httpx
 
 from shoal import exception as exc
 from shoal._client import get_client
-from shoal._sync import known_without_io, synchronize_api
+from shoal._sync import get_loop, known_without_io, on_loop, synchronize_api
+from shoal._transport import BLOCKING, to_loop
 from shoal.io_streams import _StreamReader, _StreamWriter
 
 BUFFER_LIMIT = 16 << 20  # bytes of unread output held per stream before the process is paused
@@ -145,8 +146,20 @@ class _ContainerProcess:
             raise
         captured = tuple(s for s in ("stdout", "stderr") if body.get(s) == "pipe")
         proc = cls(exec_id, text, None, captured)
-        proc._reader = asyncio.get_running_loop().create_task(
-            proc._read_output(resp, frames), name=f"shoal-exec-{proc._exec_id}")
+        if BLOCKING.get():
+            # Started from a caller's thread (_sync.in_callers_thread): the output is read by
+            # a task on the SDK loop all the same, from the same connection. The task is made
+            # before anything else this caller sends to the loop runs there.
+            def read_there() -> None:
+                proc._reader = loop.create_task(proc._read_output(resp, frames),
+                                                name=f"shoal-exec-{proc._exec_id}")
+
+            loop = get_loop()
+            to_loop(resp, loop)
+            on_loop(read_there)
+        else:
+            proc._reader = asyncio.get_running_loop().create_task(
+                proc._read_output(resp, frames), name=f"shoal-exec-{proc._exec_id}")
         return proc
 
     async def _read_output(self, resp: httpx.Response | None, frames=None) -> None:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from shoal import output
 from shoal._client import get_client
-from shoal._sync import synchronize_api
+from shoal._sync import in_callers_thread, synchronize_api
 from shoal._tunnel import Tunnel
 from shoal.app import _App
 from shoal.client import check_client
@@ -487,6 +487,9 @@ class _Sandbox:
         await client.call("POST", f"/sandboxes/{self._sandbox_id}/resize",
                           json={"rows": rows, "cols": cols})
 
+    # From the blocking face, in the caller's thread (no hop to the SDK loop) unless named
+    # secrets need looking up first.
+    @in_callers_thread(lambda *args, secrets=(), **kwargs: not secrets)
     async def exec(
         self,
         *args: str,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from shoal import exception as exc
 from shoal._client import Replayable, get_client
-from shoal._sync import synchronize_api
+from shoal._sync import in_callers_thread, synchronize_api
 from shoal.file_io import FileWatchEvent, FileWatchEventType
 
 CHUNK = 4 << 20
@@ -138,6 +138,7 @@ class _SandboxFilesystem:
         async with fs_errors():
             return await client.call(method, f"{self._base}/{op}", **kwargs)
 
+    @in_callers_thread()
     async def read_bytes(self, remote_path: str) -> bytes:
         """The whole file (up to 512 MiB; SandboxFilesystemFileTooLargeError beyond: use
         copy_to_local).
@@ -153,6 +154,7 @@ class _SandboxFilesystem:
                                      params={"path": remote_path, "whole": True}) as r:
                 return await r.aread()
 
+    @in_callers_thread()
     async def read_text(self, remote_path: str, encoding: str = "utf-8") -> str:
         """A file's content as text (UTF-8).
 
@@ -162,6 +164,7 @@ class _SandboxFilesystem:
         """
         return (await self.read_bytes(remote_path)).decode(encoding)
 
+    @in_callers_thread()
     async def write_bytes(self, data: bytes, remote_path: str) -> None:
         """Create or replace the file with `data`, atomically; missing parents are created.
 
@@ -174,6 +177,7 @@ class _SandboxFilesystem:
             raise TypeError(f"write_bytes needs bytes, not {type(data).__name__}")
         await self._call("PUT", "file", params={"path": remote_path}, content=bytes(data))
 
+    @in_callers_thread()
     async def write_text(self, data: str, remote_path: str, encoding: str = "utf-8") -> None:
         """Write text (UTF-8) to a file, replacing it.
 
@@ -232,6 +236,7 @@ class _SandboxFilesystem:
                 os.unlink(tmp)
             raise
 
+    @in_callers_thread()
     async def list_files(self, remote_path: str) -> list[FileInfo]:
         """The entries of a directory, as FileInfo (name, type, size, mode, mtime).
 
@@ -248,6 +253,7 @@ class _SandboxFilesystem:
             if len(page) < LIST_PAGE:
                 return found
 
+    @in_callers_thread()
     async def stat(self, remote_path: str) -> FileInfo:
         """Information about `remote_path` itself (a symlink is described, not followed).
 
@@ -257,6 +263,7 @@ class _SandboxFilesystem:
         """
         return _info(await self._call("GET", "stat", params={"path": remote_path}))
 
+    @in_callers_thread()
     async def make_directory(self, remote_path: str, create_parents: bool = True) -> None:
         """Make a directory (with missing parents when `create_parents`).
 
@@ -267,6 +274,7 @@ class _SandboxFilesystem:
         await self._call("POST", "mkdir", json={"path": remote_path, "parents": create_parents,
                                                 "exist_ok": create_parents})
 
+    @in_callers_thread()
     async def remove(self, remote_path: str, recursive: bool = False) -> None:
         """Remove a file, link or directory (a non-empty one only with `recursive`).
 
@@ -276,6 +284,7 @@ class _SandboxFilesystem:
         """
         await self._call("DELETE", "file", params={"path": remote_path, "recursive": recursive})
 
+    @in_callers_thread()
     async def rename(self, src: str, dst: str, overwrite: bool = True) -> None:
         """Move `src` to `dst` atomically (not in Modal; agents need it).
 

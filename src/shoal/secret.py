@@ -282,4 +282,6 @@ def merge_env(env: dict[str, str] | None, secrets) -> dict[str, str]:
 async def secret_ids(secrets) -> list[str]:
     """Ids of the named secrets among `secrets`, in order (looking them up)."""
     named = [s for s in _check(secrets) if s._name is not None]
+    if not named:  # (gather() with nothing to wait for still wants an event loop)
+        return []
     return list(await asyncio.gather(*(s._id() for s in named)))

@@ -205,3 +205,122 @@ def test_the_sdks_requests_are_what_httpx_would_send():
         ours, theirs = seen[i], seen[i + 1]
         assert ours[0] == theirs[0] and ours[2] == theirs[2], (ours, theirs)
         assert ours[1] == theirs[1], (ours[1], theirs[1])
+
+
+@contextlib.contextmanager
+def _serve_in_thread(handler):
+    """`_serve` on an event loop in another thread, for calls that block this one."""
+    import threading
+
+    loop = asyncio.new_event_loop()
+    started, stop = threading.Event(), asyncio.Event()
+    box = {}
+
+    async def main():
+        async with _serve(handler) as path:
+            box["path"] = path
+            started.set()
+            await stop.wait()
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert started.wait(10)
+    try:
+        yield box["path"]
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+        loop.close()
+
+
+def test_blocking_calls_in_the_callers_thread_share_connections_with_the_loop():
+    """With BLOCKING set (a call run in its caller's thread), the same transport blocks on its
+    sockets; idle connections go both ways between that thread and the loop, and a response
+    begun in the thread can be finished on the loop (an exec's output)."""
+    import threading
+
+    from shoal._sync import run_direct
+    from shoal._transport import to_loop
+
+    connections = []
+
+    async def handler(reader, writer):
+        connections.append(writer)
+        while True:
+            try:
+                line, _, body = await _request(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            if b"/hang" in line:
+                await asyncio.sleep(10)
+            elif b"/stream" in line:
+                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.2)
+                writer.write(b"2\r\nde\r\n0\r\n\r\n")
+            else:
+                answer = line + b"|" + body
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s"
+                             % (len(answer), answer))
+            await writer.drain()
+
+    def request(method, url, content=b"", timeout=None):
+        return httpx.Request(method, "http://shoal" + url, content=content,
+                             extensions={"timeout": {"read": timeout}})
+
+    async def call(t, req):
+        resp = await t.handle_async_request(req)
+        try:
+            return await resp.aread(), threading.get_ident()
+        finally:
+            await resp.aclose()
+
+    with _serve_in_thread(handler) as path:
+        t = AsyncSocketTransport(uds=path)
+        big = b"q" * (3 << 20)
+        me = threading.get_ident()
+        assert run_direct(call(t, request("PUT", "/a", big))) == (b"PUT /a HTTP/1.1|" + big, me)
+        assert run_direct(call(t, request("GET", "/b"))) == (b"GET /b HTTP/1.1|", me)
+        assert len(connections) == 1 and len(t._idle) == 1  # kept alive, reused
+
+        async def on_loop():
+            body, where = await call(t, request("GET", "/c"))
+            assert where == me and body == b"GET /c HTTP/1.1|"  # (asyncio.run: this thread)
+            return t._idle[0].loop
+
+        assert asyncio.run(on_loop()) is not None  # the same connection, non-blocking there
+        assert len(connections) == 1
+
+        # An answer whose head is read here and whose body is read on a loop.
+        resp = run_direct(t.handle_async_request(request("GET", "/stream")))
+
+        async def finish():
+            to_loop(resp, asyncio.get_running_loop())
+            ticks = 0
+
+            async def tick():
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.02)
+                    ticks += 1
+
+            ticker = asyncio.create_task(tick())
+            body = await resp.aread()  # the server pauses 0.2 s mid-body
+            ticker.cancel()
+            return body, ticks
+
+        body, ticks = asyncio.run(finish())
+        assert body == b"abcde" and ticks >= 3  # the loop did not block on the socket
+        assert len(connections) == 1
+
+        with pytest.raises(httpx.ReadTimeout):
+            run_direct(call(t, request("GET", "/hang", timeout=0.2)))
+        assert run_direct(call(t, request("GET", "/d")))[0] == b"GET /d HTTP/1.1|"
+        assert len(connections) == 2  # the timed-out connection was not reused
+        asyncio.run(t.aclose())
+    with pytest.raises(httpx.ConnectError):
+        run_direct(call(AsyncSocketTransport(uds=path), request("GET", "/")))
