@@ -11,7 +11,8 @@ from collections import deque
 import httpx
 from shoal import exception as exc
 from shoal._client import get_client
-from shoal._sync import known_without_io, synchronize_api
+from shoal._sync import get_loop, known_without_io, on_loop, synchronize_api
+from shoal._transport import BLOCKING, to_loop
 from shoal.io_streams import _StreamReader, _StreamWriter
 from shoal.io_streams import StreamReader
 from shoal.io_streams import StreamWriter

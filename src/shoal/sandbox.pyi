@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from collections.abc import AsyncIterator, Sequence
 from shoal import output
 from shoal._client import get_client
-from shoal._sync import synchronize_api
+from shoal._sync import in_callers_thread, synchronize_api
 from shoal._tunnel import Tunnel
 from shoal.app import _App
 from shoal.client import check_client

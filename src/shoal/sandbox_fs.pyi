@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from shoal import exception as exc
 from shoal._client import Replayable, get_client
-from shoal._sync import synchronize_api
+from shoal._sync import in_callers_thread, synchronize_api
 from shoal.file_io import FileWatchEvent, FileWatchEventType
 
 CHUNK: int
