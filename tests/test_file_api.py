@@ -1116,3 +1116,39 @@ def test_one_gib_streams_both_ways(sb, tmp_path):
     assert grown < 200 * MiB, f"client RSS grew by {grown >> 20} MiB for a 1 GiB transfer"
     sb.filesystem.remove(remote)
 
+
+
+def test_blocking_file_handles_run_in_the_callers_thread(sandbox):
+    """`sb.open` and its file's calls (and `with`), `sb.ls`/`mkdir`/`rm`, from the blocking
+    face: in the caller's thread, no trip to the SDK loop (run_blocking's task)."""
+    import asyncio
+
+    from shoal._sync import get_loop
+
+    loop = get_loop()
+    made: list[str] = []
+
+    def factory(loop, coro, **kwargs):
+        made.append(getattr(coro, "__qualname__", ""))
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    sandbox.ls("/")  # (the SDK's client is ready)
+    loop.set_task_factory(factory)
+    try:
+        sandbox.mkdir("/tmp/handles", parents=True)
+        with sandbox.open("/tmp/handles/f.txt", "w") as f:
+            f.write("one\ntwo\n")
+            f.flush()
+            assert f.tell() == 8
+        with sandbox.open("/tmp/handles/f.txt") as f:
+            assert f.readline() == "one\n"
+            assert f.read() == "two\n"
+            f.seek(0)
+            assert f.readlines() == ["one\n", "two\n"]
+        assert sandbox.ls("/tmp/handles") == ["f.txt"]
+        with pytest.raises(FileNotFoundError):
+            sandbox.open("/tmp/handles/missing")
+        sandbox.rm("/tmp/handles", recursive=True)
+        assert not any("runner" in m for m in made), made
+    finally:
+        loop.set_task_factory(None)

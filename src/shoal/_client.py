@@ -203,6 +203,13 @@ class Client:
                 else:
                     await self.reconnect(deadline, e)
 
+    async def send_unkeyed(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One request as it is: no Idempotency-Key and never repeated (a read through an open
+        file handle: its answer is not worth storing, and the handle dies with the server)."""
+        req = (self._request(method, path, kwargs) if kwargs.keys() <= _CHEAP_ARGS else
+               self.http.build_request(method, path, **kwargs))
+        return await self._send_once(req, False)
+
     async def _send_once(self, req: httpx.Request, stream: bool) -> httpx.Response:
         """`self.http.send(req)` without what shoal's API never uses (auth flows, redirects,
         cookies, event hooks): straight to the transport (~0.2 ms of CPU less per call)."""

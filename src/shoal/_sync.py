@@ -297,6 +297,17 @@ def _direct_ready() -> bool:
             and ready_client(loop) is not None)
 
 
+def _call_blocking(fn: Callable, args: tuple, kwargs: dict) -> Any:
+    """`fn(*args, **kwargs)` for the blocking face (public arguments in, the implementation's
+    result out): in this thread if `fn` is marked `in_callers_thread` and may, else a coroutine
+    goes to the SDK loop."""
+    direct = getattr(fn, "_shoal_direct", None)
+    if direct is not None and direct(*args, **kwargs) and _direct_ready():
+        return run_direct(fn(*to_impl(args), **to_impl(kwargs)))
+    result = fn(*to_impl(args), **to_impl(kwargs))
+    return run_blocking(result) if inspect.iscoroutine(result) else result
+
+
 def _wait_set(event: threading.Event) -> bool:
     """Wait for `event` (Ctrl-C interrupts); False if the SDK loop's thread is gone (a fork)."""
     while not event.wait(0.5):
@@ -326,13 +337,7 @@ class FunctionWithAio:
                     known = check(impl)
             if known is not None:
                 return to_public(known)
-        direct = getattr(self._fn, "_shoal_direct", None)
-        if direct is not None and direct(*args, **kwargs) and _direct_ready():
-            return _blocking_result(run_direct(self._fn(*to_impl(args), **to_impl(kwargs))))
-        result = self._fn(*to_impl(args), **to_impl(kwargs))
-        if inspect.iscoroutine(result):
-            result = run_blocking(result)
-        return _blocking_result(result)
+        return _blocking_result(_call_blocking(self._fn, args, kwargs))
 
     async def _aio_coro(self, args, kwargs):
         result = await run_async(self._fn(*args, **kwargs))
@@ -406,8 +411,8 @@ def synchronize_api(impl_cls: type, name: str | None = None) -> type:
         ns["__next__"] = _blocking_next
         ns["__anext__"] = lambda self: run_async(self._impl.__anext__())
     if hasattr(impl_cls, "__aenter__"):
-        ns["__enter__"] = lambda self: (run_blocking(self._impl.__aenter__()), self)[1]
-        ns["__exit__"] = lambda self, *e: run_blocking(self._impl.__aexit__(*e))
+        ns["__enter__"] = lambda self: (_call_blocking(self._impl.__aenter__, (), {}), self)[1]
+        ns["__exit__"] = lambda self, *e: _call_blocking(self._impl.__aexit__, e, {})
         ns["__aenter__"] = _aenter
         ns["__aexit__"] = lambda self, *e: run_async(self._impl.__aexit__(*e))
     ns["__repr__"] = lambda self: repr(self._impl)

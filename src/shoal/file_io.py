@@ -16,7 +16,7 @@ import io
 from dataclasses import dataclass
 
 from shoal._client import get_client
-from shoal._sync import synchronize_api
+from shoal._sync import in_callers_thread, synchronize_api
 from shoal.exception import SandboxFilesystemFileTooLargeError
 
 READ_CHUNK = 16 << 20  # the most one server call returns (server/host/runc_files.HANDLE_READ_MAX)
@@ -59,6 +59,7 @@ class _FileIO:
         self._closed = False
 
     @classmethod
+    @in_callers_thread()
     async def create(cls, path: str, mode: str, sandbox_id: str) -> "_FileIO":
         """Open `path` in sandbox `sandbox_id` (what `Sandbox.open` calls).
 
@@ -90,7 +91,8 @@ class _FileIO:
 
     async def _read_raw(self, n: int, line: bool) -> bytes:
         client = await get_client()
-        resp = await client.http.post(f"{self._base}/read", params={"n": n, "line": line})
+        resp = await client.send_unkeyed("POST", f"{self._base}/read",
+                                         params={"n": n, "line": line})
         if resp.status_code >= 400:
             from shoal._client import _error_from
 
@@ -116,6 +118,7 @@ class _FileIO:
                 break  # a regular file reads short only at its end
         return b"".join(parts)
 
+    @in_callers_thread()
     async def read(self, n: int | None = None):
         """Up to `n` bytes (characters, in text mode), or everything to the end. At most 100 MiB
         per call (Modal's limit): more raises SandboxFilesystemFileTooLargeError.
@@ -139,6 +142,7 @@ class _FileIO:
             text += decoder.decode(data)
         return text
 
+    @in_callers_thread()
     async def readline(self):
         """The next line, with its newline; empty at the end. A line over 16 MiB raises
         SandboxFilesystemFileTooLargeError (read it with read(n)).
@@ -148,6 +152,7 @@ class _FileIO:
         self._check(reading=True)
         return self._out(await self._read_raw(-1, True))
 
+    @in_callers_thread()
     async def readlines(self) -> list:
         """All remaining lines.
 
@@ -160,6 +165,7 @@ class _FileIO:
             lines.append(line)
         return lines
 
+    @in_callers_thread()
     async def write(self, data) -> int:
         """Write `data` (bytes in binary mode, str in text mode); returns its length.
 
@@ -177,6 +183,7 @@ class _FileIO:
         await self._call("write", content=payload)
         return len(data)
 
+    @in_callers_thread()
     async def flush(self) -> None:
         """Flush the file in the sandbox (each write already reaches it, as in Modal).
 
@@ -188,6 +195,7 @@ class _FileIO:
             raise ValueError("I/O operation on closed file")
         await self._call("flush")
 
+    @in_callers_thread()
     async def seek(self, offset: int, whence: int = 0) -> int:
         """Move to `offset` relative to the start (0), the current position (1) or the end (2).
 
@@ -201,6 +209,7 @@ class _FileIO:
             raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
         return (await self._call("seek", json={"offset": offset, "whence": whence}))["position"]
 
+    @in_callers_thread()
     async def tell(self) -> int:
         """The current position in the file.
 
@@ -210,6 +219,7 @@ class _FileIO:
         """
         return await self.seek(0, 1)
 
+    @in_callers_thread()
     async def close(self) -> None:
         """Close the file (writes have already reached it); closing twice does nothing.
 
@@ -235,9 +245,11 @@ class _FileIO:
     def name(self) -> str:
         return self._path
 
+    @in_callers_thread()
     async def __aenter__(self) -> "_FileIO":
         return self
 
+    @in_callers_thread()
     async def __aexit__(self, *exc) -> None:
         await self.close()
 

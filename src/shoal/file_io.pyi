@@ -7,7 +7,7 @@ import enum
 import io
 from dataclasses import dataclass
 from shoal._client import get_client
-from shoal._sync import synchronize_api
+from shoal._sync import in_callers_thread, synchronize_api
 from shoal.exception import SandboxFilesystemFileTooLargeError
 
 READ_CHUNK: int

@@ -750,6 +750,7 @@ class _Sandbox:
         return sb
 
     # --- files (Modal's first file API)
+    @in_callers_thread()
     async def open(self, path: str, mode: str = "r") -> _FileIO:
         """Open a file in the sandbox, like the built-in `open` (modes r w a x, with b and +).
         Each write reaches the file before it returns, as with Modal's FileIO.
@@ -762,6 +763,7 @@ class _Sandbox:
         """
         return await _FileIO.create(path, mode, self._sandbox_id)
 
+    @in_callers_thread()
     async def ls(self, path: str) -> list[str]:
         """Names in a directory of the sandbox.
 
@@ -779,6 +781,7 @@ class _Sandbox:
             if len(page) < LIST_PAGE:
                 return names
 
+    @in_callers_thread()
     async def mkdir(self, path: str, parents: bool = False) -> None:
         """Make a directory in the sandbox (with its parents, and no error if it exists, when
         `parents`).
@@ -790,6 +793,7 @@ class _Sandbox:
         await self._fs("POST", "mkdir", json={"path": path, "parents": parents,
                                               "exist_ok": parents})
 
+    @in_callers_thread()
     async def rm(self, path: str, recursive: bool = False) -> None:
         """Remove a file or an empty directory (a non-empty one with `recursive`).
 
