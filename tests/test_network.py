@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -363,6 +364,13 @@ def test_kill9_restart_removes_what_no_sandbox_owns(app, server, world):
     runtime = [TEST_RUNTIME if TEST_RUNTIME == "runc" else "runsc", "--root",
                str(home / ("runc" if TEST_RUNTIME == "runc" else "runsc"))]
     subprocess.run([*runtime, "kill", ended.object_id, "KILL"], check=True)
+    # It has ended before the restart: `runsc kill` returns before gVisor's sandbox has stopped
+    # (a restart in between adopts it as running, and releases it only once it stops).
+    deadline = time.monotonic() + 20
+    while json.loads(subprocess.run([*runtime, "state", ended.object_id], capture_output=True,
+                                    text=True, check=True).stdout)["status"] == "running":
+        assert time.monotonic() < deadline, "the killed sandbox did not stop"
+        time.sleep(0.05)
     subprocess.run(["ip", "netns", "add", f"shoal-{tag}-1999"], check=True)
     subprocess.run(["ip", "link", "add", f"sh{tag}1998", "type", "veth", "peer", "name",
                     f"sh{tag}1997"], check=True)
