@@ -186,9 +186,7 @@ class Client:
                 # earlier request carried the key and skips looking it up (exec).
                 attempt = {**attempt, "headers": {**attempt["headers"],
                                                   "X-Shoal-Attempt": str(tries)}}
-            req = (self._request(method, path, attempt)
-                   if attempt.keys() <= _CHEAP_ARGS else
-                   self.http.build_request(method, path, **attempt))
+            req = self._build(method, path, attempt)
             try:
                 return await self._send_once(req, stream)
             except _NO_SERVER as e:
@@ -206,9 +204,13 @@ class Client:
     async def send_unkeyed(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One request as it is: no Idempotency-Key and never repeated (a read through an open
         file handle: its answer is not worth storing, and the handle dies with the server)."""
-        req = (self._request(method, path, kwargs) if kwargs.keys() <= _CHEAP_ARGS else
-               self.http.build_request(method, path, **kwargs))
-        return await self._send_once(req, False)
+        return await self._send_once(self._build(method, path, kwargs), False)
+
+    def _build(self, method: str, path: str, kwargs: dict[str, Any]) -> Any:
+        """The request: the lean way for the arguments it knows, else httpx's."""
+        if kwargs.keys() <= _CHEAP_ARGS:
+            return self._request(method, path, kwargs)
+        return self.http.build_request(method, path, **kwargs)
 
     async def _send_once(self, req: httpx.Request, stream: bool) -> httpx.Response:
         """`self.http.send(req)` without what shoal's API never uses (auth flows, redirects,

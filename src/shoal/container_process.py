@@ -146,20 +146,19 @@ class _ContainerProcess:
             raise
         captured = tuple(s for s in ("stdout", "stderr") if body.get(s) == "pipe")
         proc = cls(exec_id, text, None, captured)
+
+        def read() -> None:
+            proc._reader = asyncio.get_running_loop().create_task(
+                proc._read_output(resp, frames), name=f"shoal-exec-{proc._exec_id}")
+
         if BLOCKING.get():
             # Started from a caller's thread (_sync.in_callers_thread): the output is read by
             # a task on the SDK loop all the same, from the same connection. The task is made
             # before anything else this caller sends to the loop runs there.
-            def read_there() -> None:
-                proc._reader = loop.create_task(proc._read_output(resp, frames),
-                                                name=f"shoal-exec-{proc._exec_id}")
-
-            loop = get_loop()
-            to_loop(resp, loop)
-            on_loop(read_there)
+            to_loop(resp, get_loop())
+            on_loop(read)
         else:
-            proc._reader = asyncio.get_running_loop().create_task(
-                proc._read_output(resp, frames), name=f"shoal-exec-{proc._exec_id}")
+            read()
         return proc
 
     async def _read_output(self, resp: httpx.Response | None, frames=None) -> None:
