@@ -271,6 +271,28 @@ def sandbox(app):
     sb.terminate()
 
 
+def server_log_size() -> int:
+    """Where the session server's log ends now (for `server_log_since`)."""
+    from shoal import config
+
+    return config.paths().server_log.stat().st_size
+
+
+def server_log_since(offset: int) -> str:
+    """What the session server logged after `offset` (`server_log_size()` taken before)."""
+    from shoal import config
+
+    with open(config.paths().server_log, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+# Server log lines that are bugs whatever the test saw: a route's traceback, a task dropped
+# while it still waited.
+LOG_CRASHES = ("unhandled error in", "Exception in ASGI application",
+               "Task was destroyed but it is pending")
+
+
 def sandbox_host_pid(sb) -> int:
     """A runc sandbox's init (its agent) as the host sees it."""
     import json
@@ -393,7 +415,7 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
     log = home / "logs" / "server.log"
     crashes = [line for line in log.read_text(errors="replace").splitlines()
-               if "unhandled error in" in line] if log.exists() else []
+               if any(c in line for c in LOG_CRASHES)] if log.exists() else []
     if crashes:
         # A request the server answered with its last-resort 500: a bug, whatever the test saw.
         # Reported, not failed on: the routes' own tests check their errors; this catches the

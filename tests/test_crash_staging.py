@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from conftest import server_log_since, server_log_size
 
 pytestmark = pytest.mark.slow
 
@@ -151,20 +152,6 @@ def _store():
     from shoal.server.images.store import ImageStore
 
     return ImageStore(config.paths().images)
-
-
-def _server_log_since(offset: int) -> str:
-    from shoal import config
-
-    with open(config.paths().server_log, "rb") as f:
-        f.seek(offset)
-        return f.read().decode(errors="replace")
-
-
-def _log_size() -> int:
-    from shoal import config
-
-    return config.paths().server_log.stat().st_size
 
 
 def _kill_and_restart(server, store) -> tuple[int, list[str]]:
@@ -328,13 +315,13 @@ def test_snapshots_killed_at_random_points(no_pool, app):
         took = time.monotonic() - t
         for i in range(KILLS):
             assert sb.exec("sh", "-c", f"echo {i} > /snap/gen").wait() == 0
-            log_at = _log_size()
+            log_at = server_log_size()
             hit, (killed, left), snap_id = _killed_during(
                 lambda: sb.snapshot_filesystem().object_id, rng.uniform(0.0, took),
                 i % 5 == 4, lambda: _kill_and_restart(server, store))
             raced += hit
             inflight += any(n.split("-")[2] in ("snap", "commit") for n in left)
-            resumed += f"resuming sandbox {sb.object_id}" in _server_log_since(log_at)
+            resumed += f"resuming sandbox {sb.object_id}" in server_log_since(log_at)
             # The sandbox came through the kill running, not frozen.
             state = subprocess.run(["runc", "--root", str(_home() / "runc"), "state",
                                     sb.object_id], capture_output=True, text=True)

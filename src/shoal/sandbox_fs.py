@@ -20,13 +20,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
 from shoal import exception as exc
-from shoal._client import Replayable, get_client
+from shoal._client import Replayable, _error_from, get_client
 from shoal._sync import in_callers_thread, synchronize_api
 from shoal.file_io import FileWatchEvent, FileWatchEventType
 
 CHUNK = 4 << 20
 
+CUT_SETTLE = 5.0  # seconds a read cut short waits for its sandbox to be marked finished
 LIST_PAGE = 10_000  # entries per listing call (server/host/runc_files.LIST_PAGE)
 
 
@@ -138,6 +141,41 @@ class _SandboxFilesystem:
         async with fs_errors():
             return await client.call(method, f"{self._base}/{op}", **kwargs)
 
+    @contextlib.asynccontextmanager
+    async def _reading(self, params: dict) -> AsyncIterator[httpx.Response]:
+        """The streamed answer of a file read. One that stops short while the server still
+        answers was cut by the sandbox's side (the server closes it when the sandbox ends
+        mid-read): that is raised as SandboxTerminatedError, or SandboxFilesystemError if the
+        sandbox still runs, not as a lost server."""
+        client = await get_client()
+        began = False
+        try:
+            async with fs_errors():
+                async with client.stream("GET", f"{self._base}/file", params=params) as r:
+                    began = True
+                    yield r
+        except exc.ConnectionError as lost:
+            if not began:
+                raise
+            raise await self._why_cut(params["path"], lost) from None
+
+    async def _why_cut(self, remote_path: str, lost: BaseException) -> BaseException:
+        client = await get_client()
+        try:
+            # A sandbox being terminated loses its agent first and is marked finished a moment
+            # later: give it that moment (one that still runs costs the wait, once).
+            await client.send_unkeyed("GET", f"/sandboxes/{self._sandbox_id}/wait",
+                                      params={"timeout": CUT_SETTLE})
+            resp = await client.send_unkeyed("GET", f"{self._base}/stat", params={"path": "/"})
+        except (httpx.HTTPError, exc.ConnectionError, OSError):
+            return lost  # the server is gone indeed
+        if resp.status_code >= 400:
+            err = _error_from(resp.status_code, resp.content)
+            if isinstance(err, exc.SandboxTerminatedError):
+                return err
+        return exc.SandboxFilesystemError(f"reading {remote_path} stopped before its end: the "
+                                          "sandbox's side of the read failed")
+
     @in_callers_thread()
     async def read_bytes(self, remote_path: str) -> bytes:
         """The whole file (up to 512 MiB; SandboxFilesystemFileTooLargeError beyond: use
@@ -148,11 +186,8 @@ class _SandboxFilesystem:
 
             data = sb.filesystem.read_bytes("/tmp/out.bin")
         """
-        client = await get_client()
-        async with fs_errors():
-            async with client.stream("GET", f"{self._base}/file",
-                                     params={"path": remote_path, "whole": True}) as r:
-                return await r.aread()
+        async with self._reading({"path": remote_path, "whole": True}) as r:
+            return await r.aread()
 
     @in_callers_thread()
     async def read_text(self, remote_path: str, encoding: str = "utf-8") -> str:
@@ -213,20 +248,17 @@ class _SandboxFilesystem:
             sb.filesystem.copy_to_local("/tmp/out.tar", "out.tar")
         """
         local = Path(local_path)
-        client = await get_client()
         fd, tmp = tempfile.mkstemp(dir=local.parent or ".", prefix=f".{local.name}.")
         try:
             with os.fdopen(fd, "wb") as out:
-                async with fs_errors():
-                    async with client.stream("GET", f"{self._base}/file",
-                                             params={"path": remote_path}) as r:
-                        expected = int(r.headers.get("content-length", -1))
-                        got = 0
-                        async for chunk in r.aiter_raw():
-                            # Written on the SDK's own loop thread: a thread hop per ~1 MiB
-                            # chunk cost more than the write (measured, bench/file_bench.py).
-                            out.write(chunk)
-                            got += len(chunk)
+                async with self._reading({"path": remote_path}) as r:
+                    expected = int(r.headers.get("content-length", -1))
+                    got = 0
+                    async for chunk in r.aiter_raw():
+                        # Written on the SDK's own loop thread: a thread hop per ~1 MiB chunk
+                        # cost more than the write (measured, bench/file_bench.py).
+                        out.write(chunk)
+                        got += len(chunk)
                 if expected >= 0 and got != expected:
                     raise exc.SandboxFilesystemError(
                         f"{remote_path}: received {got} of {expected} bytes")

@@ -12,9 +12,12 @@ import tempfile
 from asyncio import selector_events
 from pathlib import Path
 
+import logging
+
 import pytest
 import uvicorn
 
+from shoal.server.http_layer import AnswerCut, RequestLayer
 from shoal.server.http_protocol import HttpProtocol
 
 
@@ -41,10 +44,10 @@ async def _app(scope, receive, send):
 
 
 @contextlib.asynccontextmanager
-async def _server():
+async def _server(app=_app):
     with tempfile.TemporaryDirectory(prefix="http-protocol-test-") as tmp:
         path = str(Path(tmp) / "s.sock")
-        server = uvicorn.Server(uvicorn.Config(_app, uds=path, http=HttpProtocol, lifespan="off",
+        server = uvicorn.Server(uvicorn.Config(app, uds=path, http=HttpProtocol, lifespan="off",
                                                log_config=None, access_log=False))
         task = asyncio.create_task(server.serve())
         while not server.started:
@@ -123,3 +126,31 @@ def test_a_small_answer_is_one_write_and_a_streamed_one_a_write_a_turn(writes):
                 path, b"GET /small HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n", b"hello")
             assert closing.endswith(b"hello") and len(writes) == 1
     asyncio.run(main())
+
+
+async def _cut_midway(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"100")]})
+    await send({"type": "http.response.body", "body": b"x" * 10, "more_body": True})
+    raise AnswerCut("the sandbox ended mid-answer")
+
+
+def test_an_answer_cut_midway_closes_the_connection_with_one_warning(caplog):
+    """A route that cannot finish an answer it began (AnswerCut): the client gets the part sent
+    and then the connection's end, never a complete-looking answer; the log gets one warning
+    line from the request layer and nothing from uvicorn (no traceback, no "returned without
+    completing")."""
+    async def main():
+        async with _server(RequestLayer(_cut_midway)) as path:
+            # (_exchange reads until the connection ends: a connection left open times out)
+            got = await _exchange(path, b"GET /file HTTP/1.1\r\nhost: x\r\n\r\n", b"never")
+            assert got.startswith(b"HTTP/1.1 200 OK\r\n") and got.endswith(b"\r\n\r\n" + b"x" * 10)
+            await asyncio.sleep(0.1)
+    with caplog.at_level(logging.INFO):
+        asyncio.run(main())
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["GET /file: the sandbox ended mid-answer; connection closed"]

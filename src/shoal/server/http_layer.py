@@ -53,6 +53,16 @@ async def answer_error(scope, receive, send, err: Exception) -> None:
     await response(scope, receive, send)
 
 
+class AnswerCut(Exception):
+    """Raised by a route whose answer has begun and cannot be finished (its sandbox ended
+    mid-stream): the layer logs the message as a warning and cuts the connection, so the client
+    sees a short answer, not a complete one, and the log has one line, not a traceback."""
+
+
+# The scope extension (http_protocol.py) that closes the request's connection at once.
+CUT_EXTENSION = "shoal.cut"
+
+
 class FinalPiece(bytes):
     """A piece of a streamed answer that its producer knows to be the last: `stream_answer`
     sends it with the end of the body, in one write (the client is woken once, not twice)."""
@@ -172,6 +182,16 @@ class RequestLayer:
                         break
                 else:
                     await self.app(scope, receive, send_)
+        except AnswerCut as e:
+            cut = (scope.get("extensions") or {}).get(CUT_EXTENSION)
+            if seen.status is None or cut is None:
+                raise  # (nothing was answered yet: the framework's 500 is right)
+            _log.warning("%s %s: %s; connection closed", scope.get("method"), scope["path"], e,
+                         extra={"event": "http.cut"})
+            cut()
+            # One turn of the loop: the server sees the connection lost before this returns,
+            # and does not report an answer left unfinished.
+            await asyncio.sleep(0)
         except BaseException as e:
             if type(e).__name__ in logs.DISCONNECTS or isinstance(e, (ConnectionError, OSError)) \
                     and seen.status is not None:

@@ -14,6 +14,8 @@ import asyncio
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from shoal.server.http_layer import CUT_EXTENSION
+
 JOIN_LIMIT = 64 << 10  # bytes: a head and a body up to this size go out joined
 
 
@@ -80,6 +82,15 @@ class HttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.transport = _JoinedWrites(transport, self.loop)  # type: ignore[assignment]
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        # A way for the request layer to end an answer that cannot be finished: the connection
+        # is closed at once (http_layer.AnswerCut).
+        self.scope["extensions"] = {CUT_EXTENSION: self._cut}
+
+    def _cut(self) -> None:
+        self.transport.abort()
 
     def handle_websocket_upgrade(self) -> None:
         # The WebSocket protocol gets the socket's own transport (what was held goes first).

@@ -279,10 +279,13 @@ class AgentFiles:
                         await asyncio.wait({nxt, end}, timeout=wait,
                                            return_when=asyncio.FIRST_COMPLETED)
                     finally:
+                        # (Also when this generator is closed or cancelled while it waits: a
+                        # task left pending would be destroyed pending, with a log line.)
                         end.cancel()
-                    if not nxt.done():
-                        nxt.cancel()
-                        continue
+                        if not nxt.done():
+                            nxt.cancel()
+                    if not nxt.done() or nxt.cancelled():
+                        continue  # (cancelled above: the wait timed out)
                     try:
                         event_path, kind = nxt.result()
                     except agent_client.AgentConnectionError:

@@ -550,9 +550,12 @@ class Watch:
                     return
                 waiters = {asyncio.ensure_future(finished.wait()),
                            asyncio.ensure_future(ready.wait())}
-                await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-                for w in waiters:
-                    w.cancel()
+                try:
+                    await asyncio.wait(waiters, timeout=wait,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:  # (also when the client goes while this waits)
+                    for w in waiters:
+                        w.cancel()
                 ready.clear()
                 try:
                     buf = os.read(self.ino, 65536)

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from shoal.server import http_layer
+from shoal.server.host.base import HostError, SandboxGone
 from shoal.server.host.runc_files import LIST_PAGE, READ_LIMIT
 from shoal.server.models import FileInfoModel, MkdirBody, OpenBody, RenameFileBody, SeekBody
 
@@ -94,8 +95,23 @@ async def _read_answer(files, sandbox_id: str, path: str, whole: bool) -> Respon
         finally:
             await chunks.aclose()
         return Response(b"".join(parts), media_type="application/octet-stream")
-    return StreamingResponse(chunks, media_type="application/octet-stream",
+    return StreamingResponse(_cut_if_lost(chunks, sandbox_id, path),
+                             media_type="application/octet-stream",
                              headers={"content-length": str(size)})
+
+
+async def _cut_if_lost(chunks, sandbox_id: str, path: str):
+    """`chunks`, but a sandbox that ends (or whose agent is lost) during a streamed read ends
+    its answer with a warning line and a cut connection (http_layer.AnswerCut), not a
+    traceback: the client sees a short body and asks why (sandbox_fs.py)."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except (SandboxGone, HostError, OSError) as e:
+        raise http_layer.AnswerCut(f"reading {path} in sandbox {sandbox_id} stopped: "
+                                   f"{e}") from None
+    finally:
+        await chunks.aclose()
 
 
 @router.put("/sandboxes/{sandbox_id}/fs/file")
