@@ -24,7 +24,7 @@ from conftest import (LOG_CRASHES, TEST_RUNTIME, sandbox_host_pid, server_log_si
                       server_log_size)
 
 import shoal
-from shoal.exception import (Error, InvalidError, SandboxFilesystemDirectoryNotEmptyError,
+from shoal.exception import (InvalidError, SandboxFilesystemDirectoryNotEmptyError,
                              SandboxFilesystemError, SandboxFilesystemFileTooLargeError,
                              SandboxFilesystemIsADirectoryError,
                              SandboxFilesystemNotADirectoryError, SandboxFilesystemNotFoundError,

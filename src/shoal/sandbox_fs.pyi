@@ -13,12 +13,15 @@ import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+import httpx
 from shoal import exception as exc
-from shoal._client import Replayable, get_client
+from shoal._client import Replayable, _error_from, get_client
 from shoal._sync import in_callers_thread, synchronize_api
 from shoal.file_io import FileWatchEvent, FileWatchEventType
 
 CHUNK: int
+
+CUT_SETTLE: float
 
 LIST_PAGE: int
 
@@ -60,6 +63,8 @@ def watch_events(sandbox_id: str, path: str, filter, recursive: bool | None, tim
 class _SandboxFilesystem:
     def __init__(self, sandbox_id: str) -> typing.Any: ...
     async def _call(self, method: str, op: str, **kwargs) -> typing.Any: ...
+    def _reading(self, params: dict) -> AsyncIterator[httpx.Response]: ...
+    async def _why_cut(self, remote_path: str, lost: BaseException) -> BaseException: ...
     async def read_bytes(self, remote_path: str) -> bytes: ...
     async def read_text(self, remote_path: str, encoding: str = ...) -> str: ...
     async def write_bytes(self, data: bytes, remote_path: str) -> None: ...
