@@ -203,6 +203,16 @@ def test_bad_exec_arguments_are_invalid_error(sandbox):
         sandbox.exec("echo", "a\x00b")
     with pytest.raises(InvalidError):
         sandbox.exec("pwd", workdir="../etc")
+    # More than one command can carry (the agent protocol's frame): refused before it is sent,
+    # and the sandbox's agent serves the next command as before.
+    with pytest.raises(InvalidError, match="too large"):
+        sandbox.exec("echo", "x" * (2 << 20))
+    with pytest.raises(InvalidError, match="too large"):
+        sandbox.exec("true", *["a"] * 5000)
+    with pytest.raises(InvalidError, match="too large"):
+        sandbox.exec("env", env={f"V{i}": "x" * 300 for i in range(4000)})
+    p = sandbox.exec("sh", "-c", 'echo "$#"', "sh", *["a"] * 3000)
+    assert p.stdout.read() == "3000\n" and p.wait() == 0
 
 
 def test_unsupported_python_version_says_what_is_available(app):

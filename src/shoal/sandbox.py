@@ -517,7 +517,10 @@ class _Sandbox:
         terminal's or 24x80): everything it writes arrives on `stdout`, and
         `p.resize(rows, cols)` changes the size.
 
-        Raises SandboxTerminatedError if the sandbox has finished.
+        Raises SandboxTerminatedError if the sandbox has finished; InvalidError for arguments
+        that are not strings or hold NUL bytes, and for a command whose arguments and whole
+        environment exceed 4000 strings or 1 MiB (pass large data through stdin or a file).
+        A command that cannot be run still starts: exit code 127 (not found) or 126.
         """
         if not args:
             raise InvalidError("exec needs a command, e.g. sb.exec('ls', '-l')")

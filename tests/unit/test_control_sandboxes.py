@@ -208,6 +208,30 @@ def test_exec_streams_output_then_exit_code(env):
     run(go())
 
 
+def test_a_command_too_large_to_send_is_refused_before_anything_is_stored(env):
+    """Arguments and environment over what one agent frame carries (the sandbox's environment
+    counts): InvalidError, the host never asked, the Idempotency-Key not spent; a command at
+    the limit runs."""
+    svc, host = env
+
+    async def go():
+        await started(svc)
+        sb = await svc.create(create())
+        for req in (ExecRequest(args=["echo", "x" * (1 << 20)]),
+                    ExecRequest(args=["true", *["a"] * 3999]),
+                    ExecRequest(args=["env"], env={f"V{i}": "1" for i in range(4000)})):
+            for key, first in ((None, False), ("k-1", True), ("k-1", False)):
+                with pytest.raises(InvalidError, match="too large"):
+                    await svc.exec(sb.id, req, key, first)
+        assert [c for c in host.calls if c[0] == "exec"] == []
+        await asyncio.sleep(0.05)
+        assert await svc.astore.idempotent_get("k-1") is None
+        ok = await svc.exec(sb.id, ExecRequest(args=["echo", "x" * 1000]), "k-1", True)
+        assert (await drain(svc, ok.id))[2] == 0
+        await svc.close()
+    run(go())
+
+
 def test_exec_on_an_ended_sandbox_is_terminated_error(env):
     svc, host = env
 

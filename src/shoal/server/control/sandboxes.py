@@ -145,6 +145,25 @@ def _check_exec_request(req: ExecRequest) -> None:
         raise InvalidError("a pty needs both pty_rows and pty_cols")
 
 
+# What one command may carry, its arguments and its whole environment (the sandbox's, its
+# secrets' and its own) together: one frame of the agent protocol holds them (at most 1 MiB +
+# 64 KiB and 4096 fields, agent/protocol.json), with room left for the rest of the request.
+EXEC_MAX_STRINGS = 4000
+EXEC_MAX_BYTES = 1 << 20
+
+
+def _check_exec_size(args: list[str], *envs: dict[str, str]) -> None:
+    """InvalidError for a command too large to send (before anything is stored or started)."""
+    count = len(args) + sum(len(e) for e in envs)
+    size = sum(len(a.encode()) for a in args) + sum(
+        len(k.encode()) + len(v.encode()) + 1 for e in envs for k, v in e.items())
+    if count > EXEC_MAX_STRINGS or size > EXEC_MAX_BYTES:
+        raise InvalidError(
+            f"exec's arguments and environment are too large: {count} strings, {size} bytes "
+            f"(at most {EXEC_MAX_STRINGS} strings and {EXEC_MAX_BYTES >> 20} MiB in all, the "
+            "sandbox's environment included); pass large data through stdin or a file")
+
+
 def _capture(fn, *args):
     """fn(*args), or the Exception it raised (raised later by `_result`)."""
     try:
@@ -692,6 +711,7 @@ class SandboxService:
                 # with the new command's id. A request this exec() refuses is refused the same
                 # way on every attempt, so it is checked first and stores nothing.
                 _check_exec_request(req)
+                _check_exec_size(req.args, live.env, req.env)
                 eid = self._new_exec_id(sandbox_id, idempotency_key)
                 keyed_id = True
                 if first_attempt:
@@ -715,6 +735,8 @@ class SandboxService:
         env = {**live.env, **(await self.astore.run(self._secret_env, req.secret_ids)
                               if req.secret_ids else {}), **req.env}
         workdir = req.workdir or live.workdir or "/"
+        if not keyed_id:  # (a keyed request was measured before its key was stored)
+            _check_exec_size(req.args, env)
         if eid is None:
             eid = self._new_exec_id(sandbox_id)
             if idempotency_key is not None:
