@@ -386,6 +386,24 @@ def test_mv_dir_into_itself_through_a_symlink_is_invalid(sb):
     assert exists_inside(sb, f"{d}/sub")
 
 
+def test_a_name_longer_than_any_file_may_have_is_invalid(sb):
+    """A path component over 255 bytes (NAME_MAX): InvalidError from every file call, as for
+    any other path the sandbox cannot have, not the kernel's ENAMETOOLONG as a server error."""
+    long = "/tmp/" + "n" * 256
+    for call in (lambda: sb.filesystem.read_bytes(long),
+                 lambda: sb.filesystem.write_bytes(b"x", long),
+                 lambda: sb.filesystem.stat(long),
+                 lambda: sb.filesystem.make_directory(long + "/d"),
+                 lambda: sb.filesystem.rename("/tmp", long),
+                 lambda: sb.open(long, "w"),
+                 lambda: sb.ls(long)):
+        with pytest.raises(InvalidError, match="longer than 255"):
+            call()
+    ok = "/tmp/" + "é" * 127  # 254 bytes: the longest name that still fits, taken as it is
+    sb.filesystem.write_bytes(b"fits", ok)
+    assert sb.filesystem.read_bytes(ok) == b"fits"
+
+
 # ======================================================================== Sandbox.filesystem
 
 def test_filesystem_text_and_bytes_roundtrip(sb):

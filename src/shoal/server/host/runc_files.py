@@ -74,6 +74,9 @@ def sandbox_rel(path: str, what: str = "path") -> str:
         raise InvalidError(f"{what} {path!r} contains '..'; give a plain absolute path")
     if len(path.encode()) > 4096:
         raise InvalidError(f"{what} is longer than 4096 bytes")
+    if any(len(p) > 63 and len(p.encode()) > 255 for p in parts):
+        raise InvalidError(f"{what} {path!r} has a name longer than 255 bytes (the longest a "
+                           "file name may be)")
     return "/".join(parts)
 
 
