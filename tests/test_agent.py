@@ -400,6 +400,26 @@ async def test_wait_comes_after_all_output(agent):
 
 
 @async_test
+async def test_wait_exit_only_comes_at_the_process_exit(agent):
+    """WAIT EXIT_ONLY (the SDK's wait/poll): answered when the process exits, though a child it
+    left in the background holds its output; the plain WAIT still comes after all output, and
+    only it says where the streams end."""
+    c = await agent.connect()
+    t = time.monotonic()
+    await c.exec("bg2", ["sh", "-c", "(sleep 0.6; echo late) & echo early; exit 3"], ENV)
+    full = asyncio.ensure_future(c.wait("bg2"))
+    assert await c.exit("bg2") == (3, False)
+    assert time.monotonic() - t < 0.4 and not full.done()
+    assert "bg2" not in c._ends  # (the streams' ends are not known yet)
+    assert await full == (3, False)
+    assert time.monotonic() - t >= 0.55
+    assert await c.exit("bg2") == (3, False)  # after the end: at once
+    with pytest.raises(ProcessLookupError):
+        await c.exit("no-such-exec")
+    await c.close()
+
+
+@async_test
 async def test_signal_and_pipelined_waits(agent):
     c = await agent.connect()
     await c.exec("sleeper", ["sleep", "30"], ENV)

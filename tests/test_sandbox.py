@@ -88,6 +88,26 @@ def test_exec_timeout_gives_minus_one(sandbox):
     assert time.monotonic() - start < 10
 
 
+def test_wait_returns_when_the_process_exits_though_a_background_child_holds_its_output(
+        sandbox):
+    """`sh -c "server & echo started"` (an agent starting a server): wait() and poll() answer
+    when the shell exits, as Popen's and Modal's do, not when the server lets go of the output;
+    reading the output still waits for its end, as reading a pipe does."""
+    p = sandbox.exec("sh", "-c", "(sleep 3; echo late) & echo started; exit 4")
+    t = time.monotonic()
+    assert p.wait() == 4
+    assert time.monotonic() - t < 2.0
+    assert p.poll() == 4 and p.returncode == 4
+    assert p.stdout.read() == "started\nlate\n"
+    assert time.monotonic() - t >= 2.5
+    q = sandbox.exec("sh", "-c", "sleep 3 & exit 0")
+    deadline = time.monotonic() + 2.0
+    while q.poll() is None:
+        assert time.monotonic() < deadline, "poll() did not see the shell's exit"
+        time.sleep(0.05)
+    assert q.returncode == 0
+
+
 def test_exec_env_workdir_and_secrets(sandbox):
     secret = shoal.Secret.from_dict({"TOKEN": "s3cret"})
     p = sandbox.exec("bash", "-c", "echo $FOO $TOKEN; pwd", env={"FOO": "bar"}, secrets=[secret],

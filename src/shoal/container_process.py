@@ -298,14 +298,18 @@ class _ContainerProcess:
 
             rc = sb.exec("sh", "-c", "exit 3").wait()  # 3
         """
+        first = True
         while self._returncode is None:
             reader_stuck = self._reader is None or self._reader.done() or any(
                 ch.full() for ch in self._channels.values())
-            if reader_stuck:
-                # The exit code is behind output nobody has read yet (or the stream is gone):
-                # ask for it directly.
+            if reader_stuck or not first:
+                # The exit code is behind output nobody has read yet (or the stream is gone),
+                # or behind output a process left in the background still holds open (the
+                # stream's exit comes after all output): ask the server, which answers at the
+                # process's own exit.
                 await self._wait(60)
                 continue
+            first = False
             try:
                 await asyncio.wait_for(asyncio.shield(self._exited.wait()), 0.5)
             except asyncio.TimeoutError:

@@ -232,6 +232,40 @@ def test_a_command_too_large_to_send_is_refused_before_anything_is_stored(env):
     run(go())
 
 
+def test_exec_wait_answers_at_the_process_exit_while_its_output_is_held(env):
+    """A command that exits leaving a background child with its output (`sh -c "server &"`):
+    exec_wait (the SDK's wait/poll) answers at the process's exit, as Popen.wait would; the
+    output stream and its exit frame still end only when the output does."""
+    svc, host = env
+
+    async def go():
+        await started(svc)
+        sb = await svc.create(create())
+        rec = await svc.exec(sb.id, ExecRequest(args=["serve-in-background"]))
+        assert await svc.exec_wait(rec.id, 0) is None  # running
+        host.exit_exec(sb.id, rec.id, 0, output_open=True)
+        assert await svc.exec_wait(rec.id, 2) == 0
+        assert not rec.done.is_set()
+        stream = asyncio.ensure_future(drain(svc, rec.id))
+        await asyncio.sleep(0.05)
+        assert not stream.done()  # the output is still open
+        host.end_exec_output(sb.id, rec.id)
+        assert (await stream)[2] == 0
+        # A command that runs a while has its exit watched before anyone asks (poll() then
+        # sees it at once); a short one never has it.
+        rec2 = await svc.exec(sb.id, ExecRequest(args=["serve-in-background"]))
+        await asyncio.sleep(0.2)
+        assert rec2.exit_watch is not None
+        host.exit_exec(sb.id, rec2.id, 5, output_open=True)
+        await asyncio.sleep(0.05)
+        assert await svc.exec_wait(rec2.id, 0) == 5
+        short = await svc.exec(sb.id, ExecRequest(args=["echo", "hi"]))
+        await asyncio.sleep(0.2)
+        assert short.exit_watch is None and await svc.exec_wait(short.id, 0) == 0
+        await svc.close()
+    run(go())
+
+
 def test_exec_on_an_ended_sandbox_is_terminated_error(env):
     svc, host = env
 

@@ -32,6 +32,7 @@ struct pending {
     uint8_t *data; /* STDIN: the request's bytes (copied: the input buffer moves on) */
     size_t dlen;
     bool eof;
+    bool exit_only; /* WAIT EXIT_ONLY: answered at the process's exit, its pipes open or not */
 };
 
 struct stream {
@@ -422,8 +423,40 @@ void exec_on_stdin(struct ev *ev, uint32_t events)
 
 /* ---------------------------------------------------------------- session life */
 
+/* EXITED for the WAIT `p`; the streams' final lengths only once they are final. */
+static void reply_exited(const struct session *s, struct pending *p)
+{
+    size_t r = fr_begin(p->c, SA_T_EXITED, p->id);
+    fr_int(p->c, SA_TAG_CODE, s->code);
+    if (s->timed_out)
+        fr_int(p->c, SA_TAG_TIMED_OUT, 1);
+    if (session_done(s)) {
+        fr_int(p->c, SA_TAG_STDOUT_END, (int64_t)s->out.end);
+        fr_int(p->c, SA_TAG_STDERR_END, (int64_t)s->err.end);
+    }
+    fr_end(p->c, r);
+}
+
+/* Answer the waiters that `all` or their EXIT_ONLY lets go now (the process has exited). */
+static void answer_waiters(struct session *s, bool all)
+{
+    struct pending **at = &s->waiters;
+    while (*at) {
+        struct pending *p = *at;
+        if (!all && !p->exit_only) {
+            at = &p->next;
+            continue;
+        }
+        *at = p->next;
+        reply_exited(s, p);
+        pending_free(p);
+    }
+}
+
 static void session_check_done(struct session *s)
 {
+    if (s->exited)
+        answer_waiters(s, false); /* EXIT_ONLY ones: a child may hold the pipes for long */
     if (!session_done(s))
         return;
     /* Nobody is left to read stdin or use the terminal: give the descriptors back now (a
@@ -435,18 +468,7 @@ static void session_check_done(struct session *s)
         s->pty_fd = -1;
     }
     /* Every byte is readable and the process is gone: report the exit. */
-    while (s->waiters) {
-        struct pending *p = s->waiters;
-        s->waiters = p->next;
-        size_t r = fr_begin(p->c, SA_T_EXITED, p->id);
-        fr_int(p->c, SA_TAG_CODE, s->code);
-        if (s->timed_out)
-            fr_int(p->c, SA_TAG_TIMED_OUT, 1);
-        fr_int(p->c, SA_TAG_STDOUT_END, (int64_t)s->out.end);
-        fr_int(p->c, SA_TAG_STDERR_END, (int64_t)s->err.end);
-        fr_end(p->c, r);
-        pending_free(p);
-    }
+    answer_waiters(s, true);
 }
 
 bool exec_on_child_exit(pid_t pid, int status)
@@ -1002,9 +1024,17 @@ void h_read(struct conn *c, const struct msg *m)
 void h_wait(struct conn *c, const struct msg *m)
 {
     struct session *s = session_arg(c, m);
-    if (!s || too_many_pending(c, m->id))
+    int64_t exit_only = 0;
+    if (!s || msg_int(m, SA_TAG_EXIT_ONLY, &exit_only) < 0) {
+        if (s)
+            reply_err(c, m->id, EINVAL, "EXIT_ONLY must be an integer");
         return;
-    pending_append(&s->waiters, pending_new(c, m->id));
+    }
+    if (too_many_pending(c, m->id))
+        return;
+    struct pending *p = pending_new(c, m->id);
+    p->exit_only = exit_only != 0;
+    pending_append(&s->waiters, p);
     session_check_done(s);
 }
 

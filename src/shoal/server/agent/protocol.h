@@ -105,6 +105,7 @@
 #define SA_TAG_KIND 60
 #define SA_TAG_PORT 61
 #define SA_TAG_LINE 62
+#define SA_TAG_EXIT_ONLY 63
 
 #define SA_STDIN_MODE_PIPE 0
 #define SA_STDIN_MODE_NULL 1

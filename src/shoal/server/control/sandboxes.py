@@ -55,6 +55,8 @@ RESERVED_MOUNT_PREFIXES = ("/proc", "/sys", "/dev", "/.shoal")
 LOG_RETENTION = 3600.0  # seconds an ended sandbox's output stays readable
 # seconds a finished exec's output stays readable (its record is then dropped)
 EXEC_RETENTION = float(os.environ.get("SHOAL_EXEC_RETENTION", 600))
+# seconds a command runs before its process's own exit is watched (ExecRecord.exited)
+EXIT_WATCH_AFTER = 0.1
 # seconds an ended sandbox's `ended` event stays in memory (prune_ended, every upkeep tick)
 ENDED_RETENTION = float(os.environ.get("SHOAL_ENDED_RETENTION", 60))
 STREAMS = ("stdout", "stderr")
@@ -119,9 +121,14 @@ class ExecRecord:
     id: str
     sandbox_id: str
     streams: tuple[str, ...]  # the captured ones ("stdout", "stderr")
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)  # exited, and its output ended
+    # The process exited (its returncode is known), though something it started in the
+    # background may still hold its output open: what exec_wait (the SDK's wait/poll) waits for.
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
     returncode: int | None = None
     timed_out: bool = False
+    exit_watch: asyncio.Task | None = None
+    exit_timer: asyncio.TimerHandle | None = None
 
 
 _EXEC_MODES = {"pipe": "pipe", "devnull": "null"}
@@ -769,6 +776,10 @@ class SandboxService:
     def _track(self, eid: str, sandbox_id: str, streams: tuple[str, ...]) -> ExecRecord:
         rec = self.execs[eid] = ExecRecord(eid, sandbox_id, streams)
         self._spawn(self._watch_exec(rec), f"exec-{eid}")
+        # A command still going a moment from now may be one whose background child holds its
+        # output: its own exit is watched from then on, for poll() (a short one never is).
+        rec.exit_timer = asyncio.get_running_loop().call_later(EXIT_WATCH_AFTER,
+                                                               self._watch_exit, rec)
         return rec
 
     async def _watch_exec(self, rec: ExecRecord) -> None:
@@ -778,6 +789,9 @@ class SandboxService:
             rec.returncode = RC_KILLED
         finally:
             rec.done.set()
+            rec.exited.set()
+            if rec.exit_timer is not None:
+                rec.exit_timer.cancel()
             log.info("exec %s ended, returncode %s", rec.id, rec.returncode,
                      extra={"event": "exec.ended", "exec_id": rec.id, "returncode": rec.returncode,
                             "timed_out": rec.timed_out})
@@ -805,10 +819,30 @@ class SandboxService:
         return self._track(exec_id, sandbox_id, STREAMS)
 
     async def exec_wait(self, exec_id: str, timeout: float) -> int | None:
+        """The returncode once the command's process has exited (None after `timeout`), as
+        Popen.wait: not held back by a process it left in the background with its output."""
         rec = self.get_exec(exec_id)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(rec.done.wait()), timeout)
-        return rec.returncode if rec.done.is_set() else None
+        if not rec.exited.is_set():
+            self._watch_exit(rec)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(rec.exited.wait()), timeout)
+        return rec.returncode if rec.exited.is_set() else None
+
+    def _watch_exit(self, rec: ExecRecord) -> None:
+        """Once per exec, and only for someone waiting: ask the host for the process's own exit
+        (the exec's output, and with it `done`, may end much later)."""
+        if rec.exit_watch is not None or rec.done.is_set():
+            return
+
+        async def watch() -> None:
+            try:
+                code, timed_out = await self.host.exec_exit(rec.sandbox_id, rec.id)
+            except (SandboxGone, HostError, OSError):
+                return  # (_watch_exec reports the end)
+            if not rec.exited.is_set():
+                rec.returncode, rec.timed_out = code, timed_out
+                rec.exited.set()
+        rec.exit_watch = self._spawn(watch(), f"exit-{rec.id}")
 
     async def exec_stdin(self, exec_id: str, data: bytes, eof: bool, offset: int | None) -> int:
         rec = self.get_exec(exec_id)

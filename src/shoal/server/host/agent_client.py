@@ -624,6 +624,13 @@ class AgentClient:
                 del self._ends[next(iter(self._ends))]
         return reply["CODE"], bool(reply.get("TIMED_OUT", 0))
 
+    async def exit(self, exec_id: str) -> tuple[int, bool]:
+        """(code, timed_out) as soon as the process has exited, even while a process it started
+        holds its output open (WAIT EXIT_ONLY; an older agent answers when the output ends)."""
+        reply = _check(await self._ok("WAIT", [("EXEC_ID", exec_id), ("EXIT_ONLY", 1)]),
+                       CODE=int)
+        return reply["CODE"], bool(reply.get("TIMED_OUT", 0))
+
     async def stdin(self, exec_id: str, offset: int, data: bytes = b"", eof: bool = False) -> int:
         """Write `data` at stdin position `offset` (repeats are not written twice); returns
         the number of stdin bytes the agent has accepted. `eof` closes stdin afterwards."""

@@ -161,6 +161,11 @@ class SandboxHost(Protocol):
     async def exec_wait(self, sandbox_id: str, exec_id: str) -> tuple[int, bool]:
         """(exit code, timed out) once the command has ended and its output is readable."""
 
+    async def exec_exit(self, sandbox_id: str, exec_id: str) -> tuple[int, bool]:
+        """(exit code, timed out) once the command's process has exited, even while a process
+        it started in the background still holds its output open (`exec_wait` waits for that
+        output's end too)."""
+
     async def exec_stdin(self, sandbox_id: str, exec_id: str, offset: int, data: bytes,
                          eof: bool) -> int:
         """Write `data` at stdin position `offset` (bytes already written are skipped)."""

@@ -22,9 +22,14 @@ class _Exec:
     spec: ExecSpec
     out: dict[str, bytearray] = field(default_factory=lambda: {"stdout": bytearray(),
                                                                "stderr": bytearray()})
-    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # exited and output closed
+    exited: asyncio.Event = field(default_factory=asyncio.Event)  # the process alone
     code: int | None = None
     stdin: bytearray = field(default_factory=bytearray)
+
+    def end(self) -> None:
+        self.exited.set()
+        self.ended.set()
 
 
 @dataclass
@@ -70,10 +75,22 @@ class FakeHost:
         box = self.boxes[sandbox_id]
         box.running = False
         for ex in box.execs.values():
-            if ex.code is None:
-                ex.code = 137
-                ex.ended.set()
+            if not ex.ended.is_set():
+                ex.code = 137 if ex.code is None else ex.code
+                ex.end()
         self._events.put_nowait(HostEvent(sandbox_id, "exited", code, oom))
+
+    def exit_exec(self, sandbox_id: str, exec_id: str, code: int, output_open: bool) -> None:
+        """The command's process exits with `code`; with `output_open`, a process it left in
+        the background still holds its output (until `end_exec_output`)."""
+        ex = self.boxes[sandbox_id].execs[exec_id]
+        ex.code = code
+        ex.exited.set()
+        if not output_open:
+            ex.end()
+
+    def end_exec_output(self, sandbox_id: str, exec_id: str) -> None:
+        self.boxes[sandbox_id].execs[exec_id].end()
 
     # --- life
     async def create(self, spec: SandboxSpec) -> None:
@@ -159,13 +176,13 @@ class FakeHost:
             ex.out["stdout"] += out
             ex.out["stdout" if spec.stderr == "stdout" else "stderr"] += err
             ex.code = code
-            ex.ended.set()
+            ex.end()
         elif spec.timeout is not None:
             async def expire() -> None:
                 await asyncio.sleep(spec.timeout)
                 if ex.code is None:
                     ex.code = 124
-                    ex.ended.set()
+                    ex.end()
             asyncio.get_running_loop().create_task(expire())
 
     def _exec(self, sandbox_id: str, exec_id: str) -> _Exec:
@@ -185,6 +202,11 @@ class FakeHost:
         await ex.ended.wait()
         return ex.code, ex.code == 124
 
+    async def exec_exit(self, sandbox_id, exec_id) -> tuple[int, bool]:
+        ex = self._exec(sandbox_id, exec_id)
+        await ex.exited.wait()
+        return ex.code, ex.code == 124
+
     async def exec_stdin(self, sandbox_id, exec_id, offset, data, eof) -> int:
         ex = self._exec(sandbox_id, exec_id)
         if offset < len(ex.stdin):
@@ -195,7 +217,7 @@ class FakeHost:
     async def exec_signal(self, sandbox_id, exec_id, signo) -> None:
         ex = self._exec(sandbox_id, exec_id)
         ex.code = 128 + signo
-        ex.ended.set()
+        ex.end()
 
     async def exec_resize(self, sandbox_id, exec_id, rows, cols) -> None:
         self._exec(sandbox_id, exec_id)

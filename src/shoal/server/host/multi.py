@@ -152,8 +152,8 @@ class MultiHost:
 
 
 _ROUTED = frozenset({
-    "write_stdin", "resize_pty", "read_log", "exec", "exec_read", "exec_wait", "exec_stdin", "exec_signal",
-    "exec_resize", "exec_forget", "stat", "listdir", "read_file", "write_file", "mkdir",
+    "write_stdin", "resize_pty", "read_log", "exec", "exec_read", "exec_wait", "exec_exit",
+    "exec_stdin", "exec_signal", "exec_resize", "exec_forget", "stat", "listdir", "read_file", "write_file", "mkdir",
     "remove", "rename", "watch", "handle_open", "handle_read", "handle_write", "handle_seek",
     "handle_flush", "handle_close", "probe_tcp", "export_changes", "snapshot_memory",
 })

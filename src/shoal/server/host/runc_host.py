@@ -439,6 +439,9 @@ class RuncHost:
     async def exec_wait(self, sandbox_id: str, exec_id: str) -> tuple[int, bool]:
         return await self._call(sandbox_id, "wait", exec_id)
 
+    async def exec_exit(self, sandbox_id: str, exec_id: str) -> tuple[int, bool]:
+        return await self._call(sandbox_id, "exit", exec_id)
+
     async def exec_stdin(self, sandbox_id: str, exec_id: str, offset: int, data: bytes,
                          eof: bool) -> int:
         return await self._call(sandbox_id, "stdin", exec_id, offset, data, eof)
