@@ -240,6 +240,20 @@ def test_unsupported_python_version_says_what_is_available(app):
         shoal.Sandbox.create(app=app, image=shoal.Image.debian_slim(python_version="3.8"))
 
 
+def test_ids_that_are_not_ids_are_invalid_error(server):
+    """An id goes into the API's URL paths: one with '/', '..' or '?' is refused in the SDK
+    (InvalidError) instead of reaching another route ("no route GET /etc" before)."""
+    for bad in ("../../etc", "sb-x/terminate", "sb-x?y=1", "", "sb-", "im-x", 5):
+        with pytest.raises(InvalidError):
+            shoal.Sandbox.from_id(bad)
+    for make in (shoal.Image.from_id, shoal.SandboxSnapshot.from_id, shoal.Volume.from_id,
+                 shoal.Dict.from_id, shoal.Queue.from_id):
+        with pytest.raises(InvalidError):
+            make("x/../../sandboxes")
+    with pytest.raises(NotFoundError):
+        shoal.Sandbox.from_id("sb-0123456789abcdef")
+
+
 def test_app_lookup_without_create_is_not_found(server):
     with pytest.raises(NotFoundError):
         shoal.App.lookup("no-such-app-xyz")

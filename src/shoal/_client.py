@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import json as _json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -52,6 +53,20 @@ RECONNECT_FOR = float(os.environ.get("SHOAL_RECONNECT_TIMEOUT", "30"))
 AUTOSTART_AFTER = float(os.environ.get("SHOAL_AUTOSTART_AFTER", "5"))
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 _CHEAP_ARGS = frozenset({"headers", "params", "content", "json"})  # Client._request builds these
+
+
+_OBJECT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,199}")
+
+
+def checked_id(value: Any, what: str, prefix: str = "") -> str:
+    """`value`, if it can be the id of a `what`: `prefix`, then letters, digits, '-' and '_'.
+    Ids go into URL paths, so anything else ('/', '..', '?') is refused here (InvalidError)
+    instead of reaching another path of the API."""
+    if not isinstance(value, str) or not value.startswith(prefix) or \
+            len(value) == len(prefix) or not _OBJECT_ID.fullmatch(value):
+        raise exc.InvalidError(f"invalid {what} id {value!r}" +
+                               (f" (they start with {prefix!r})" if prefix else ""))
+    return value
 
 
 class Replayable:

@@ -10,7 +10,7 @@ import datetime
 import pickle
 from collections.abc import AsyncIterator
 
-from shoal._client import get_client
+from shoal._client import checked_id, get_client
 from shoal._named import NamedObject
 from shoal.client import check_client
 from shoal.exception import DeserializationError, InvalidError, SerializationError
@@ -56,7 +56,7 @@ class _KvObject(NamedObject):
         check_client(client)
         if not isinstance(object_id, str) or not object_id:
             raise InvalidError(f"{cls._kind} id must be a non-empty str")
-        return cls(object_id=object_id)
+        return cls(object_id=checked_id(object_id, cls._kind))
 
     @classmethod
     @contextlib.asynccontextmanager

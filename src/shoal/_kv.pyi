@@ -9,7 +9,7 @@ import dataclasses
 import datetime
 import pickle
 from collections.abc import AsyncIterator
-from shoal._client import get_client
+from shoal._client import checked_id, get_client
 from shoal._named import NamedObject
 from shoal.client import check_client
 from shoal.exception import DeserializationError, InvalidError, SerializationError

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 
 from shoal import output
-from shoal._client import get_client
+from shoal._client import checked_id, get_client
 from shoal._sync import synchronize_api
 from shoal.exception import ExecutionError, InvalidError, from_wire
 
@@ -239,8 +239,7 @@ class _Image:
 
             image = shoal.Image.from_id("im-...")
         """
-        if not isinstance(image_id, str) or not image_id.startswith("im-"):
-            raise InvalidError(f"invalid image id {image_id!r}")
+        checked_id(image_id, "image", "im-")
         img = _Image({"base": {"kind": "image", "image_id": image_id}, "steps": []})
         img._image_id = image_id
         return img

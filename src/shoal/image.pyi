@@ -11,7 +11,7 @@ import tarfile
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from shoal import output
-from shoal._client import get_client
+from shoal._client import checked_id, get_client
 from shoal._sync import synchronize_api
 from shoal.exception import ExecutionError, InvalidError, from_wire
 

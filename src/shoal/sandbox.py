@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from collections.abc import AsyncIterator, Sequence
 
 from shoal import output
-from shoal._client import get_client
+from shoal._client import checked_id, get_client
 from shoal._sync import in_callers_thread, synchronize_api
 from shoal._tunnel import Tunnel
 from shoal.app import _App
@@ -366,11 +366,13 @@ class _Sandbox:
     async def from_id(cls, sandbox_id: str, client=None) -> "_Sandbox":
         """A handle to an existing sandbox (running or finished).
 
-        Raises NotFoundError if there is no such sandbox.
+        Raises NotFoundError if there is no such sandbox, InvalidError for a string that is
+        not a sandbox id.
 
             sb = shoal.Sandbox.from_id("sb-...")
         """
         check_client(client)
+        checked_id(sandbox_id, "sandbox", "sb-")
         client = await get_client()
         r = await client.call("GET", f"/sandboxes/{sandbox_id}")
         sb = cls(r["sandbox_id"])

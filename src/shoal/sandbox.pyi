@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from collections.abc import AsyncIterator, Sequence
 from shoal import output
-from shoal._client import get_client
+from shoal._client import checked_id, get_client
 from shoal._sync import in_callers_thread, synchronize_api
 from shoal._tunnel import Tunnel
 from shoal.app import _App
@@ -416,7 +416,8 @@ class Sandbox:
     from_id: _spec_Sandbox_from_id
     """A handle to an existing sandbox (running or finished).
 
-    Raises NotFoundError if there is no such sandbox.
+    Raises NotFoundError if there is no such sandbox, InvalidError for a string that is
+    not a sandbox id.
 
         sb = shoal.Sandbox.from_id("sb-...")
     """

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from shoal._client import get_client
+from shoal._client import checked_id, get_client
 from shoal._sync import synchronize_api
 from shoal.client import check_client
-from shoal.exception import InvalidError
 
 
 class _SandboxSnapshot:
@@ -36,9 +35,7 @@ class _SandboxSnapshot:
             snapshot = shoal.SandboxSnapshot.from_id("sn-...")
         """
         check_client(client)
-        if not isinstance(sandbox_snapshot_id, str) or not sandbox_snapshot_id.startswith("sn-"):
-            raise InvalidError(f"invalid sandbox snapshot id {sandbox_snapshot_id!r} (they start "
-                               "with 'sn-')")
+        checked_id(sandbox_snapshot_id, "sandbox snapshot", "sn-")
         return _SandboxSnapshot(sandbox_snapshot_id)
 
     async def hydrate(self, client=None) -> "_SandboxSnapshot":

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import typing
 import typing_extensions
-from shoal._client import get_client
+from shoal._client import checked_id, get_client
 from shoal._sync import synchronize_api
 from shoal.client import check_client
-from shoal.exception import InvalidError
 
 class _SandboxSnapshot:
     def __init__(self, snapshot_id: str) -> typing.Any: ...

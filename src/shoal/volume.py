@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from shoal._client import Replayable, get_client
+from shoal._client import Replayable, checked_id, get_client
 from shoal._named import NamedObject
 from shoal._sync import synchronize_api
 from shoal.client import check_client
@@ -133,7 +133,7 @@ class _StorageObject(NamedObject):
     def _from_id(cls, object_id: str):
         if not isinstance(object_id, str) or not object_id:
             raise InvalidError("the id must be a non-empty str")
-        return cls(object_id=object_id)
+        return cls(object_id=checked_id(object_id, cls._label))
 
     @classmethod
     @contextlib.asynccontextmanager

@@ -11,7 +11,7 @@ import enum
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
-from shoal._client import Replayable, get_client
+from shoal._client import Replayable, checked_id, get_client
 from shoal._named import NamedObject
 from shoal._sync import synchronize_api
 from shoal.client import check_client
