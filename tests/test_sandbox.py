@@ -240,9 +240,10 @@ def test_unsupported_python_version_says_what_is_available(app):
         shoal.Sandbox.create(app=app, image=shoal.Image.debian_slim(python_version="3.8"))
 
 
-def test_ids_that_are_not_ids_are_invalid_error(server):
-    """An id goes into the API's URL paths: one with '/', '..' or '?' is refused in the SDK
-    (InvalidError) instead of reaching another route ("no route GET /etc" before)."""
+def test_ids_and_names_that_cannot_be_are_invalid_error(server):
+    """An id (and a sandbox's name in from_name) goes into the API's URL paths: one with '/',
+    '..' or '?' is refused in the SDK (InvalidError) instead of reaching another route ("no
+    route GET /etc" before)."""
     for bad in ("../../etc", "sb-x/terminate", "sb-x?y=1", "", "sb-", "im-x", 5):
         with pytest.raises(InvalidError):
             shoal.Sandbox.from_id(bad)
@@ -252,6 +253,9 @@ def test_ids_that_are_not_ids_are_invalid_error(server):
             make("x/../../sandboxes")
     with pytest.raises(NotFoundError):
         shoal.Sandbox.from_id("sb-0123456789abcdef")
+    for bad in ("../../health", "a/b", "x?y=1", ""):  # a name, too, goes into a path
+        with pytest.raises(InvalidError, match="invalid sandbox name"):
+            shoal.Sandbox.from_name("tests", bad)
 
 
 def test_app_lookup_without_create_is_not_found(server):

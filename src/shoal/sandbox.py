@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from shoal import output
 from shoal._client import checked_id, get_client
+from shoal._names import RULE as NAME_RULE, valid_name
 from shoal._sync import in_callers_thread, synchronize_api
 from shoal._tunnel import Tunnel
 from shoal.app import _App
@@ -385,11 +386,13 @@ class _Sandbox:
         """The running sandbox called `name` in the app `app_name`; with `include_terminated`,
         the most recent one of that name even if it has finished.
 
-        Raises NotFoundError if there is none.
+        Raises NotFoundError if there is none, InvalidError for a name no sandbox can have.
 
             sb = shoal.Sandbox.from_name("my-app", "worker-1")
         """
         check_client(client, environment_name)
+        if not valid_name(name):  # (it goes into the URL's path)
+            raise InvalidError(f"invalid sandbox name {name!r}: {NAME_RULE}")
         client = await get_client()
         app = await client.call("POST", "/apps/lookup", json={"name": app_name})
         r = await client.call("GET", f"/apps/{app['app_id']}/sandboxes/{name}",

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from collections.abc import AsyncIterator, Sequence
 from shoal import output
 from shoal._client import checked_id, get_client
+from shoal._names import RULE as NAME_RULE, valid_name
 from shoal._sync import in_callers_thread, synchronize_api
 from shoal._tunnel import Tunnel
 from shoal.app import _App
@@ -426,7 +427,7 @@ class Sandbox:
     """The running sandbox called `name` in the app `app_name`; with `include_terminated`,
     the most recent one of that name even if it has finished.
 
-    Raises NotFoundError if there is none.
+    Raises NotFoundError if there is none, InvalidError for a name no sandbox can have.
 
         sb = shoal.Sandbox.from_name("my-app", "worker-1")
     """
