@@ -598,7 +598,7 @@ class RuncHost:
 # Agent calls that may be sent again after a memory snapshot closed their connection: asking
 # twice has the effect of asking once (reads and waits by offset, stdin at an offset, an exec
 # whose id then exists, lookups).
-_REPEATABLE = frozenset({"read", "wait", "probe_tcp", "stat", "listdir", "read_file",
+_REPEATABLE = frozenset({"read", "wait", "exit", "probe_tcp", "stat", "listdir", "read_file",
                          "list_execs", "exec"})
 
 
