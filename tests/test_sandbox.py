@@ -108,6 +108,17 @@ def test_wait_returns_when_the_process_exits_though_a_background_child_holds_its
     assert q.returncode == 0
 
 
+def test_a_stream_closed_before_the_exit_ends_its_read(sandbox):
+    """A command that closes its stdout and goes on: stdout.read() returns what it wrote when
+    the stream ends, as reading a pipe does, not at the command's exit; stderr stays open."""
+    p = sandbox.exec("sh", "-c", "echo a; exec >&-; echo b >&2; sleep 3; echo c >&2")
+    t = time.monotonic()
+    assert p.stdout.read() == "a\n"
+    assert time.monotonic() - t < 2.0
+    assert p.stderr.read() == "b\nc\n" and p.wait() == 0
+    assert time.monotonic() - t >= 2.5
+
+
 def test_exec_env_workdir_and_secrets(sandbox):
     secret = shoal.Secret.from_dict({"TOKEN": "s3cret"})
     p = sandbox.exec("bash", "-c", "echo $FOO $TOKEN; pwd", env={"FOO": "bar"}, secrets=[secret],

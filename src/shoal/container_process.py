@@ -26,7 +26,7 @@ from shoal.io_streams import _StreamReader, _StreamWriter
 
 BUFFER_LIMIT = 16 << 20  # bytes of unread output held per stream before the process is paused
 RECONNECT_FOR = 60.0  # seconds to keep trying after the connection to the server broke
-FRAME_START, FRAME_STDOUT, FRAME_STDERR, FRAME_EXIT, FRAME_ERROR = range(5)
+FRAME_START, FRAME_STDOUT, FRAME_STDERR, FRAME_EXIT, FRAME_ERROR, FRAME_END = range(6)
 
 
 class _Channel:
@@ -183,6 +183,9 @@ class _ContainerProcess:
                             # body's end has been read too.
                             for ch in self._channels.values():
                                 await ch.close()
+                        elif kind == FRAME_END and payload in (b"stdout", b"stderr"):
+                            # One stream ended before the command: its reader has it all.
+                            await self._channels[payload.decode()].close()
                         elif kind == FRAME_ERROR:
                             err = json.loads(payload)["error"]
                             raise exc.from_wire(err["type"], err["message"], err.get("errno"))

@@ -31,6 +31,8 @@ FRAME_EXIT: int
 
 FRAME_ERROR: int
 
+FRAME_END: int
+
 class _Channel:
     def __init__(self) -> None: ...
     async def put(self, data: bytes) -> None: ...

@@ -82,7 +82,7 @@ async def drain(svc: SandboxService, exec_id: str) -> tuple[bytes, bytes, int]:
     async for stream, data in svc.exec_output(exec_id, {}):
         if stream == "exit":
             code = data
-        else:
+        elif stream != "end":
             out[stream] += data
     return out["stdout"], out["stderr"], code
 

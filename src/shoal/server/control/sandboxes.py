@@ -860,8 +860,9 @@ class SandboxService:
 
     async def exec_output(self, exec_id: str, offsets: dict[str, int]
                           ) -> AsyncIterator[tuple[str, bytes | int]]:
-        """("stdout"|"stderr", bytes) as the process writes them, from `offsets`, then
-        ("exit", returncode)."""
+        """("stdout"|"stderr", bytes) as the process writes them, from `offsets`, ("end",
+        "stdout"|"stderr") for a stream that ends before the command does, then ("exit",
+        returncode)."""
         async for batch in self.exec_output_batches(exec_id, offsets):
             for event in batch:
                 yield event
@@ -879,6 +880,7 @@ class SandboxService:
             return asyncio.ensure_future(self.host.exec_read(sid, exec_id, stream, pos[stream]))
 
         pending = {read(s): s for s in rec.streams}
+        ended: list[str] = []
         try:
             while pending:
                 done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -898,6 +900,8 @@ class SandboxService:
                             batch.append((stream, data))
                         if not eof:
                             pending[read(stream)] = stream
+                        else:
+                            ended.append(stream)
                     if not pending or not batch:
                         break
                     # One turn of the loop: a read answered at once (the stream's end is
@@ -907,9 +911,13 @@ class SandboxService:
                 if batch:
                     self.touch(sid)
                 if not pending and rec.done.is_set():
-                    batch.append(("exit", rec.returncode))
+                    batch.append(("exit", rec.returncode))  # (it ends every stream)
                     yield batch
                     return
+                # A stream that ended while the command goes on (it closed its stdout; or a
+                # child it left holds the other one): its readers have all of it now.
+                batch += [("end", s) for s in ended]
+                ended.clear()
                 if batch:
                     yield batch
             await rec.done.wait()

@@ -270,7 +270,7 @@ async def terminal(ws: WebSocket, sandbox_id: str, rows: int = 24, cols: int = 8
         async for stream, data in svc.exec_output(rec.id, {}):
             if stream == "exit":
                 await ws.send_text(json.dumps({"type": "exit", "returncode": data}))
-            else:
+            elif stream != "end":  # (a pty has one stream; its end comes with the exit)
                 await ws.send_bytes(data)
         await ws.close()
 

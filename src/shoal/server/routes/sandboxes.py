@@ -106,8 +106,9 @@ def _frame(kind: int, payload: bytes) -> bytes:
 async def _exec_frames(svc, exec_id: str, offsets: dict[str, int], start: dict | None):
     """The exec stream's body: frames of (u8 kind, u32 big-endian length, payload) — kind 0 the
     start ({"exec_id"}), 1 stdout bytes, 2 stderr bytes, 3 the exit ({"returncode"}), 4 an error
-    ({"error": {"type", "message"}}) that ends the stream. Frames that are ready together share
-    a piece of the body (a reader parses the bytes, not the pieces)."""
+    ({"error": {"type", "message"}}) that ends the stream, 5 the end of one stream before the
+    exit (b"stdout" or b"stderr"; readers ignore kinds they do not know). Frames that are ready
+    together share a piece of the body (a reader parses the bytes, not the pieces)."""
     if start is not None:
         yield _frame(FRAME_START, json.dumps(start).encode())
     try:
@@ -119,6 +120,7 @@ async def _exec_frames(svc, exec_id: str, offsets: dict[str, int], start: dict |
                 _frame(FRAME_EXIT, json.dumps({"returncode": data, "timed_out":
                                                _timed_out(svc, exec_id)}).encode())
                 if stream == "exit" else
+                _frame(FRAME_END, data.encode()) if stream == "end" else
                 _frame(FRAME_STDOUT if stream == "stdout" else FRAME_STDERR, data)
                 for stream, data in batch))
     except Error as e:
@@ -126,7 +128,7 @@ async def _exec_frames(svc, exec_id: str, offsets: dict[str, int], start: dict |
                                                         "message": str(e)}}).encode())
 
 
-FRAME_START, FRAME_STDOUT, FRAME_STDERR, FRAME_EXIT, FRAME_ERROR = range(5)
+FRAME_START, FRAME_STDOUT, FRAME_STDERR, FRAME_EXIT, FRAME_ERROR, FRAME_END = range(6)
 
 
 @router.post("/sandboxes/{sandbox_id}/exec", response_class=StreamingResponse,
