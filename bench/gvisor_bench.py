@@ -113,8 +113,10 @@ class RawRunsc:
                 pass
         self._runsc("delete", "--force", cid, **quiet)
         self.runtime.kill_strays(cid)
+        import asyncio
+
         from shoal.server.host.runc import remove_cgroups
-        remove_cgroups(cid)
+        asyncio.run(remove_cgroups(cid))
         while True:  # reap the gofer and helpers (we are their subreaper)
             try:
                 if os.waitpid(-1, os.WNOHANG)[0] == 0:

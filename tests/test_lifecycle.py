@@ -175,3 +175,38 @@ def test_snapshot_of_a_finished_sandbox_is_an_error(app):
         sb.snapshot_filesystem()
     with pytest.raises(NotFoundError):
         shoal.Sandbox.create(app=app, image=shoal.Image.from_id("im-" + "0" * 22))
+
+
+def test_a_cgroup_whose_processes_were_just_killed_is_still_removed():
+    """What a start cut short leaves (a pool sandbox being made when the server stopped): a
+    cgroup with live processes in it. `remove_cgroups` kills them and removes the cgroup, which
+    the kernel refuses (EBUSY) until they have exited: it must wait for that, not give up at
+    once and leave an empty cgroup behind (the session's leak check found such ones)."""
+    import asyncio
+    import subprocess
+
+    from shoal.server.host.runc import CGROUP_PARENT, CGROUP_ROOT, remove_cgroups
+
+    cid = f"sb-test-{uuid.uuid4().hex[:12]}"
+    leaves = [c / CGROUP_PARENT / cid for c in (CGROUP_ROOT / "pids", CGROUP_ROOT / "memory")]
+    procs = []
+    try:
+        for leaf in leaves:
+            leaf.mkdir(parents=True)
+        for _ in range(8):  # several, some with children: exiting takes a while
+            p = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"])
+            procs.append(p)
+            for leaf in leaves:
+                (leaf / "cgroup.procs").write_text(str(p.pid))
+        asyncio.run(remove_cgroups(cid))
+        assert [leaf for leaf in leaves if leaf.exists()] == []
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        for leaf in leaves:
+            if leaf.exists():
+                for pid in (leaf / "cgroup.procs").read_text().split():
+                    os.kill(int(pid), 9)
+                time.sleep(0.2)
+                leaf.rmdir()

@@ -81,7 +81,7 @@ class RuncRuntime:
 
     async def delete(self, container_id: str) -> None:
         await self._run("delete", "--force", container_id, check=False)
-        remove_cgroups(container_id)
+        await remove_cgroups(container_id)
 
     async def state(self, container_id: str) -> ContainerState | None:
         proc = await asyncio.create_subprocess_exec(
@@ -129,27 +129,35 @@ async def _bounded(proc: asyncio.subprocess.Process, aw, timeout: float, what: s
         raise RuntimeError_(f"{what} did not finish within {timeout:.0f} s") from None
 
 
-def remove_cgroups(container_id: str) -> None:
-    """Remove what runc may leave of a container's cgroups after a crash (runc delete removes them
-    in the normal case). Processes still inside are killed first: an empty cgroup is removable."""
+async def remove_cgroups(container_id: str, settle: float = 2.0) -> None:
+    """Remove what the runtime may leave of a container's cgroups (after a crash, or a start cut
+    short; `delete` removes them in the normal case). Processes still inside are killed first,
+    and a cgroup is removable once they are gone: that takes a moment after SIGKILL (EBUSY
+    until then), so removal is tried again for up to `settle` seconds."""
     if not CGROUP_ROOT.is_dir():
         return
-    for controller in CGROUP_ROOT.iterdir():
-        leaf = controller / CGROUP_PARENT / container_id
-        if not leaf.is_dir():
-            continue
+    leaves = [c / CGROUP_PARENT / container_id for c in CGROUP_ROOT.iterdir()]
+    leaves = [leaf for leaf in leaves if leaf.is_dir()]
+    for leaf in leaves:
         try:
             for pid in (leaf / "cgroup.procs").read_text().split():
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), _signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
         except OSError:
             pass
-        try:
-            leaf.rmdir()
-        except OSError:
-            pass
+    deadline = asyncio.get_running_loop().time() + settle
+    while leaves:
+        for leaf in list(leaves):
+            try:
+                leaf.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue  # (busy: its processes are still exiting)
+            leaves.remove(leaf)
+        if not leaves or asyncio.get_running_loop().time() > deadline:
+            return
+        await asyncio.sleep(0.01)
 
 
 def remove_cgroup_parent() -> None:

@@ -148,7 +148,7 @@ class RunscRuntime:
             if await self.state(container_id) is not None:
                 raise RuntimeError_(f"runsc delete --force {container_id} left the container")
         self.kill_strays(container_id)
-        remove_cgroups(container_id)
+        await remove_cgroups(container_id)
 
     async def state(self, container_id: str) -> ContainerState | None:
         proc = await _exec(
