@@ -428,6 +428,25 @@ def test_pool_serves_plain_requests_and_refills_to_its_size(tmp_path):
     run(go())
 
 
+def test_a_pool_start_in_flight_when_the_server_stops_finishes_and_is_removed(tmp_path):
+    """The server stops while the pool is starting a sandbox (a test session's end, right after
+    its last sandbox left): the start is not cut short halfway through the runtime's commands
+    (under gVisor that left a container `runsc delete` could not remove); it finishes, and the
+    sandbox is removed with the idle ones."""
+    svc, host = pooled_env(tmp_path, {"default": 1})
+
+    async def go():
+        host.create_seconds = 0.3
+        await svc.start()
+        await asyncio.sleep(0.1)  # the pool's first start is under way
+        await svc.close()
+        assert host.creates_cut == 0
+        assert host.boxes == {}  # started, then removed
+        created = [c[1] for c in host.calls if c[0] == "create"]
+        assert len(created) == 1 and ("destroy", created[0]) in host.calls
+    run(go())
+
+
 def test_the_pool_refills_a_while_after_a_sandbox_left_it(tmp_path):
     """The refill (a runtime start) waits `refill_delay` after a claim, so that it does not
     compete with the first commands of the sandbox just handed out; the first fill does not."""

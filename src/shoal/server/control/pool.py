@@ -25,6 +25,7 @@ from shoal.server.host.base import SandboxHost, SandboxSpec
 
 log = logging.getLogger("shoal.pool")
 DEFAULT = "default"
+CREATE_SETTLE = 60.0  # seconds a pool start in flight may finish when the server stops
 
 
 def refill_delay() -> float:
@@ -100,11 +101,25 @@ class WarmPool:
         layers = await self.images.mount_layers(image)
         sid = new_id("sb")
         self.members.add(sid)
+        create = asyncio.ensure_future(self.host.create(SandboxSpec(
+            id=sid, layers=layers, args=[], env=dict(image.config.env),
+            workdir=image.config.workdir or "/", user=image.config.user,
+            network=self.network)))
         try:
-            await self.host.create(SandboxSpec(
-                id=sid, layers=layers, args=[], env=dict(image.config.env),
-                workdir=image.config.workdir or "/", user=image.config.user,
-                network=self.network))
+            await asyncio.shield(create)
+        except asyncio.CancelledError:
+            # The server is stopping. A start cut short anywhere in the runtime's commands
+            # leaves them half done (under gVisor, `runsc delete` then hung and the container
+            # stayed): let it finish (bounded), then remove the sandbox as any idle one.
+            try:
+                await asyncio.wait_for(create, CREATE_SETTLE)
+                await self.host.kill(sid)
+                await self.host.destroy(sid)
+            except Exception as e:
+                log.warning("warm pool: removing %s, started while the server stopped: %s",
+                            sid, e)
+            self.members.discard(sid)
+            raise
         except BaseException:
             self.members.discard(sid)
             raise

@@ -58,6 +58,8 @@ class FakeHost:
         self.logs: set[str] = set()
         self.calls: list[tuple] = []
         self.fail_create: Exception | None = None
+        self.create_seconds = 0.0  # how long a create takes
+        self.creates_cut = 0  # creates cancelled before they finished (a runtime left half done)
         self.commands: dict[str, Callable[[list[str]], tuple[bytes, bytes, int]]] = {
             "echo": _echo, "fail": _fail, "true": lambda a: (b"", b"", 0)}
         self._events: asyncio.Queue[HostEvent] = asyncio.Queue()
@@ -97,6 +99,12 @@ class FakeHost:
         self.calls.append(("create", spec.id))
         if self.fail_create is not None:
             raise self.fail_create
+        if self.create_seconds:
+            try:
+                await asyncio.sleep(self.create_seconds)
+            except asyncio.CancelledError:
+                self.creates_cut += 1
+                raise
         self.boxes[spec.id] = _FakeSandbox(spec)
         self.logs.add(spec.id)
 
