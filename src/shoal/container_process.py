@@ -11,6 +11,7 @@ process: the back-pressure of a pipe.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import struct
 import threading
@@ -301,22 +302,17 @@ class _ContainerProcess:
 
             rc = sb.exec("sh", "-c", "exit 3").wait()  # 3
         """
-        first = True
-        while self._returncode is None:
-            reader_stuck = self._reader is None or self._reader.done() or any(
-                ch.full() for ch in self._channels.values())
-            if reader_stuck or not first:
-                # The exit code is behind output nobody has read yet (or the stream is gone),
-                # or behind output a process left in the background still holds open (the
-                # stream's exit comes after all output): ask the server, which answers at the
-                # process's own exit.
-                await self._wait(60)
-                continue
-            first = False
-            try:
+        reader_stuck = self._reader is None or self._reader.done() or any(
+            ch.full() for ch in self._channels.values())
+        if self._returncode is None and not reader_stuck:
+            # The usual end: the stream's exit frame, no request of its own.
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._exited.wait()), 0.5)
-            except asyncio.TimeoutError:
-                pass
+        while self._returncode is None:
+            # The exit code is behind output nobody reads (or the stream is gone), or behind
+            # output a process left in the background still holds open (the exit frame comes
+            # after all output): ask the server, which answers at the process's own exit.
+            await self._wait(60)
         return self._returncode
 
     def __repr__(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import typing
 import typing_extensions
 import asyncio
+import contextlib
 import json
 import struct
 import threading

@@ -162,8 +162,10 @@ EXEC_MAX_BYTES = 1 << 20
 def _check_exec_size(args: list[str], *envs: dict[str, str]) -> None:
     """InvalidError for a command too large to send (before anything is stored or started)."""
     count = len(args) + sum(len(e) for e in envs)
-    size = sum(len(a.encode()) for a in args) + sum(
-        len(k.encode()) + len(v.encode()) + 1 for e in envs for k, v in e.items())
+    size = sum(map(len, args)) + sum(len(k) + len(v) + 1 for e in envs for k, v in e.items())
+    if size * 4 > EXEC_MAX_BYTES:  # (characters; only a large command is measured in bytes)
+        size = sum(len(a.encode()) for a in args) + sum(
+            len(k.encode()) + len(v.encode()) + 1 for e in envs for k, v in e.items())
     if count > EXEC_MAX_STRINGS or size > EXEC_MAX_BYTES:
         raise InvalidError(
             f"exec's arguments and environment are too large: {count} strings, {size} bytes "
